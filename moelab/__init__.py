@@ -1,0 +1,1 @@
+"""moelab: mixture-of-experts models with any gating function."""

@@ -1,0 +1,98 @@
+"""Activation dense-to-sparse gate.
+
+    g_k(x) = softmax_k(σ(β_{1k}ᵀx)/τ + β_{0k})
+
+Source: Nguyen, Akbarian & Ho (ICML 2024, arXiv 2401.13875), Section 4, eq. (9):
+a non-linear σ between the linear gate and the softmax removes the PDE
+interaction between β_1 and τ and restores polynomial parameter rates.
+σ = identity reduces to :class:`~moelab.gates.TemperatureGate`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .._validation import as_tensor, check_finite, check_positive
+from ..activations import activation_name, resolve_activation
+from .base import Gate
+
+__all__ = ["ActivationGate"]
+
+
+class ActivationGate(Gate):
+    """Gate with logits σ(β_{1k}ᵀx)/τ + β_{0k}.
+
+    Parameters
+    ----------
+    slope : tensor of shape (..., n_experts, n_features)
+    intercept : tensor of shape (..., n_experts)
+    temperature : float or tensor of shape batch_shape, default 1.0
+        τ > 0.
+    activation : str or callable, default "tanh"
+        σ: ``"tanh"``, ``"sigmoid"``, ``"gelu"``, ``"softplus"``, ``"relu"``,
+        ``"identity"`` or an elementwise differentiable callable.
+    learn_temperature : bool, default False
+        Estimate τ as a parameter.
+
+    Notes
+    -----
+    σ acts on β_{1k}ᵀx without an inner intercept, so centring x changes the
+    model: estimators only rescale x for this gate (``affine_invariant`` is
+    False).
+
+    Raises
+    ------
+    ValueError
+        Unknown activation, τ ≤ 0, shape mismatch or non-finite values.
+    """
+
+    name: ClassVar[str] = "activation"
+    affine_invariant: ClassVar[bool] = False
+    positive_params: ClassVar[tuple] = ("temperature",)
+    batched_attrs: ClassVar[tuple] = ("slope", "intercept", "temperature")
+
+    def __init__(self, slope, intercept, temperature=1.0, activation="tanh", learn_temperature: bool = False):
+        super().__init__(slope, intercept)
+        self.activation = activation
+        self._sigma = resolve_activation(activation)
+        tau = as_tensor(temperature, "temperature", dtype=self.slope.dtype, device=self.slope.device)
+        check_finite(tau, "temperature")
+        check_positive(tau, "temperature", "the temperature τ scales the logits and must be strictly positive")
+        try:
+            tau = tau.expand(self.batch_shape) if tau.dim() <= len(self.batch_shape) else tau
+        except RuntimeError:
+            raise ValueError(
+                f"temperature of shape {tuple(tau.shape)} does not match the gate's batch shape "
+                f"{tuple(self.batch_shape)}"
+            ) from None
+        self.temperature = tau
+        self.learn_temperature = bool(learn_temperature)
+
+    def params(self):
+        p = super().params()
+        if self.learn_temperature:
+            p["temperature"] = self.temperature
+        return p
+
+    def hyperparams(self) -> dict:
+        h = {"activation": self.activation, "learn_temperature": self.learn_temperature}
+        if not self.learn_temperature:
+            h["temperature"] = self.temperature
+        return h
+
+    def n_free_parameters(self) -> int:
+        return super().n_free_parameters() + int(self.learn_temperature)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """σ(β_1ᵀx)/τ + β_0: x (..., n, d) → (..., n, K)."""
+        tau = self.temperature[..., None, None]
+        return self._sigma(self._linear(x)) / tau + self.intercept.unsqueeze(-2)
+
+    def describe(self) -> str:
+        s = f"activation ({activation_name(self.activation)})"
+        if self.learn_temperature:
+            return s + ", tau estimated"
+        t = self.temperature.flatten()
+        return s + (f", tau={float(t[0]):g} fixed" if t.numel() else "")

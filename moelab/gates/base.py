@@ -1,0 +1,158 @@
+"""The gate interface shared by every gating function.
+
+A gate maps inputs x of shape (..., n_samples, n_features) to log gate
+weights of shape (..., n_samples, n_experts). Its parameters carry a leading
+``batch_shape`` (independent problems: replicates, restarts, sample sizes), so
+one call evaluates many models at once. Gates are immutable: ``replace``
+returns a new gate with new parameter values and the same hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar, Dict
+
+import torch
+
+from .._validation import as_tensor, check_finite, check_shape
+
+__all__ = ["Gate"]
+
+
+class Gate:
+    """Base class for gates with per-expert slope β_1 (K, d) and intercept β_0 (K,).
+
+    Subclasses implement :meth:`logits`; :meth:`log_weights` defaults to
+    ``log_softmax(logits)``.
+
+    Identifiability: the last expert (index K-1) is the reference expert.
+    Estimators keep its slope and intercept at zero.
+
+    Class attributes
+    ----------------
+    name : str
+        Short name used by :func:`moelab.gates.make_gate` and the CLI.
+    linear_logits : bool
+        True when the logits are linear in (slope, intercept) with fixed
+        hyper-parameters, so the EM gate step can use exact Newton/IRLS.
+    affine_invariant : bool
+        True when centring x can be absorbed into the intercept (logits depend
+        on x only through β_1ᵀx + β_0); the estimators then centre x.
+    """
+
+    name: ClassVar[str] = "gate"
+    linear_logits: ClassVar[bool] = False
+    affine_invariant: ClassVar[bool] = True
+    #: parameters constrained to be positive (optimised on the log scale)
+    positive_params: ClassVar[tuple] = ()
+    #: tensor attributes whose leading dimensions are the batch shape
+    batched_attrs: ClassVar[tuple] = ("slope", "intercept")
+
+    def __init__(self, slope, intercept):
+        slope = as_tensor(slope, "gate slope")
+        intercept = as_tensor(intercept, "gate intercept", dtype=slope.dtype, device=slope.device)
+        if slope.dim() < 2:
+            raise ValueError(
+                f"gate slope must have shape (..., n_experts, n_features), got {tuple(slope.shape)}"
+            )
+        check_shape(intercept, "gate intercept", (slope.shape[-2],))
+        if intercept.shape[:-1] != slope.shape[:-2]:
+            raise ValueError(
+                f"gate slope has batch shape {tuple(slope.shape[:-2])} but the intercept has "
+                f"{tuple(intercept.shape[:-1])}; they must match"
+            )
+        check_finite(slope, "gate slope")
+        check_finite(intercept, "gate intercept")
+        self.slope = slope  # [..., K, d]
+        self.intercept = intercept  # [..., K]
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def n_experts(self) -> int:
+        return self.slope.shape[-2]
+
+    @property
+    def n_features(self) -> int:
+        return self.slope.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.slope.shape[:-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.slope.dtype
+
+    # ------------------------------------------------------------- parameters
+    def params(self) -> Dict[str, torch.Tensor]:
+        """The estimable parameters, by name (tensors with leading batch_shape)."""
+        return {"slope": self.slope, "intercept": self.intercept}
+
+    def hyperparams(self) -> dict:
+        """Fixed settings (activation, fixed temperature, top_k, ...)."""
+        return {}
+
+    def replace(self, **params) -> "Gate":
+        """A new gate of the same kind with some parameters replaced.
+
+        Shapes are not re-validated (this is the estimators' inner-loop path,
+        and it works under ``torch.func`` transforms); pass values of the same
+        trailing shapes as the current ones.
+
+        Raises
+        ------
+        ValueError
+            If a name is not one of :meth:`params`.
+        """
+        known = self.params()
+        unknown = set(params) - set(known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no estimable parameter(s) {sorted(unknown)}; it has {sorted(known)}")
+        new = copy.copy(self)
+        for k, v in params.items():
+            setattr(new, k, v)
+        return new
+
+    def map_tensors(self, fn) -> "Gate":
+        """Apply ``fn`` to every batched tensor, estimable or fixed (e.g. ``lambda t: t[3]``
+        to select a problem, ``lambda t: t.to(torch.float32)``)."""
+        new = copy.copy(self)
+        for k in self.batched_attrs:
+            setattr(new, k, fn(getattr(self, k)))
+        return new
+
+    def n_free_parameters(self) -> int:
+        """Free parameters per problem, reference expert excluded (for BIC/AIC)."""
+        return (self.n_experts - 1) * (self.n_features + 1)
+
+    # ---------------------------------------------------------------- the map
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """β_1ᵀx for every expert: x [..., n, d] → [..., n, K]."""
+        if x.shape[-1] != self.n_features:
+            raise ValueError(
+                f"x has {x.shape[-1]} features but the gate was built for {self.n_features}"
+            )
+        return x @ self.slope.transpose(-1, -2)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Gate logits l(x) of shape (..., n_samples, n_experts)."""
+        raise NotImplementedError
+
+    def log_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """log g(x), shape (..., n_samples, n_experts); rows logsumexp to 0."""
+        return torch.log_softmax(self.logits(x), dim=-1)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate weights g(x), shape (..., n_samples, n_experts); rows sum to 1."""
+        return self.log_weights(x).exp()
+
+    # ---------------------------------------------------------------- display
+    def describe(self) -> str:
+        """A one-line description of the gate family, e.g. ``activation(tanh), tau=1``."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_experts={self.n_experts}, n_features={self.n_features}, "
+            f"batch_shape={tuple(self.batch_shape)})"
+        )

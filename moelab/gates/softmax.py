@@ -1,0 +1,120 @@
+"""Softmax and temperature ("dense-to-sparse") gates.
+
+Softmax gate (Jordan & Jacobs 1994; Nguyen, Nguyen & Ho NeurIPS 2023, eq. 1):
+    g_k(x) = softmax_k(β_{1k}ᵀx + β_{0k}).
+
+Temperature / dense-to-sparse gate (Nguyen, Akbarian & Ho ICML 2024, eq. 2):
+    g_k(x) = softmax_k((β_{1k}ᵀx)/τ + β_{0k}),  τ > 0.
+
+With τ estimated, (β_1, τ) and (cβ_1, cτ) give the same model for every c > 0:
+the pair is not identifiable, only β_1/τ is. This is the paper's point, so the
+gate keeps τ as a genuine parameter rather than folding it away.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .._validation import as_tensor, check_finite, check_positive
+from .base import Gate
+
+__all__ = ["SoftmaxGate", "TemperatureGate"]
+
+
+class SoftmaxGate(Gate):
+    """Softmax gate with logits β_{1k}ᵀx + β_{0k}.
+
+    Parameters
+    ----------
+    slope : tensor of shape (..., n_experts, n_features)
+        β_1; the reference (last) expert's row is zero after fitting.
+    intercept : tensor of shape (..., n_experts)
+        β_0.
+
+    Raises
+    ------
+    ValueError
+        On mismatched shapes or non-finite values.
+    """
+
+    name: ClassVar[str] = "softmax"
+    linear_logits: ClassVar[bool] = True
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """β_1ᵀx + β_0: x (..., n, d) → (..., n, K)."""
+        return self._linear(x) + self.intercept.unsqueeze(-2)
+
+
+class TemperatureGate(Gate):
+    """Dense-to-sparse gate with logits (β_{1k}ᵀx)/τ + β_{0k}.
+
+    Source: Nguyen, Akbarian & Ho (ICML 2024), eq. (2).
+
+    Parameters
+    ----------
+    slope : tensor of shape (..., n_experts, n_features)
+    intercept : tensor of shape (..., n_experts)
+    temperature : float or tensor of shape batch_shape
+        τ > 0.
+    learn_temperature : bool, default False
+        If True, τ is an estimable parameter (returned by :meth:`params`);
+        otherwise it is fixed.
+
+    Raises
+    ------
+    ValueError
+        If τ ≤ 0 or non-finite, or on shape mismatches.
+    """
+
+    name: ClassVar[str] = "temperature"
+    positive_params: ClassVar[tuple] = ("temperature",)
+    batched_attrs: ClassVar[tuple] = ("slope", "intercept", "temperature")
+
+    def __init__(self, slope, intercept, temperature=1.0, learn_temperature: bool = False):
+        super().__init__(slope, intercept)
+        tau = as_tensor(temperature, "temperature", dtype=self.slope.dtype, device=self.slope.device)
+        check_finite(tau, "temperature")
+        check_positive(tau, "temperature", "the temperature τ scales the logits and must be strictly positive")
+        try:
+            tau = tau.expand(self.batch_shape) if tau.dim() <= len(self.batch_shape) else tau
+        except RuntimeError:
+            raise ValueError(
+                f"temperature of shape {tuple(tau.shape)} does not match the gate's batch shape "
+                f"{tuple(self.batch_shape)}"
+            ) from None
+        self.temperature = tau  # [...]
+        self.learn_temperature = bool(learn_temperature)
+
+    @property
+    def linear_logits(self) -> bool:  # type: ignore[override]
+        return not self.learn_temperature
+
+    def params(self):
+        p = super().params()
+        if self.learn_temperature:
+            p["temperature"] = self.temperature
+        return p
+
+    def hyperparams(self) -> dict:
+        h = {"learn_temperature": self.learn_temperature}
+        if not self.learn_temperature:
+            h["temperature"] = self.temperature
+        return h
+
+    def n_free_parameters(self) -> int:
+        # τ adds one parameter even though only β_1/τ is identified; counting it
+        # is what a likelihood-ratio/BIC user comparing gates would expect.
+        return super().n_free_parameters() + int(self.learn_temperature)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(β_1ᵀx)/τ + β_0: x (..., n, d) → (..., n, K)."""
+        tau = self.temperature[..., None, None]
+        return self._linear(x) / tau + self.intercept.unsqueeze(-2)
+
+    def describe(self) -> str:
+        if self.learn_temperature:
+            return "temperature (tau estimated)"
+        t = self.temperature.flatten()
+        return f"temperature (tau={float(t[0]):g} fixed)" if t.numel() else "temperature"

@@ -1,0 +1,249 @@
+"""M-step kernels for EM on a Gaussian mixture of experts (pure functions, batched).
+
+All tensors carry one leading problem dimension R:
+x1 (R, n, p) is the design [x, 1] (p = n_features + 1), y (R, n), responsibilities
+resp (R, n, K). Each kernel returns new parameters that do not decrease the
+expected complete-data log-likelihood Q, so EM built from them is monotone.
+
+Sources: Jordan & Jacobs (1994) (IRLS gate step, weighted-least-squares experts);
+Jordan & Xu (1995) (convergence of EM for MoE); Dempster, Laird & Rubin (1977),
+generalised EM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "gate_q"]
+
+#: step sizes tried (all at once) by the gate line search
+_STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
+#: largest change of any logit a single gate Newton step may make
+_MAX_LOGIT_CHANGE = 8.0
+
+
+def expert_m_step(x1, y, resp, var_floor, old_theta=None, old_var=None):
+    """Closed-form M-step for Gaussian linear experts (weighted least squares).
+
+    Parameters
+    ----------
+    x1 : tensor of shape (R, n, p)
+        Design matrix [x, 1].
+    y : tensor of shape (R, n)
+    resp : tensor of shape (R, n, K)
+        Responsibilities (rows sum to 1).
+    var_floor : float or tensor broadcastable to (R, K)
+        Smallest allowed variance ν_k; the constrained maximiser of Q in ν_k
+        is ``max(ν̂_k, var_floor)``.
+    old_theta, old_var : tensors of shape (R, K, p) and (R, K), optional
+        Kept for experts whose total responsibility is ~0 (nothing to fit).
+
+    Returns
+    -------
+    theta : tensor of shape (R, K, p)
+        [a_k, b_k] per expert.
+    var : tensor of shape (R, K)
+    """
+    nk = resp.sum(-2)  # [R, K]
+    A = torch.einsum("rnk,rni,rnj->rkij", resp, x1, x1)  # [R, K, p, p]
+    b = torch.einsum("rnk,rni,rn->rki", resp, x1, y)  # [R, K, p]
+    p = x1.shape[-1]
+    eye = torch.eye(p, dtype=x1.dtype, device=x1.device)
+    scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
+    A = A + (1e-10 * scale + 1e-30) * eye
+    L, info = torch.linalg.cholesky_ex(A)
+    theta = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)  # [R, K, p]
+    bad = info > 0
+    if bool(bad.any()):
+        theta = torch.where(bad[..., None], torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1), theta)
+    resid = y.unsqueeze(-1) - torch.einsum("rni,rki->rnk", x1, theta)  # [R, n, K]
+    var = (resp * resid.square()).sum(-2) / nk.clamp_min(1e-300)
+    var = torch.clamp(var, min=var_floor) if not torch.is_tensor(var_floor) else torch.maximum(var, var_floor)
+    dead = nk < 1e-8 * x1.shape[-2]
+    if old_theta is not None and bool(dead.any()):
+        theta = torch.where(dead[..., None], old_theta, theta)
+        var = torch.where(dead, old_var, var)
+    return theta, var
+
+
+def gate_q(log_weights: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+    """Gate part of Q: Σ_n Σ_k r_nk log g_k(x_n), with 0·log 0 = 0. Shape (..., R)."""
+    return torch.where(resp > 0, resp * log_weights, torch.zeros((), dtype=resp.dtype, device=resp.device)).sum((-1, -2))
+
+
+def _line_search(q_fn, theta0, delta, q0):
+    """Best of θ0 + αΔ over the fixed step sizes; keep θ0 unless Q increases.
+
+    theta0, delta : (R, P); q_fn maps (A, R, P) → (A, R).
+    """
+    alphas = torch.tensor(_STEP_SIZES, dtype=theta0.dtype, device=theta0.device)
+    cand = theta0.unsqueeze(0) + alphas[:, None, None] * delta.unsqueeze(0)  # [A, R, P]
+    q = q_fn(cand)  # [A, R]
+    q = torch.where(torch.isnan(q), torch.full_like(q, -math.inf), q)
+    best_q, best = q.max(0)
+    take = best_q > q0
+    new = cand.gather(0, best[None, :, None].expand(1, *theta0.shape)).squeeze(0)
+    return torch.where(take[:, None], new, theta0), torch.where(take, best_q, q0)
+
+
+def _cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Scale each problem's step so no logit changes by more than _MAX_LOGIT_CHANGE."""
+    factor = (_MAX_LOGIT_CHANGE / delta_logits_max.clamp_min(1e-300)).clamp(max=1.0)
+    return delta * factor[:, None]
+
+
+def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1):
+    """Damped Newton (IRLS) steps on the gate part of Q for linear softmax logits.
+
+    Maximises Q_gate(θ) = Σ_n Σ_k r_nk log softmax_k(θ_k·x1_n), concave in θ,
+    with the last expert as reference (θ_K = 0). Each step solves the Newton
+    system with a tiny ridge, caps the change of any logit, and keeps the best
+    of several step sizes only if Q_gate increases (a generalised-EM step).
+
+    Parameters
+    ----------
+    x1 : tensor of shape (R, n, p)
+    resp : tensor of shape (R, n, K)
+    theta : tensor of shape (R, K, p)
+        Logit coefficients; row K-1 must be zero.
+    n_steps : int
+
+    Returns
+    -------
+    tensor of shape (R, K, p)
+
+    Source: Jordan & Jacobs (1994), Section 4 (IRLS for the gating network).
+    """
+    R, n, p = x1.shape
+    K = resp.shape[-1]
+    if K == 1:
+        return theta
+    P = (K - 1) * p
+    eye = torch.eye(P, dtype=x1.dtype, device=x1.device)
+    zeros_row = torch.zeros(*theta.shape[:-2], 1, p, dtype=theta.dtype, device=theta.device)
+
+    def full(free):  # [..., R, P] -> [..., R, K, p]
+        return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros_row.expand(*free.shape[:-1], 1, p)], -2)
+
+    def q_fn(free):
+        logits = x1 @ full(free).transpose(-1, -2)  # [..., R, n, K]
+        return gate_q(torch.log_softmax(logits, -1), resp)
+
+    free = theta[:, : K - 1].reshape(R, P)
+    for _ in range(n_steps):
+        logits = x1 @ full(free).transpose(-1, -2)
+        logg = torch.log_softmax(logits, -1)
+        q0 = gate_q(logg, resp)
+        g = logg.exp()[..., : K - 1]  # [R, n, K-1]
+        grad = torch.einsum("rnk,rni->rki", resp[..., : K - 1] - g, x1).reshape(R, P)
+        W = torch.diag_embed(g) - g.unsqueeze(-1) * g.unsqueeze(-2)  # [R, n, K-1, K-1]
+        H = torch.einsum("rnkl,rni,rnj->rkilj", W, x1, x1).reshape(R, P, P)  # minus the Hessian (PSD)
+        ridge = 1e-9 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12) + 1e-12
+        L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * eye)
+        delta = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
+        delta = torch.where((info > 0)[:, None], grad, delta)  # gradient step if Cholesky failed
+        dl = (x1 @ delta.reshape(R, K - 1, p).transpose(-1, -2)).abs().amax((-1, -2))
+        delta = _cap_step(dl, delta)
+        free, _ = _line_search(q_fn, free, delta, q0)
+    return full(free)
+
+
+def gate_newton_step(gate, x, resp, n_steps: int = 1):
+    """Generalised-EM gate step for any gate: damped Newton with autograd derivatives.
+
+    Maximises Q_gate = Σ_n Σ_k r_nk log g_k(x_n) over the gate's estimable
+    parameters (reference expert fixed at zero; positive parameters such as τ
+    on the log scale). The Hessian is shifted (Levenberg–Marquardt) until
+    positive definite, so non-concave gates (activation, estimated temperature,
+    top-K) get an ascent direction; a step is kept only if Q_gate increases.
+
+    Parameters
+    ----------
+    gate : moelab.gates.Gate
+        Current gate, batch shape (R,).
+    x : tensor of shape (R, n, d)
+    resp : tensor of shape (R, n, K)
+
+    Returns
+    -------
+    Gate
+        Same family, updated parameters.
+    """
+    K, d = gate.n_experts, gate.n_features
+    R = x.shape[0]
+    params = gate.params()
+    names = list(params)
+    sizes = []
+    for nm in names:
+        if nm in ("slope",):
+            sizes.append((K - 1) * d)
+        elif nm == "intercept":
+            sizes.append(K - 1)
+        else:
+            sizes.append(1)
+    P = sum(sizes)
+    if P == 0:
+        return gate
+    dtype, dev = x.dtype, x.device
+
+    def flatten(ps):
+        parts = []
+        for nm in names:
+            t = ps[nm]
+            if nm == "slope":
+                parts.append(t[:, : K - 1].reshape(R, -1))
+            elif nm == "intercept":
+                parts.append(t[:, : K - 1])
+            else:
+                parts.append(t.log().reshape(R, 1) if nm in gate.positive_params else t.reshape(R, 1))
+        return torch.cat(parts, -1)
+
+    def unflatten(theta):  # [..., R, P] -> dict
+        lead = theta.shape[:-1]
+        out, i = {}, 0
+        for nm, s in zip(names, sizes):
+            t = theta[..., i : i + s]
+            i += s
+            if nm == "slope":
+                out[nm] = torch.cat([t.reshape(*lead, K - 1, d), torch.zeros(*lead, 1, d, dtype=dtype, device=dev)], -2)
+            elif nm == "intercept":
+                out[nm] = torch.cat([t, torch.zeros(*lead, 1, dtype=dtype, device=dev)], -1)
+            else:
+                t = t.squeeze(-1)
+                out[nm] = t.exp() if nm in gate.positive_params else t
+        return out
+
+    def q_fn(theta):
+        return gate_q(gate.replace(**unflatten(theta)).log_weights(x), resp)
+
+    theta = flatten(params).detach()
+    eye = torch.eye(P, dtype=dtype, device=dev)
+    for _ in range(n_steps):
+        th = theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            q0 = q_fn(th)
+            (grad,) = torch.autograd.grad(q0.sum(), th, create_graph=True)
+            basis = eye.unsqueeze(1).expand(P, R, P)
+            (hess,) = torch.autograd.grad(grad, th, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
+        grad = grad.detach()
+        q0 = q0.detach()
+        if hess is None:
+            negH = torch.zeros(R, P, P, dtype=dtype, device=dev)
+        else:
+            negH = -hess.detach().permute(1, 0, 2)
+        negH = 0.5 * (negH + negH.transpose(-1, -2))
+        negH = torch.nan_to_num(negH, nan=0.0, posinf=0.0, neginf=0.0)
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        min_eig = torch.linalg.eigvalsh(negH)[..., 0]
+        scale = negH.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-12)
+        lam = (-min_eig).clamp_min(0) + 1e-6 * scale + 1e-12
+        delta = torch.linalg.solve(negH + lam[:, None, None] * eye, grad.unsqueeze(-1)).squeeze(-1)
+        # cap the step: no logit (through the slope or intercept) may move by more than the cap
+        xs = x.abs().amax(-2).amax(-1)  # [R]
+        norm = delta.abs().amax(-1) * (1.0 + xs * d)
+        delta = _cap_step(norm, delta)
+        with torch.no_grad():
+            theta, _ = _line_search(q_fn, theta, delta, q0)
+    return gate.replace(**unflatten(theta))

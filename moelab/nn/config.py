@@ -1,0 +1,176 @@
+"""The one validated configuration object of an MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from moelab.activations import resolve_activation
+
+__all__ = ["MoEConfig", "ROUTERS", "EXPERT_KINDS", "NOISE_KINDS", "SCHEDULES"]
+
+ROUTERS = (
+    "topk_softmax",
+    "dense_to_sparse",
+    "activation_dense_to_sparse",
+    "sigmoid",
+    "expert_choice",
+)
+EXPERT_KINDS = ("swiglu", "mlp")
+NOISE_KINDS = (None, "gumbel", "jitter")
+SCHEDULES = ("constant", "linear", "exponential", "cosine")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of :class:`moelab.nn.MoELayer`.
+
+    Parameters
+    ----------
+    d_model : int
+        Width of the token representations (input and output feature size).
+    d_ff : int
+        Hidden width of each routed expert.
+    n_experts : int
+        Number of routed experts ``E``.
+    top_k : int, default 2
+        Experts per token (token-choice routers), or the average number of
+        experts per token ``c`` of expert-choice routing (Zhou et al. 2022).
+        Must satisfy ``1 <= top_k <= n_experts``.
+    router : str, default "topk_softmax"
+        One of ``"topk_softmax"``, ``"dense_to_sparse"`` (temperature softmax,
+        logits ``Wx/τ + b``), ``"activation_dense_to_sparse"`` (logits
+        ``σ(Wx)/τ + b``), ``"sigmoid"`` and ``"expert_choice"``.
+    normalize_weights : bool, default False
+        Renormalise the selected weights of a token to sum to one (Mixtral
+        does this for top-k softmax; for the sigmoid router it normalises over
+        the selected experts). Not allowed with ``top_k=1``: every weight
+        would be 1 and the router would get no gradient from the task loss.
+    router_bias : bool, default False
+        Learn the intercept ``β_0`` of the gate logits.
+    tau_max, tau_min : float, default 1.0, 1.0
+        Temperature schedule of the dense-to-sparse routers, from ``tau_max``
+        down to the floor ``tau_min > 0``.
+    schedule : str, default "constant"
+        ``"constant"`` (τ = tau_max), ``"linear"``, ``"exponential"`` or
+        ``"cosine"``; see :class:`moelab.nn.TemperatureSchedule`.
+    schedule_steps : int, default 1
+        Number of steps from ``tau_max`` to ``tau_min``.
+    prune_threshold : float or None, default None
+        Dense-to-sparse routers: drop selected experts whose weight is below
+        this value, always keeping the best one (EvoMoE, Nie et al. 2021).
+    gate_activation : str or callable, default "tanh"
+        σ of the activation dense-to-sparse router; a name of
+        :data:`moelab.activations.ACTIVATIONS` or a callable.
+    expert : str, default "swiglu"
+        ``"swiglu"`` (``W2 (silu(Wg x) * (Wu x))``) or ``"mlp"``
+        (``W2 act(W1 x)``).
+    expert_activation : str or callable, default "gelu"
+        Activation of ``"mlp"`` experts.
+    n_shared_experts : int, default 0
+        Always-on experts added to every token (DeepSeekMoE, Dai et al. 2024).
+    d_ff_shared : int or None, default None
+        Hidden width of each shared expert; ``None`` means ``d_ff``.
+    capacity_factor : float or None, default None
+        ``None`` is dropless (token-choice routers). Otherwise each expert
+        takes at most ``ceil(capacity_factor * n_tokens * top_k / n_experts)``
+        assignments and the rest are dropped and counted. Expert-choice
+        routing uses it as its capacity multiplier (``None`` means 1.0).
+    noise : {None, "gumbel", "jitter"}, default None
+        Router noise, applied in training mode only: Gumbel(0, 1) noise added
+        to the logits, or multiplicative jitter ``x * U(1-eps, 1+eps)`` of the
+        router input (Switch Transformer).
+    noise_eps : float, default 1e-2
+        Jitter half-width ``eps`` in ``(0, 1)``.
+    validate_inputs : bool, default True
+        Check inputs for NaN/inf in ``forward`` (shape and dtype are always
+        checked).
+
+    Raises
+    ------
+    ValueError
+        For any value outside the ranges above, with the fix in the message.
+    """
+
+    d_model: int
+    d_ff: int
+    n_experts: int
+    top_k: int = 2
+    router: str = "topk_softmax"
+    normalize_weights: bool = False
+    router_bias: bool = False
+    tau_max: float = 1.0
+    tau_min: float = 1.0
+    schedule: str = "constant"
+    schedule_steps: int = 1
+    prune_threshold: Optional[float] = None
+    gate_activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "tanh"
+    expert: str = "swiglu"
+    expert_activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "gelu"
+    n_shared_experts: int = 0
+    d_ff_shared: Optional[int] = None
+    capacity_factor: Optional[float] = None
+    noise: Optional[str] = None
+    noise_eps: float = 1e-2
+    validate_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "n_experts", "top_k", "schedule_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.top_k > self.n_experts:
+            raise ValueError(
+                f"top_k={self.top_k} is larger than n_experts={self.n_experts}; "
+                f"choose top_k <= n_experts (moelab never lowers it for you)"
+            )
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.expert not in EXPERT_KINDS:
+            raise ValueError(f"unknown expert {self.expert!r}; choose one of {', '.join(EXPERT_KINDS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {self.noise!r}; choose None, 'gumbel' or 'jitter'")
+        if not (self.tau_min > 0):
+            raise ValueError(
+                f"tau_min={self.tau_min!r} must be > 0: the temperature divides the logits, "
+                f"so a schedule reaching 0 is undefined; use a small positive floor such as 0.05"
+            )
+        if not (self.tau_max >= self.tau_min):
+            raise ValueError(
+                f"tau_max={self.tau_max!r} must be >= tau_min={self.tau_min!r}; "
+                f"the schedule goes from tau_max down to the floor tau_min"
+            )
+        if self.prune_threshold is not None:
+            if self.router not in ("dense_to_sparse", "activation_dense_to_sparse"):
+                raise ValueError(
+                    f"prune_threshold applies to the dense-to-sparse routers only, not {self.router!r}; "
+                    f"set prune_threshold=None or router='dense_to_sparse'"
+                )
+            if not (0.0 < self.prune_threshold < 1.0):
+                raise ValueError(f"prune_threshold must be in (0, 1), got {self.prune_threshold!r}")
+        if self.normalize_weights and self.top_k == 1 and self.router != "expert_choice":
+            raise ValueError(
+                "normalize_weights=True with top_k=1 makes every routing weight exactly 1, "
+                "so the router gets no gradient from the task loss; set normalize_weights=False"
+            )
+        if self.normalize_weights and self.router == "expert_choice":
+            raise ValueError("normalize_weights is not defined for expert_choice routing; set it to False")
+        if self.capacity_factor is not None and not (self.capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor!r}")
+        if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be an int >= 0, got {self.n_shared_experts!r}")
+        if self.d_ff_shared is not None and (not isinstance(self.d_ff_shared, int) or self.d_ff_shared < 1):
+            raise ValueError(f"d_ff_shared must be a positive int or None, got {self.d_ff_shared!r}")
+        if not (0.0 < self.noise_eps < 1.0):
+            raise ValueError(f"noise_eps must be in (0, 1), got {self.noise_eps!r}")
+        resolve_activation(self.gate_activation)
+        resolve_activation(self.expert_activation)
+
+    @property
+    def is_causal(self) -> bool:
+        """False for expert-choice routing: a token's routing depends on later tokens."""
+        return self.router != "expert_choice"

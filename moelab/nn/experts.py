@@ -1,0 +1,110 @@
+"""Experts with stacked weights of shape (n_experts, out, in)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.activations import resolve_activation
+
+__all__ = ["Experts"]
+
+
+class Experts(nn.Module):
+    """A bank of ``n`` feed-forward experts with stacked weights.
+
+    - ``"swiglu"``: ``f_e(x) = W_out[e] (silu(W_gate x) * (W_up x))`` where
+      ``W_in[e] = [W_gate; W_up]`` (Shazeer 2020, "GLU variants", Eq. (6);
+      the Mixtral expert).
+    - ``"mlp"``: ``f_e(x) = W_out[e] act(W_in[e] x)``.
+
+    Parameters
+    ----------
+    n : int
+        Number of experts.
+    d_model, d_ff : int
+        Input/output width and hidden width.
+    kind : {"swiglu", "mlp"}, default "swiglu"
+    activation : str or callable, default "gelu"
+        Activation of ``"mlp"`` experts (:func:`moelab.activations.resolve_activation`).
+    dtype : torch.dtype, optional
+
+    Attributes
+    ----------
+    w_in : Parameter of shape (n, 2 * d_ff, d_model) for swiglu, (n, d_ff, d_model) for mlp
+    w_out : Parameter of shape (n, d_model, d_ff)
+    """
+
+    def __init__(
+        self,
+        n: int,
+        d_model: int,
+        d_ff: int,
+        kind: str = "swiglu",
+        activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "gelu",
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("swiglu", "mlp"):
+            raise ValueError(f"unknown expert kind {kind!r}; choose 'swiglu' or 'mlp'")
+        self.n, self.d_model, self.d_ff, self.kind = n, d_model, d_ff, kind
+        self.act = F.silu if kind == "swiglu" else resolve_activation(activation)
+        h_in = 2 * d_ff if kind == "swiglu" else d_ff
+        self.w_in = nn.Parameter(torch.empty(n, h_in, d_model, dtype=dtype))
+        self.w_out = nn.Parameter(torch.empty(n, d_model, d_ff, dtype=dtype))
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(d_ff), 1 / math.sqrt(d_ff))
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Expert non-linearity applied to ``x W_inᵀ`` of shape (..., h_in); returns (..., d_ff)."""
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
+    def forward(self, x_sorted: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Run expert ``e`` on the ``e``-th contiguous block of ``x_sorted``.
+
+        Parameters
+        ----------
+        x_sorted : Tensor of shape (sum(counts), d_model)
+            Tokens grouped by expert.
+        counts : sequence of int of length n
+            Block sizes.
+
+        Returns
+        -------
+        Tensor of shape (sum(counts), d_model)
+        """
+        if len(counts) != self.n:
+            raise ValueError(f"counts has {len(counts)} entries, expected one per expert ({self.n})")
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        blocks = x_sorted.split(list(counts))
+        outs = [
+            F.linear(self.hidden(F.linear(xb, w_in[e])), w_out[e])
+            for e, xb in enumerate(blocks)
+            if xb.shape[0] > 0
+        ]
+        if not outs:
+            return x_sorted.new_zeros(0, self.d_model)
+        return torch.cat(outs, dim=0)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of all experts applied to every token (shared experts).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n_tokens, d_model)
+
+        Returns
+        -------
+        Tensor of shape (n_tokens, d_model): ``Σ_e f_e(x)``.
+        """
+        h = F.linear(x, self.w_in.reshape(-1, self.d_model))  # [T, n * h_in]
+        a = self.hidden(h.view(x.shape[0], self.n, -1))  # [T, n, d_ff]
+        w_out = self.w_out.permute(1, 0, 2).reshape(self.d_model, self.n * self.d_ff)
+        return F.linear(a.reshape(x.shape[0], -1), w_out)

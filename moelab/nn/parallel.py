@@ -1,0 +1,106 @@
+"""Expert parallelism: each process holds n_experts / world_size experts; tokens travel by all-to-all."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from moelab.nn.config import MoEConfig
+from moelab.nn.dispatch import Dispatch, combine
+from moelab.nn.experts import Experts
+from moelab.nn.layer import MoELayer
+
+__all__ = ["ExpertParallelMoE"]
+
+
+class ExpertParallelMoE(MoELayer):
+    """:class:`MoELayer` whose routed experts are split across a process group.
+
+    Rank ``r`` of ``W`` processes holds experts ``r·E/W … (r+1)·E/W - 1``;
+    the router and shared experts are replicated (synchronise their gradients
+    as usual, e.g. with DDP or an all-reduce). Each rank routes its own
+    tokens, sends every token to the rank owning its expert with one
+    differentiable ``all_to_all_single`` (GShard, Lepikhin et al. 2021,
+    Sec. 2.2), runs its local experts on tokens grouped by expert, and sends
+    the results back with a second all-to-all. Outputs and gradients equal
+    those of a single-process :class:`MoELayer` on the concatenated batch
+    (router gradients summed over ranks). Auxiliary losses are computed on
+    each rank's own tokens.
+
+    Parameters
+    ----------
+    config : MoEConfig
+        ``n_experts`` must be divisible by the group size.
+    group : ProcessGroup, optional
+        Default: the world group. ``torch.distributed`` must be initialised.
+    dtype : torch.dtype, optional
+
+    Raises
+    ------
+    RuntimeError
+        If ``torch.distributed`` is not initialised.
+    ValueError
+        If ``n_experts`` is not divisible by the group size.
+    """
+
+    def __init__(self, config: MoEConfig, group=None, *, dtype: Optional[torch.dtype] = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ExpertParallelMoE needs torch.distributed; call torch.distributed.init_process_group first"
+            )
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if config.n_experts % self.world:
+            raise ValueError(
+                f"n_experts={config.n_experts} is not divisible by the {self.world} processes; "
+                f"choose a multiple of the group size"
+            )
+        self.n_local = config.n_experts // self.world
+        super().__init__(config, dtype=dtype)
+
+    def build_experts(self, config: MoEConfig, dtype: Optional[torch.dtype]) -> Experts:
+        return Experts(
+            config.n_experts // self.world, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype
+        )
+
+    @classmethod
+    def from_layer(cls, layer: MoELayer, group=None) -> "ExpertParallelMoE":
+        """Copy of ``layer`` holding this rank's slice of its experts (same router and shared experts)."""
+        ep = cls(layer.config, group, dtype=layer.experts.w_in.dtype)
+        lo = ep.rank * ep.n_local
+        with torch.no_grad():
+            ep.router.load_state_dict(layer.router.state_dict())
+            ep.experts.w_in.copy_(layer.experts.w_in[lo : lo + ep.n_local])
+            ep.experts.w_out.copy_(layer.experts.w_out[lo : lo + ep.n_local])
+            if layer.shared_experts is not None:
+                ep.shared_experts.load_state_dict(layer.shared_experts.state_dict())
+        return ep
+
+    def apply_experts(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """All-to-all tokens to their experts' ranks, run local experts, all-to-all back, combine."""
+        world, n_local = self.world, self.n_local
+        with torch.no_grad():
+            send_counts = dispatch.counts.view(world, n_local)  # [dest rank, local expert]
+            recv_counts = torch.empty_like(send_counts)  # [source rank, local expert]
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            send_splits = send_counts.sum(1).tolist()
+            recv_splits = recv_counts.sum(1).tolist()
+            # received rows are ordered (source rank, local expert); regroup by local expert
+            labels = torch.arange(n_local, device=x.device).repeat(world)
+            labels = labels.repeat_interleave(recv_counts.reshape(-1))
+            perm = torch.argsort(labels, stable=True)
+            local_counts = recv_counts.sum(0).tolist()
+        x_send = x.index_select(0, dispatch.token_idx)  # sorted by expert = grouped by destination rank
+        x_recv = dist_fn.all_to_all_single(
+            x.new_empty(sum(recv_splits), x.shape[1]), x_send, recv_splits, send_splits, group=self.group
+        )
+        y_local = self.experts(x_recv.index_select(0, perm), local_counts)
+        y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local)
+        y_sorted = dist_fn.all_to_all_single(
+            x.new_empty(sum(send_splits), x.shape[1]), y_recv, send_splits, recv_splits, group=self.group
+        )
+        return combine(y_sorted, dispatch, x.shape[0])
