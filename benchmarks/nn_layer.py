@@ -5,8 +5,9 @@ experts, top-2 softmax with renormalised weights (Mixtral's router), 4096
 tokens, float32, identical weights and routing. Also times the *compute
 floor*: only the per-expert matmuls of forward and backward (6 per expert),
 on pre-sorted token blocks of the sizes the router produced, with
-preallocated outputs. Each timing is the median of ``--repeats`` runs after
-``--warmup`` runs, at 1 and 2 threads (``torch.set_num_threads``).
+preallocated outputs. Each timing is the median of ``--repeats`` rounds (the
+contenders take turns within a round) after ``--warmup`` runs each, at 1 and
+2 threads (``torch.set_num_threads``).
 
 Run::
 
@@ -37,15 +38,18 @@ from moelab.nn import MoEConfig, MoELayer
 D_MODEL, D_FF, N_EXPERTS, TOP_K, N_TOKENS = 512, 1024, 8, 2, 4096
 
 
-def median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_times(contenders: dict, warmup: int, repeats: int) -> dict:
+    """Median seconds per contender; the contenders take turns in each round, so background load hits all alike."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_hf_block(layer: MoELayer):
@@ -79,6 +83,14 @@ def make_hf_block(layer: MoELayer):
     if impl not in (None, "eager"):
         return None, f"could not select the eager experts implementation (got {impl!r})"
     return block, None
+
+
+def hf_forward(block, x: torch.Tensor) -> torch.Tensor:
+    """HF block on tokens of shape (T, d): it takes (batch, seq, d); 4.x returns (hidden, router_logits)."""
+    out = block(x[None])
+    if isinstance(out, tuple):
+        out = out[0]
+    return out[0]
 
 
 def naive_loop(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +174,7 @@ def main(argv=None) -> int:
         ours = layer(x)
         counts = ours.tokens_per_expert.tolist()
         err_naive = (naive_loop(layer, x) - ours.output).abs().max().item()
-        err_hf = None if hf is None else (hf(x[None])[0] - ours.output).abs().max().item()
+        err_hf = None if hf is None else (hf_forward(hf, x) - ours.output).abs().max().item()
 
     contenders = {
         "moelab": fwd_bwd(lambda t: layer(t).output, list(layer.parameters()), x, dy),
@@ -170,7 +182,7 @@ def main(argv=None) -> int:
         "compute_floor": make_floor(counts),
     }
     if hf is not None:
-        contenders["hf_mixtral_eager"] = fwd_bwd(lambda t: hf(t[None])[0], list(hf.parameters()), x, dy)
+        contenders["hf_mixtral_eager"] = fwd_bwd(lambda t: hf_forward(hf, t), list(hf.parameters()), x, dy)
 
     result = {
         "command": command,
@@ -180,6 +192,7 @@ def main(argv=None) -> int:
         "max_abs_diff_vs_naive": err_naive,
         "max_abs_diff_vs_hf": err_hf,
         "hf_skipped": hf_reason,
+        "load_average_1min_at_start": os.getloadavg()[0],
         "seconds": {},
     }
     if hf is not None:
@@ -188,7 +201,7 @@ def main(argv=None) -> int:
         result["transformers"] = transformers.__version__
     for n in args.threads:
         torch.set_num_threads(n)
-        times = {name: median_time(fn, args.warmup, args.repeats) for name, fn in contenders.items()}
+        times = median_times(contenders, args.warmup, args.repeats)
         result["seconds"][f"{n}thread"] = times
         if hf is not None:
             result[f"ratio_vs_hf_eager_{n}thread"] = times["hf_mixtral_eager"] / times["moelab"]

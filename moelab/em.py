@@ -46,7 +46,7 @@ from .experts import GaussianExperts
 from .gates import Gate, TemperatureGate, make_gate
 from .init import INIT_METHODS, init_responsibilities
 from .model import GaussianMoE
-from .mstep import expert_m_step, gate_newton_step, softmax_gate_newton_step
+from .mstep import expert_m_step, gate_newton_step, outer_design, softmax_gate_newton_step
 
 __all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy"]
 
@@ -135,20 +135,27 @@ def _theta_gate(gate: Gate, theta: torch.Tensor) -> Gate:
     return gate.replace(slope=slope, intercept=theta[..., -1])
 
 
-def _gate_step(gate: Gate, x, x1, resp, n_steps):
+def _gate_step(gate: Gate, x, x1, resp, n_steps, xx=None):
     if gate.linear_logits:
-        return _theta_gate(gate, softmax_gate_newton_step(x1, resp, _gate_theta(gate), n_steps))
+        return _theta_gate(gate, softmax_gate_newton_step(x1, resp, _gate_theta(gate), n_steps, xx))
     return gate_newton_step(gate, x, resp, n_steps)
 
 
+def _log_gate_kn(gate, x, x1):
+    """log g in the experts-first layout (R, K, n)."""
+    if gate.linear_logits:
+        return torch.log_softmax(_gate_theta(gate) @ x1.transpose(-1, -2), -2)
+    return gate.log_weights(x).transpose(-1, -2)
+
+
 def _e_step(gate, theta_e, var, x, x1, y):
-    """log g + log f, then logsumexp: returns resp (R, n, K) and loglik (R,)."""
-    logw = gate.log_weights(x)
-    mean = x1 @ theta_e.transpose(-1, -2)
-    logf = -0.5 * (math.log(2 * math.pi) + var.log().unsqueeze(-2) + (y.unsqueeze(-1) - mean).square() / var.unsqueeze(-2))
-    joint = logw + logf
-    lse = torch.logsumexp(joint, -1)
-    return (joint - lse.unsqueeze(-1)).exp(), lse.sum(-1)
+    """log g + log f, then logsumexp over experts: resp (R, K, n) and loglik (R,)."""
+    logw = _log_gate_kn(gate, x, x1)
+    mean = theta_e @ x1.transpose(-1, -2)  # [R, K, n]
+    v = var.unsqueeze(-1)
+    joint = logw - 0.5 * (math.log(2 * math.pi) + v.log() + (y.unsqueeze(-2) - mean).square() / v)
+    lse = torch.logsumexp(joint, -2)  # [R, n]
+    return (joint - lse.unsqueeze(-2)).exp(), lse.sum(-1)
 
 
 def _index_gate(gate: Gate, idx) -> Gate:
@@ -172,9 +179,9 @@ class _State:
         return _State(_index_gate(self.gate, idx), self.theta[idx], self.var[idx])
 
 
-def _m_step(state, x, x1, y, resp, var_floor, gate_steps):
-    theta, var = expert_m_step(x1, y, resp, var_floor, state.theta, state.var)
-    gate = _gate_step(state.gate, x, x1, resp, gate_steps)
+def _m_step(state, x, x1, y, resp, var_floor, gate_steps, xx):
+    theta, var = expert_m_step(x1, y, resp, var_floor, state.theta, state.var, xx)
+    gate = _gate_step(state.gate, x, x1, resp, gate_steps, xx)
     return _State(gate, theta, var)
 
 
@@ -186,6 +193,7 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
     """
     R, n = y.shape
     dev = y.device
+    xx_all = outer_design(x1)
     active = torch.arange(R, device=dev)
     ll = torch.full((R,), -math.inf, dtype=y.dtype, device=dev)
     n_iter = torch.zeros(R, dtype=torch.long, device=dev)
@@ -194,7 +202,7 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
     for it in range(max_iter + 1):
         full = active.numel() == R
         st = state if full else state.take(active)
-        xa, x1a, ya = (x, x1, y) if full else (x[active], x1[active], y[active])
+        xa, x1a, ya, xxa = (x, x1, y, xx_all) if full else (x[active], x1[active], y[active], xx_all[active])
         resp, lla = _e_step(st.gate, st.theta, st.var, xa, x1a, ya)
         ll[active] = lla
         if offset + it < history.shape[1]:
@@ -212,11 +220,11 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
             break
         if not bool(keep.all()):
             active, st, resp, prev = active[keep], st.take(keep), resp[keep], lla[keep]
-            xa, x1a, ya = xa[keep], x1a[keep], ya[keep]
+            xa, x1a, ya, xxa = xa[keep], x1a[keep], ya[keep], xxa[keep]
             full = False
         else:
             prev = lla
-        new = _m_step(st, xa, x1a, ya, resp, var_floor, gate_steps)
+        new = _m_step(st, xa, x1a, ya, resp, var_floor, gate_steps, xxa)
         n_iter[active] += 1
         if full and active.numel() == R:
             state = new
@@ -227,8 +235,7 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
 
 def _init_state(gate_template: Gate, resp, x, x1, y, var_floor) -> _State:
     """Parameters from initial responsibilities: expert M-step, then gate Newton steps from zero."""
-    R, n, K = resp.shape
-    p = x1.shape[-1]
+    K = resp.shape[-2]
     resp = 0.95 * resp + 0.05 / K  # soften hard starts so no expert starts empty
     theta, var = expert_m_step(x1, y, resp, var_floor)
     gate = _gate_step(gate_template, x, x1, resp, 3)
@@ -244,6 +251,116 @@ def _template(gate, K, d, R, dtype, device, gate_options) -> Gate:
 def _collapsed(resp_sizes, var, min_size, min_sd):
     """(R,) bool: any expert with size < min_size or sd < min_sd (standardised y)."""
     return (resp_sizes < min_size).any(-1) | (var.sqrt() < min_sd).any(-1)
+
+
+@dataclass
+class _Problem:
+    """Validated data and settings shared by the EM and gradient estimators."""
+
+    x: torch.Tensor  # [B, n, d] original units
+    y: torch.Tensor  # [B, n]
+    xs: torch.Tensor  # standardised
+    ys: torch.Tensor
+    batch: tuple
+    scaling: Scaling
+    n_experts: int
+    gate: str
+    gate_options: Optional[dict]
+    min_size: float
+    generator: torch.Generator
+    dtype: torch.dtype
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.x.shape[2]
+
+
+def _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device) -> _Problem:
+    """Validate inputs and settings; standardise the data."""
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts must be an integer >= 1, got {n_experts!r}")
+    K = n_experts
+    x, y, batch = prepare_xy(x, y, dtype=dtype, device=device)
+    B, n, d = x.shape
+    template1 = _template(gate, K, d, 1, dtype, x.device, gate_options)
+    n_params = template1.n_free_parameters() + K * (d + 2)
+    if n < n_params:
+        raise ValueError(
+            f"{n} samples are fewer than the {n_params} free parameters of a {K}-expert model with "
+            f"{d} feature(s); use fewer experts or more data"
+        )
+    if min_expert_size == "auto":
+        min_size = min(10.0, n / (4.0 * K))
+    else:
+        try:
+            min_size = float(min_expert_size)
+        except (TypeError, ValueError):
+            raise ValueError(f"min_expert_size must be a number >= 0 or 'auto', got {min_expert_size!r}") from None
+        if not min_size >= 0:
+            raise ValueError(f"min_expert_size must be >= 0 or 'auto', got {min_expert_size!r}")
+    if isinstance(random_state, torch.Generator):
+        gen = random_state
+    else:
+        seed = int(random_state) if random_state is not None else int(torch.randint(2**31 - 1, (1,)))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+    scaling = Scaling.fit(x, y, center_x=template1.affine_invariant)
+    xs, ys = scaling.transform(x, y)
+    return _Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, gate_options, min_size, gen, dtype)
+
+
+def _design(xr):
+    return torch.cat([xr, torch.ones(*xr.shape[:-1], 1, dtype=xr.dtype, device=xr.device)], -1)
+
+
+def _starts(prob: _Problem, S: int, init: str, init_model, var_floor):
+    """Starting parameters for S starts per problem (problem-major), in standardised units.
+
+    Returns state, xr (B·S, n, d), x1r (B·S, n, d+1), yr (B·S, n).
+    """
+    B, n, d, K = prob.B, prob.n, prob.d, prob.n_experts
+    dtype, dev = prob.dtype, prob.x.device
+    if init_model is not None:
+        if not isinstance(init_model, GaussianMoE):
+            raise TypeError(f"init_model must be a GaussianMoE, got {type(init_model).__name__}")
+        if init_model.n_experts != K or init_model.n_features != d:
+            raise ValueError(
+                f"init_model has {init_model.n_experts} experts and {init_model.n_features} features; "
+                f"expected {K} and {d}"
+            )
+        if init_model.gate.name != prob.gate:
+            raise ValueError(f"init_model has a {init_model.gate.name!r} gate but gate={prob.gate!r}")
+        m0 = init_model.to(dtype=dtype, device=dev)
+        mb = tuple(m0.batch_shape)
+        if mb == ():
+            expand = lambda t: t.expand(B, *t.shape).clone()  # noqa: E731
+        elif mb == prob.batch:
+            expand = lambda t: t.reshape(B, *t.shape[len(mb):])  # noqa: E731
+        else:
+            raise ValueError(f"init_model batch shape {mb} does not match the data's batch shape {prob.batch}")
+        m0 = prob.scaling.model_to_scaled(GaussianMoE(m0.gate.map_tensors(expand), m0.experts.map_tensors(expand)))
+        theta = torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1)
+        state = _State(m0.gate, theta, m0.experts.variance.clamp_min(var_floor))
+        return state, prob.xs, _design(prob.xs), prob.ys
+    methods = ("kmeans", "lines", "segments", "random") if init == "auto" else (init,)
+    counts = [S // len(methods) + (i < S % len(methods)) for i in range(len(methods))]
+    resp_parts = []
+    for b in range(B):
+        parts = [init_responsibilities(m, prob.xs[b], prob.ys[b], K, c, prob.generator) for m, c in zip(methods, counts) if c]
+        resp_parts.append(torch.cat(parts, 0))
+    resp0 = torch.cat(resp_parts, 0).to(dev).transpose(-1, -2).contiguous()  # [B*S, K, n]
+    xr = prob.xs.repeat_interleave(S, 0)
+    yr = prob.ys.repeat_interleave(S, 0)
+    x1r = _design(xr)
+    template = _template(prob.gate, K, d, B * S, dtype, dev, prob.gate_options)
+    return _init_state(template, resp0, xr, x1r, yr, var_floor), xr, x1r, yr
 
 
 def fit_em(
@@ -325,8 +442,6 @@ def fit_em(
         parameters, unknown gate/init/options, non-positive temperature.
     """
     t0 = time.perf_counter()
-    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be an integer >= 1, got {n_experts!r}")
     for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("screen_iter", screen_iter), ("gate_steps", gate_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm in ("max_iter", "screen_iter") else 1):
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
@@ -336,75 +451,20 @@ def fit_em(
         raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
     if init not in ("auto",) + INIT_METHODS:
         raise ValueError(f"unknown init {init!r}; choose one of auto, {', '.join(INIT_METHODS)}, or pass init_model")
-    K = n_experts
-    x, y, batch = prepare_xy(x, y, dtype=dtype, device=device)
-    B, n, d = x.shape
-    template1 = _template(gate, K, d, 1, dtype, x.device, gate_options)
-    n_params = GaussianMoE(template1, GaussianExperts(torch.zeros(1, K, d, dtype=dtype), torch.zeros(1, K, dtype=dtype), torch.ones(1, K, dtype=dtype))).n_free_parameters()
-    if n < n_params:
-        raise ValueError(
-            f"{n} samples are fewer than the {n_params} free parameters of a {K}-expert model with "
-            f"{d} feature(s); use fewer experts or more data"
-        )
-    if min_expert_size == "auto":
-        min_size = min(10.0, n / (4.0 * K))
-    else:
-        min_size = float(min_expert_size)
-        if min_size < 0:
-            raise ValueError(f"min_expert_size must be >= 0 or 'auto', got {min_expert_size!r}")
-    gen = random_state if isinstance(random_state, torch.Generator) else torch.Generator(device="cpu").manual_seed(
-        int(random_state) if random_state is not None else int(torch.randint(2**31 - 1, (1,)))
-    )
-
-    scaling = Scaling.fit(x, y, center_x=template1.affine_invariant)
-    xs, ys = scaling.transform(x, y)
-    var_floor = reg_variance
-
-    # --- starts -------------------------------------------------------------
+    prob = _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device)
     if init_model is not None:
-        if not isinstance(init_model, GaussianMoE):
-            raise TypeError(f"init_model must be a GaussianMoE, got {type(init_model).__name__}")
-        if init_model.n_experts != K or init_model.n_features != d:
-            raise ValueError(
-                f"init_model has {init_model.n_experts} experts and {init_model.n_features} features; "
-                f"expected {K} and {d}"
-            )
-        if type(init_model.gate).__name__ != type(template1).__name__:
-            raise ValueError(f"init_model has a {init_model.gate.name} gate but gate={gate!r}")
-        S = 1
-        m0 = init_model.to(dtype=dtype, device=x.device)
-        if tuple(m0.batch_shape) != (B,):
-            if len(m0.batch_shape) and tuple(m0.batch_shape) != tuple(batch):
-                raise ValueError(f"init_model batch shape {tuple(m0.batch_shape)} does not match the data's {tuple(batch)}")
-            expand = (lambda t: t.expand(B, *t.shape[len(m0.batch_shape) :]).clone()) if not len(m0.batch_shape) else (lambda t: t.reshape(B, *t.shape[len(batch) :]))
-            m0 = GaussianMoE(m0.gate.map_tensors(expand), m0.experts.map_tensors(expand))
-        m0 = scaling.model_to_scaled(m0)
-        R = B
-        xr, yr = xs, ys
-        x1r = torch.cat([xr, torch.ones(R, n, 1, dtype=dtype, device=x.device)], -1)
-        state = _State(m0.gate, torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1), m0.experts.variance.clamp_min(var_floor))
-        n_keep = 1
+        n_keep = S = 1
+    elif n_candidates is None:
+        S, n_keep = (40 * n_init if init == "auto" else n_init), n_init
     else:
-        if n_candidates is None:
-            S = 40 * n_init if init == "auto" else n_init
-        else:
-            S = int(n_candidates)
-            if S < n_init:
-                raise ValueError(f"n_candidates ({S}) must be >= n_init ({n_init})")
-        n_keep = n_init
-        methods = ("kmeans", "lines", "segments", "random") if init == "auto" else (init,)
-        counts = [S // len(methods) + (i < S % len(methods)) for i in range(len(methods))]
-        resp_parts = []
-        for b in range(B):
-            parts = [init_responsibilities(m, xs[b], ys[b], K, c, gen) for m, c in zip(methods, counts) if c]
-            resp_parts.append(torch.cat(parts, 0))
-        resp0 = torch.cat(resp_parts, 0).to(x.device)  # [B*S, n, K]
-        R = B * S
-        xr = xs.repeat_interleave(S, 0)
-        yr = ys.repeat_interleave(S, 0)
-        x1r = torch.cat([xr, torch.ones(R, n, 1, dtype=dtype, device=x.device)], -1)
-        template = _template(gate, K, d, R, dtype, x.device, gate_options)
-        state = _init_state(template, resp0, xr, x1r, yr, var_floor)
+        S, n_keep = int(n_candidates), n_init
+        if S < n_init:
+            raise ValueError(f"n_candidates ({S}) must be >= n_init ({n_init})")
+    var_floor = reg_variance
+    state, xr, x1r, yr = _starts(prob, S, init, init_model, var_floor)
+    B, n, scaling, min_size, batch, dtype = prob.B, prob.n, prob.scaling, prob.min_size, prob.batch, prob.dtype
+    R = xr.shape[0]
+    x = prob.x
 
     T = max_iter + 1 + (screen_iter + 1 if S > n_keep else 0)
     history = torch.full((R, T), math.nan, dtype=dtype, device=x.device)
@@ -414,7 +474,7 @@ def fit_em(
         # --- screening: short runs, keep the n_init most promising valid starts
         state, ll, it, conv = _run_em(state, xr, x1r, yr, screen_iter, tol, var_floor, gate_steps, history, 0)
         resp, _ = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
-        bad = _collapsed(resp.sum(-2), state.var, min_size, min_expert_sd)
+        bad = _collapsed(resp.sum(-1), state.var, min_size, min_expert_sd)
         score = torch.where(bad | ~torch.isfinite(ll), ll - 1e6 * n, ll).reshape(B, S)
         top = score.topk(n_keep, -1).indices  # [B, n_keep]
         idx = (top + torch.arange(B, device=x.device).unsqueeze(-1) * S).reshape(-1)
@@ -426,24 +486,34 @@ def fit_em(
         R = B * n_keep
 
     state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, offset)
-    iters_done = iters_done + it
-    resp, ll = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
-    sizes = resp.sum(-2)
-    bad = _collapsed(sizes, state.var, min_size, min_expert_sd) | ~torch.isfinite(ll)
+    settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
+                    n_candidates=S, screen_iter=screen_iter, max_iter=max_iter, tol=tol, estimator="em")
+    return _finish(state, xr, x1r, yr, conv, iters_done + it, history, batch, n_keep, scaling, min_size,
+                   min_expert_sd, settings, t0, warn, max_iter, tol)
 
-    # --- select the best valid start per problem ------------------------------
+
+def _finish(state, xr, x1r, yr, conv, iters, history, batch, n_keep, scaling, min_size, min_expert_sd,
+            settings, t0, warn, max_iter, tol) -> "EMResult":
+    """Pick the best valid start per problem, map it back to original units, warn."""
+    B = int(torch.tensor(batch).prod()) if len(batch) else 1
+    n = yr.shape[-1]
+    K = state.theta.shape[-2]
+    with torch.no_grad():
+        resp, ll = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
+    sizes = resp.sum(-1)
+    bad = _collapsed(sizes, state.var, min_size, min_expert_sd) | ~torch.isfinite(ll)
     llB = ll.reshape(B, n_keep)
     badB = bad.reshape(B, n_keep)
     score = torch.where(badB, torch.full_like(llB, -math.inf), llB)
     all_bad = badB.all(-1)
     best = torch.where(all_bad, torch.nan_to_num(llB, nan=-math.inf).argmax(-1), score.argmax(-1))
-    pick = best + torch.arange(B, device=x.device) * n_keep
+    pick = best + torch.arange(B, device=yr.device) * n_keep
     final = state.take(pick)
-    log_sy = scaling.y_scale.log()
-    shift = n * log_sy  # ll_original = ll_scaled − n log s_y
+    shift = n * scaling.y_scale.log()  # ll_original = ll_scaled − n log s_y
     experts_s = GaussianExperts(final.theta[..., :-1], final.theta[..., -1], final.var)
     model = scaling.model_to_original(GaussianMoE(final.gate, experts_s))
-    model = GaussianMoE(model.gate.map_tensors(lambda t: t.reshape(*batch, *t.shape[1:])), model.experts.map_tensors(lambda t: t.reshape(*batch, *t.shape[1:])))
+    reshape = lambda t: t.reshape(tuple(batch) + tuple(t.shape[1:]))  # noqa: E731
+    model = GaussianMoE(model.gate.map_tensors(reshape), model.experts.map_tensors(reshape))
     conv_sel = conv[pick]
     hist = history[pick] - shift.unsqueeze(-1)
     last = int((~torch.isnan(hist)).sum(-1).max()) if hist.numel() else 0
@@ -451,16 +521,15 @@ def fit_em(
     result = EMResult(
         model=model,
         loglik=(ll[pick] - shift).reshape(batch),
-        n_iter=iters_done[pick].reshape(batch),
+        n_iter=iters[pick].reshape(batch),
         converged=conv_sel.reshape(batch),
         history=hist.reshape(*batch, last),
         expert_size=sizes[pick].reshape(*batch, K),
         degenerate=all_bad.reshape(batch),
-        start_loglik=(torch.where(badB, torch.full_like(llB, -math.inf), llB) - shift.unsqueeze(-1)).reshape(*batch, n_keep),
+        start_loglik=(score - shift.unsqueeze(-1)).reshape(*batch, n_keep),
         seconds=time.perf_counter() - t0,
         n_samples=n,
-        settings=dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
-                      n_candidates=S, screen_iter=screen_iter, max_iter=max_iter, tol=tol),
+        settings=settings,
     )
     if warn:
         if bool(all_bad.any()):
@@ -469,13 +538,13 @@ def fit_em(
                 f"{min_size:g} or sd < {min_expert_sd:g}·sd(y)); the best collapsed fit is returned. Use fewer "
                 "experts, more starts (n_init), or lower min_expert_size.",
                 DegenerateFitWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if not bool(conv_sel.all()):
             warnings.warn(
-                f"EM did not converge in {max_iter} iterations for {int((~conv_sel).sum())} of {B} problem(s) "
+                f"{settings.get('estimator', 'EM').upper()} did not converge in {max_iter} iterations for {int((~conv_sel).sum())} of {B} problem(s) "
                 f"(tol={tol:g} on the mean log-likelihood); raise max_iter or tol.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
     return result

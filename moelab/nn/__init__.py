@@ -9,6 +9,7 @@ parallelism in :mod:`~moelab.nn.parallel`. See ``docs/nn.md``.
 from moelab.nn.config import MoEConfig
 from moelab.nn.dispatch import Dispatch, combine, sort_by_expert, token_capacity
 from moelab.nn.experts import Experts
+from moelab.nn.grouped import fused_moe_ffn, grouped_ffn
 from moelab.nn.layer import MoELayer, MoEOutput
 from moelab.nn.losses import load_balancing_loss, router_z_loss
 from moelab.nn.parallel import ExpertParallelMoE
@@ -30,6 +31,8 @@ __all__ = [
     "MoEOutput",
     "ExpertParallelMoE",
     "Experts",
+    "grouped_ffn",
+    "fused_moe_ffn",
     "Router",
     "RouterOutput",
     "TopKSoftmaxRouter",

@@ -80,7 +80,8 @@ class MoEConfig:
         routing uses it as its capacity multiplier (``None`` means 1.0).
     noise : {None, "gumbel", "jitter"}, default None
         Router noise, applied in training mode only: Gumbel(0, 1) noise added
-        to the logits, or multiplicative jitter ``x * U(1-eps, 1+eps)`` of the
+        to the logits (after the temperature, for the dense-to-sparse
+        routers), or multiplicative jitter ``x * U(1-eps, 1+eps)`` of the
         router input (Switch Transformer).
     noise_eps : float, default 1e-2
         Jitter half-width ``eps`` in ``(0, 1)``.
@@ -143,6 +144,12 @@ class MoEConfig:
             raise ValueError(
                 f"tau_max={self.tau_max!r} must be >= tau_min={self.tau_min!r}; "
                 f"the schedule goes from tau_max down to the floor tau_min"
+            )
+        dense_to_sparse = self.router in ("dense_to_sparse", "activation_dense_to_sparse")
+        if not dense_to_sparse and (self.tau_max != 1.0 or self.tau_min != 1.0 or self.schedule != "constant"):
+            raise ValueError(
+                f"tau_max/tau_min/schedule apply to the dense-to-sparse routers only, not {self.router!r}; "
+                f"use router='dense_to_sparse' or 'activation_dense_to_sparse', or leave them at their defaults"
             )
         if self.prune_threshold is not None:
             if self.router not in ("dense_to_sparse", "activation_dense_to_sparse"):

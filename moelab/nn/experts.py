@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.activations import resolve_activation
+from moelab.nn.grouped import fused_moe_ffn, grouped_ffn
 
 __all__ = ["Experts"]
 
@@ -67,7 +68,7 @@ class Experts(nn.Module):
         return self.act(h)
 
     def forward(self, x_sorted: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """Run expert ``e`` on the ``e``-th contiguous block of ``x_sorted``.
+        """Run expert ``e`` on the ``e``-th contiguous block of ``x_sorted`` (:func:`moelab.nn.grouped.grouped_ffn`).
 
         Parameters
         ----------
@@ -82,16 +83,27 @@ class Experts(nn.Module):
         """
         if len(counts) != self.n:
             raise ValueError(f"counts has {len(counts)} entries, expected one per expert ({self.n})")
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        blocks = x_sorted.split(list(counts))
-        outs = [
-            F.linear(self.hidden(F.linear(xb, w_in[e])), w_out[e])
-            for e, xb in enumerate(blocks)
-            if xb.shape[0] > 0
-        ]
-        if not outs:
-            return x_sorted.new_zeros(0, self.d_model)
-        return torch.cat(outs, dim=0)
+        return grouped_ffn(x_sorted, self.w_in, self.w_out, counts, self.kind, self.act)
+
+    def routed(
+        self, x: torch.Tensor, token_idx: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]
+    ) -> torch.Tensor:
+        """Weighted sum of the experts' outputs per token (gather, experts, combine fused per expert).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n_tokens, d_model)
+        token_idx : LongTensor of shape (n_assign,)
+            Tokens grouped by expert, ``counts[e]`` of them for expert ``e``.
+        weight : Tensor of shape (n_assign,)
+        counts : sequence of int of length n
+
+        Returns
+        -------
+        Tensor of shape (n_tokens, d_model): ``Σ_a weight[a] f_{e(a)}(x[token_idx[a]])``
+        accumulated at ``token_idx[a]`` (:func:`moelab.nn.grouped.fused_moe_ffn`).
+        """
+        return fused_moe_ffn(x, token_idx, weight, self.w_in, self.w_out, counts, self.kind, self.act)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of all experts applied to every token (shared experts).

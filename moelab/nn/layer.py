@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moelab.nn.config import MoEConfig
-from moelab.nn.dispatch import Dispatch, combine, sort_by_expert, token_capacity
+from moelab.nn.dispatch import Dispatch, sort_by_expert, token_capacity
 from moelab.nn.experts import Experts
 from moelab.nn.losses import load_balancing_loss, router_z_loss
 from moelab.nn.routers import DenseToSparseRouter, RouterOutput, build_router
@@ -86,6 +86,7 @@ class MoELayer(nn.Module):
         )
 
     def build_experts(self, config: MoEConfig, dtype: Optional[torch.dtype]) -> Experts:
+        """The routed experts (all ``n_experts`` here; a slice of them in :class:`ExpertParallelMoE`)."""
         return Experts(config.n_experts, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype)
 
     @property
@@ -157,10 +158,8 @@ class MoELayer(nn.Module):
         return sort_by_expert(routing.token_idx, routing.expert_idx, routing.weight, self.config.n_experts, capacity)
 
     def apply_experts(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        """Gather tokens in expert order, run the experts, combine; returns shape (n_tokens, d_model)."""
-        x_sorted = x.index_select(0, dispatch.token_idx)
-        y_sorted = self.experts(x_sorted, dispatch.counts_list)
-        return combine(y_sorted, dispatch, x.shape[0])
+        """Routed experts' weighted outputs per token, shape (n_tokens, d_model) (:meth:`Experts.routed`)."""
+        return self.experts.routed(x, dispatch.token_idx, dispatch.weight, dispatch.counts_list)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> MoEOutput:
         """Apply the layer.

@@ -27,8 +27,10 @@ class ExpertParallelMoE(MoELayer):
     Sec. 2.2), runs its local experts on tokens grouped by expert, and sends
     the results back with a second all-to-all. Outputs and gradients equal
     those of a single-process :class:`MoELayer` on the concatenated batch
-    (router gradients summed over ranks). Auxiliary losses are computed on
-    each rank's own tokens.
+    (router gradients summed over ranks). Auxiliary losses and
+    ``tokens_per_expert`` (shape (n_experts,), all experts) are computed on
+    each rank's own tokens; sum the counts over ranks for global ones.
+    Dropless only: a ``capacity_factor`` would apply per rank.
 
     Parameters
     ----------
@@ -59,10 +61,16 @@ class ExpertParallelMoE(MoELayer):
                 f"n_experts={config.n_experts} is not divisible by the {self.world} processes; "
                 f"choose a multiple of the group size"
             )
+        if config.router == "expert_choice" or config.capacity_factor is not None:
+            raise ValueError(
+                "ExpertParallelMoE is dropless token-choice routing only (expert choice and capacity limits "
+                "would act per rank, not globally); set capacity_factor=None and a token-choice router"
+            )
         self.n_local = config.n_experts // self.world
         super().__init__(config, dtype=dtype)
 
     def build_experts(self, config: MoEConfig, dtype: Optional[torch.dtype]) -> Experts:
+        """This rank's ``n_experts / world_size`` experts."""
         return Experts(
             config.n_experts // self.world, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype
         )

@@ -59,7 +59,7 @@ def _token_choices(layer, x: torch.Tensor) -> list:
     ranked = sorted(range(cfg.n_experts), key=lambda i: -float(scores[i].detach()))[: cfg.top_k]
     choices = [(i, scores[i]) for i in ranked]
     if cfg.prune_threshold is not None:
-        choices = [c for r, c in enumerate(choices) if r == 0 or float(c[1]) >= cfg.prune_threshold]
+        choices = [c for r, c in enumerate(choices) if r == 0 or float(c[1].detach()) >= cfg.prune_threshold]
     if cfg.normalize_weights:
         total = sum(w for _, w in choices)
         choices = [(i, w / total) for i, w in choices]

@@ -95,6 +95,7 @@ class Router(nn.Module):
         return F.linear(x, self.weight.float())
 
     def add_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits + b`` (float32) when the router has a bias, else ``logits``; shape (n_tokens, n_experts)."""
         return logits if self.bias is None else logits + self.bias.float()
 
     def noisy(self, logits: torch.Tensor) -> torch.Tensor:
@@ -104,9 +105,22 @@ class Router(nn.Module):
         return logits
 
     def select_top_k(
-        self, scores: torch.Tensor, weights: torch.Tensor, mask: Optional[torch.Tensor]
+        self, scores: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k experts of each token by ``scores``; returns (rank, token, expert, weight) flat."""
+        """Top-k experts of each token.
+
+        Parameters
+        ----------
+        scores : Tensor of shape (n_tokens, n_experts)
+            Ranking criterion (may include noise).
+        weights : Tensor of shape (n_tokens, n_experts)
+            Weights gathered at the selected experts.
+
+        Returns
+        -------
+        rank, token, expert, weight : Tensors of shape (n_tokens * top_k,)
+            Rank-major order (every token's first choice, then every second choice, ...).
+        """
         n_tokens = scores.shape[0]
         _, top_idx = scores.topk(self.top_k, dim=-1)  # [T, k]
         top_w = weights.gather(1, top_idx)  # [T, k]
@@ -116,6 +130,20 @@ class Router(nn.Module):
 
     @staticmethod
     def drop_padding(mask: Optional[torch.Tensor], *tensors: torch.Tensor, token: torch.Tensor):
+        """Remove the assignments of padding tokens.
+
+        Parameters
+        ----------
+        mask : BoolTensor of shape (n_tokens,) or None
+            True for real tokens; None keeps everything.
+        *tensors : Tensors of shape (n_assign,)
+        token : LongTensor of shape (n_assign,)
+            Token of each assignment.
+
+        Returns
+        -------
+        tuple of Tensors of shape (n_kept,)
+        """
         if mask is None:
             return tensors
         keep = mask[token]
@@ -142,7 +170,7 @@ class TopKSoftmaxRouter(Router):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> RouterOutput:
         logits = self.add_bias(self.linear(x))
         probs = torch.softmax(self.noisy(logits), dim=-1)
-        _, token, expert, weight = self.select_top_k(probs, probs, None)
+        _, token, expert, weight = self.select_top_k(probs, probs)
         if self.config.normalize_weights:
             weight = _normalise_per_token(weight, token, x.shape[0])
         token, expert, weight = self.drop_padding(mask, token, expert, weight, token=token)
@@ -195,7 +223,7 @@ class DenseToSparseRouter(Router):
             pre = self.activation(pre)
         logits = self.add_bias(pre / self.temperature)
         probs = torch.softmax(self.noisy(logits), dim=-1)
-        rank, token, expert, weight = self.select_top_k(probs, probs, None)
+        rank, token, expert, weight = self.select_top_k(probs, probs)
         threshold = self.config.prune_threshold
         if threshold is not None:
             keep = (rank == 0) | (weight >= threshold)
@@ -219,7 +247,7 @@ class SigmoidRouter(Router):
         logits = self.add_bias(self.linear(x))
         scores = torch.sigmoid(logits)
         probs = scores / scores.sum(dim=-1, keepdim=True)
-        _, token, expert, weight = self.select_top_k(self.noisy(logits), scores, None)
+        _, token, expert, weight = self.select_top_k(self.noisy(logits), scores)
         if self.config.normalize_weights:
             weight = _normalise_per_token(weight, token, x.shape[0])
         token, expert, weight = self.drop_padding(mask, token, expert, weight, token=token)
@@ -240,6 +268,7 @@ class ExpertChoiceRouter(Router):
     is_causal = False
 
     def capacity(self, n_real: int) -> int:
+        """Tokens per expert ``C`` for ``n_real`` real tokens (formula in the class docstring)."""
         factor = 1.0 if self.config.capacity_factor is None else self.config.capacity_factor
         return max(1, min(n_real, math.floor(factor * n_real * self.top_k / self.n_experts)))
 

@@ -33,3 +33,12 @@ def make_layer_fixture():
 @pytest.fixture(name="grads")
 def grads_fixture():
     return grads
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits on busy CI cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,260 @@
+"""Grouped expert feed-forward on expert-sorted token blocks, with a hand-written backward.
+
+One matmul per expert and direction, written straight into preallocated
+buffers (``torch.mm(..., out=...)``): no concatenation of expert outputs, no
+stacking of per-expert weight gradients, no split of the input gradient, and
+the SwiGLU backward in three element-wise passes. :func:`fused_moe_ffn` also
+fuses the gather of tokens and the weighted scatter-add per expert. This keeps
+the layer close to the compute floor (the per-expert matmuls alone;
+``benchmarks/nn_layer.py``). Differentiable once (no double backward).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["grouped_ffn", "fused_moe_ffn"]
+
+
+def _swiglu(h: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, silu(g)) for h = [g, u]: a = silu(g) * u, each of shape (n, d_ff)."""
+    silu_g = F.silu(h[:, :d_ff])
+    return silu_g * h[:, d_ff:], silu_g
+
+
+def _swiglu_backward(h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_ff: int) -> torch.Tensor:
+    """dL/dh for a = silu(g) * u with h = [g, u]: [silu'(g) u da, silu(g) da] (3 element-wise passes)."""
+    dh = torch.empty_like(h)
+    torch.mul(da, silu_g, out=dh[:, d_ff:])
+    torch.ops.aten.silu_backward.grad_input(da * h[:, d_ff:], h[:, :d_ff], grad_input=dh[:, :d_ff])
+    return dh
+
+
+class _GroupedFFN(torch.autograd.Function):
+    # Intermediates are kept per expert (one block of n_e rows each) rather than in one
+    # (n, 2 d_ff) buffer: blocks stay below glibc's mmap threshold and are recycled by the
+    # heap, whereas a fresh buffer of tens of MB is mmap-ed and page-faulted on every call,
+    # which on CPU costs as much as a large share of the matmuls (measured: 1.5x slower).
+
+    @staticmethod
+    def forward(ctx, x, w_in, w_out, counts, kind, act):
+        d_ff = w_out.shape[-1]
+        y = x.new_empty(x.shape[0], w_out.shape[1])
+        bounds, saved = [], []
+        start = 0
+        for e, c in enumerate(counts):
+            a, b = start, start + c
+            start = b
+            if c == 0:
+                continue
+            h = torch.mm(x[a:b], w_in[e].t())
+            if kind == "swiglu":
+                act_h, silu_g = _swiglu(h, d_ff)
+            else:
+                act_h, silu_g = act(h), h.new_empty(0)
+            torch.mm(act_h, w_out[e].t(), out=y[a:b])
+            bounds.append((e, a, b))
+            saved += [h, act_h, silu_g]
+        ctx.save_for_backward(x, w_in, w_out, *saved)
+        ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w_in, w_out, *saved = ctx.saved_tensors
+        kind, act = ctx.kind, ctx.act
+        need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+        dy = dy.contiguous()
+        d_ff = w_out.shape[-1]
+        dx = torch.empty_like(x) if need_x else None  # every row belongs to one expert block
+        dw_in = torch.empty_like(w_in) if need_w_in else None
+        dw_out = torch.empty_like(w_out) if need_w_out else None
+        used = {e for e, _, _ in ctx.bounds}
+        for e in range(w_in.shape[0]):
+            if e not in used:  # an expert without tokens has zero gradient
+                for grad in (dw_in, dw_out):
+                    if grad is not None:
+                        grad[e].zero_()
+        for i, (e, a, b) in enumerate(ctx.bounds):
+            h, act_h, silu_g = saved[3 * i : 3 * i + 3]
+            if dw_out is not None:
+                torch.mm(dy[a:b].t(), act_h, out=dw_out[e])
+            if not (need_x or need_w_in):
+                continue
+            da = torch.mm(dy[a:b], w_out[e])
+            if kind == "swiglu":
+                dh = _swiglu_backward(h, silu_g, da, d_ff)
+            else:
+                with torch.enable_grad():
+                    hh = h.detach().requires_grad_(True)
+                    (dh,) = torch.autograd.grad(act(hh), hh, da)
+            if dx is not None:
+                torch.mm(dh, w_in[e], out=dx[a:b])
+            if dw_in is not None:
+                torch.mm(dh.t(), x[a:b], out=dw_in[e])
+        return dx, dw_in, dw_out, None, None, None
+
+
+def grouped_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    counts: Sequence[int],
+    kind: str,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Expert ``e`` applied to the ``e``-th block of rows of ``x`` (differentiable once).
+
+    Parameters
+    ----------
+    x : Tensor of shape (sum(counts), d_model)
+        Tokens sorted by expert.
+    w_in : Tensor of shape (n_experts, h_in, d_model)
+        ``h_in = 2 d_ff`` (``[W_gate; W_up]``) for ``kind="swiglu"``, ``d_ff`` for ``"mlp"``.
+    w_out : Tensor of shape (n_experts, d_model, d_ff)
+    counts : sequence of int of length n_experts
+    kind : {"swiglu", "mlp"}
+    act : callable
+        Element-wise activation of ``"mlp"`` experts (ignored for swiglu).
+
+    Returns
+    -------
+    Tensor of shape (sum(counts), d_model)
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` does not match ``x`` or ``w_in``.
+    """
+    counts = [int(c) for c in counts]
+    if len(counts) != w_in.shape[0] or sum(counts) != x.shape[0]:
+        raise ValueError(
+            f"counts (len {len(counts)}, sum {sum(counts)}) must have one entry per expert ({w_in.shape[0]}) "
+            f"and sum to the number of rows of x ({x.shape[0]})"
+        )
+    return _GroupedFFN.apply(x.contiguous(), w_in, w_out, counts, kind, act)
+
+
+class _FusedMoEFFN(torch.autograd.Function):
+    # gather → expert FFN → weighted scatter-add, one expert at a time: every intermediate is
+    # one expert's block (see the note on _GroupedFFN), and nothing of size (n_assign, d) is built.
+
+    @staticmethod
+    def forward(ctx, x, token_idx, weight, w_in, w_out, counts, kind, act):
+        d_ff = w_out.shape[-1]
+        out = x.new_zeros(x.shape[0], w_out.shape[1])
+        w = weight.to(x.dtype)
+        bounds, saved = [], []
+        start = 0
+        for e, c in enumerate(counts):
+            a, b = start, start + c
+            start = b
+            if c == 0:
+                continue
+            xe = x.index_select(0, token_idx[a:b])
+            h = torch.mm(xe, w_in[e].t())
+            if kind == "swiglu":
+                act_h, silu_g = _swiglu(h, d_ff)
+            else:
+                act_h, silu_g = act(h), h.new_empty(0)
+            ye = torch.mm(act_h, w_out[e].t())
+            out.index_add_(0, token_idx[a:b], ye * w[a:b, None])
+            bounds.append((e, a, b))
+            saved += [xe, h, act_h, silu_g, ye]
+        ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
+        ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
+        ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        token_idx, w, w_in, w_out, *saved = ctx.saved_tensors
+        kind, act = ctx.kind, ctx.act
+        need_x, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:5]
+        d_ff = w_out.shape[-1]
+        dx = dout.new_zeros(ctx.x_shape) if need_x else None
+        dweight = w.new_zeros(w.shape[0]) if need_weight else None
+        dw_in = torch.empty_like(w_in) if need_w_in else None
+        dw_out = torch.empty_like(w_out) if need_w_out else None
+        used = {e for e, _, _ in ctx.bounds}
+        for e in range(w_in.shape[0]):
+            if e not in used:  # an expert without tokens has zero gradient
+                for grad in (dw_in, dw_out):
+                    if grad is not None:
+                        grad[e].zero_()
+        for i, (e, a, b) in enumerate(ctx.bounds):
+            xe, h, act_h, silu_g, ye = saved[5 * i : 5 * i + 5]
+            tok = token_idx[a:b]
+            dy = dout.index_select(0, tok)  # [n_e, d], a fresh tensor
+            if dweight is not None:
+                dweight[a:b] = (dy * ye).sum(-1)
+            dy.mul_(w[a:b, None])
+            if dw_out is not None:
+                torch.mm(dy.t(), act_h, out=dw_out[e])
+            if not (need_x or need_w_in):
+                continue
+            da = torch.mm(dy, w_out[e])
+            if kind == "swiglu":
+                dh = _swiglu_backward(h, silu_g, da, d_ff)
+            else:
+                with torch.enable_grad():
+                    hh = h.detach().requires_grad_(True)
+                    (dh,) = torch.autograd.grad(act(hh), hh, da)
+            if dw_in is not None:
+                torch.mm(dh.t(), xe, out=dw_in[e])
+            if dx is not None:
+                dx.index_add_(0, tok, torch.mm(dh, w_in[e]))
+        if dweight is not None:
+            dweight = dweight.to(ctx.weight_dtype)
+        return dx, None, dweight, dw_in, dw_out, None, None, None
+
+
+def fused_moe_ffn(
+    x: torch.Tensor,
+    token_idx: torch.Tensor,
+    weight: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    counts: Sequence[int],
+    kind: str,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``out[t] = Σ_{a: token_idx[a]=t} weight[a] f_{e(a)}(x[t])`` for expert-sorted assignments (differentiable once).
+
+    Equal to ``combine(grouped_ffn(x[token_idx], ...), ...)`` but fused per
+    expert, so no (n_assign, d_model) intermediate is materialised.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n_tokens, d_model)
+    token_idx : LongTensor of shape (n_assign,)
+        Token of each assignment, grouped by expert (``counts[e]`` rows for expert ``e``).
+    weight : Tensor of shape (n_assign,)
+        Combination weight of each assignment (any float dtype; its gradient has the same dtype).
+    w_in, w_out, counts, kind, act
+        As in :func:`grouped_ffn`.
+
+    Returns
+    -------
+    Tensor of shape (n_tokens, d_model)
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` does not match ``token_idx`` or ``w_in``, or ``weight`` and ``token_idx`` differ in length.
+    """
+    counts = [int(c) for c in counts]
+    if len(counts) != w_in.shape[0] or sum(counts) != token_idx.shape[0]:
+        raise ValueError(
+            f"counts (len {len(counts)}, sum {sum(counts)}) must have one entry per expert ({w_in.shape[0]}) "
+            f"and sum to the number of assignments ({token_idx.shape[0]})"
+        )
+    if weight.shape != token_idx.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {tuple(token_idx.shape)}")
+    return _FusedMoEFFN.apply(x.contiguous(), token_idx, weight, w_in, w_out, counts, kind, act)
