@@ -23,7 +23,7 @@ __all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_ne
 #: step sizes tried (all at once) by the gate line search
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 #: largest change of any logit a single gate Newton step may make
-_MAX_LOGIT_CHANGE = 8.0
+_MAX_LOGIT_CHANGE = 200.0
 
 
 def outer_design(x1: torch.Tensor) -> torch.Tensor:

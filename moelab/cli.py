@@ -1,0 +1,292 @@
+"""The ``moelab`` command line.
+
+Subcommands are registered through :data:`COMMANDS`: a name maps to
+``"module:function"``, and ``function(subparsers)`` adds its parser with
+``subparsers.add_parser(name, ...)`` and sets ``handler=callable(args) -> int``
+with ``set_defaults``. Modules are imported only when the parser is built, so
+a subcommand lives in its own module. A handler reports a user error (bad
+input, not a bug) by raising :class:`CLIError`, or by wrapping library calls in
+:func:`user_errors`; :func:`main` prints it as one line on stderr and exits 2.
+
+``moelab fit DATA --x COL[,COL...] --y COL --experts K`` fits a Gaussian
+mixture of experts to a CSV/Parquet file or a bundled data set and prints a
+summary (``--format json``: one JSON object on stdout). With ``--out DIR`` it
+also writes ``DIR/params.json`` and ``DIR/fit.png``; without it nothing is
+written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "build_parser", "CLIError", "user_errors", "COMMANDS"]
+
+#: subcommand name -> "module:register function"
+COMMANDS = {
+    "fit": "moelab.cli:register_fit",
+}
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as ``moelab <command>: error: <message>``, exit status 2."""
+
+
+@contextlib.contextmanager
+def user_errors(what: str = ""):
+    """Turn ValueError/TypeError raised by library calls in the block into :class:`CLIError`.
+
+    Parameters
+    ----------
+    what : str
+        Prefix for the message, e.g. ``"cannot fit: "``.
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"{what}{exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moelab`` parser with every subcommand of :data:`COMMANDS` registered."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="moelab", description="Mixture-of-experts models with any gating function."
+    )
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for spec in COMMANDS.values():
+        module, func = spec.split(":")
+        getattr(importlib.import_module(module), func)(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the ``moelab`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 success, 2 usage or input error.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except CLIError as exc:
+        print(f"moelab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------- fit
+_GATE_HELP = (
+    "softmax: softmax(b1'x + b0); temperature: softmax(b1'x/tau + b0); "
+    "activation: softmax(act(b1'x)/tau + b0); topk: softmax over the --top-k largest logits"
+)
+
+
+def register_fit(sub) -> None:
+    """Add the ``fit`` subcommand to ``sub`` (an argparse subparsers object)."""
+    from .activations import ACTIVATIONS
+    from .gates import GATES
+
+    p = sub.add_parser(
+        "fit",
+        help="fit a Gaussian mixture of experts to a table",
+        description="Fit a Gaussian mixture of experts p(y|x) = sum_k g_k(x) N(y; a_k'x + b_k, sigma_k^2) "
+        "by maximum likelihood and print a summary. Nothing is written unless --out is given.",
+        epilog="example: moelab fit mcycle --x times --y accel --experts 3 --out out/mcycle",
+    )
+    p.add_argument("data", metavar="DATA", help="CSV/TSV/Parquet file, or a bundled data set: mcycle, faithful, diamonds")
+    p.add_argument("--x", required=True, action="append", metavar="COL[,COL...]",
+                   help="input column(s), comma-separated (repeatable)")
+    p.add_argument("--y", required=True, metavar="COL", help="response column")
+    p.add_argument("--experts", required=True, type=int, metavar="K", help="number of experts K >= 1")
+    p.add_argument("--gate", default="softmax", choices=list(GATES), help=f"gate family (default softmax). {_GATE_HELP}")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS),
+                   help="activation for --gate activation (default tanh)")
+    tau = p.add_mutually_exclusive_group()
+    tau.add_argument("--temperature", type=float, metavar="TAU",
+                     help="fixed temperature tau > 0 for --gate temperature/activation (default 1)")
+    tau.add_argument("--learn-temperature", action="store_true",
+                     help="estimate tau (--gate temperature/activation)")
+    p.add_argument("--top-k", type=int, metavar="K'", help="experts kept per input for --gate topk (required there)")
+    p.add_argument("--estimator", default="em", choices=("em", "mle"), help="EM (default) or L-BFGS maximum likelihood")
+    p.add_argument("--n-init", type=int, default=10, metavar="N", help="starts run to convergence (default 10)")
+    p.add_argument("--n-candidates", type=int, metavar="N",
+                   help="EM: screened starts (default 40 x --n-init)")
+    p.add_argument("--max-iter", type=int, metavar="N", help="maximum iterations per start (default 2000 EM, 500 MLE)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write DIR/params.json and DIR/fit.png (created if needed)")
+    p.add_argument("--format", default="text", choices=("text", "json"),
+                   help="stdout format: text summary (default) or one JSON object")
+    p.set_defaults(handler=run_fit)
+
+
+def _check_fit_flags(args) -> dict:
+    """Flag combinations → gate options for the estimator; CLIError naming the flag otherwise."""
+    gate = args.gate
+    if args.experts < 1:
+        raise CLIError(f"--experts must be >= 1, got {args.experts}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise CLIError(f"--temperature must be a number > 0, got {args.temperature}")
+    if args.temperature is not None and gate not in ("temperature", "activation"):
+        raise CLIError(f"--temperature needs --gate temperature or --gate activation (got --gate {gate})")
+    if args.learn_temperature and gate not in ("temperature", "activation"):
+        raise CLIError(f"--learn-temperature needs --gate temperature or --gate activation (got --gate {gate})")
+    if args.activation is not None and gate != "activation":
+        raise CLIError(f"--activation needs --gate activation (got --gate {gate})")
+    if args.top_k is not None and gate != "topk":
+        raise CLIError(f"--top-k needs --gate topk (got --gate {gate})")
+    if gate == "topk" and args.top_k is None:
+        raise CLIError("--gate topk needs --top-k K' (experts kept per input, 1 <= K' <= --experts)")
+    if gate == "topk" and not 1 <= args.top_k <= args.experts:
+        raise CLIError(f"--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}")
+    for flag, v in (("--n-init", args.n_init), ("--n-candidates", args.n_candidates), ("--max-iter", args.max_iter)):
+        if v is not None and v < 1:
+            raise CLIError(f"{flag} must be >= 1, got {v}")
+    if args.n_candidates is not None and args.estimator != "em":
+        raise CLIError("--n-candidates applies to --estimator em only")
+    return dict(activation=args.activation, temperature=args.temperature,
+                learn_temperature=args.learn_temperature, top_k=args.top_k)
+
+
+def _select_columns(df, x_specs, y_name):
+    """Split ``--x`` values, look the columns up and check them: (X DataFrame, y Series, x names)."""
+    import pandas as pd
+
+    x_names = [c.strip() for spec in x_specs for c in spec.split(",")]
+    if any(not c for c in x_names):
+        raise CLIError(f"empty column name in --x {','.join(x_specs)!r}; give COL[,COL...]")
+    dup = sorted({c for c in x_names if x_names.count(c) > 1})
+    if dup:
+        raise CLIError(f"--x lists {', '.join(dup)} more than once")
+    if y_name in x_names:
+        raise CLIError(f"column {y_name!r} is both an input (--x) and the response (--y)")
+    by_name = {str(c): c for c in df.columns}
+    missing = [c for c in x_names + [y_name] if c not in by_name]
+    if missing:
+        raise CLIError(f"no column(s) {', '.join(map(repr, missing))} in the data; available columns: "
+                       f"{', '.join(by_name)}")
+    sel = df[[by_name[c] for c in x_names + [y_name]]]
+    for name, col in zip(x_names + [y_name], sel.columns):
+        s = sel[col]
+        if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            raise CLIError(f"column {name!r} is not numeric (dtype {s.dtype}); choose numeric columns "
+                           "or encode this one as numbers first")
+        v = s.to_numpy(dtype=float)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise CLIError(f"column {name!r} has {int(bad.sum())} missing or infinite value(s) (first in data row "
+                           f"{first + 1}); drop or impute those rows first")
+        if np.ptp(v) == 0:
+            raise CLIError(f"column {name!r} is constant ({v[0]:g}); drop it "
+                           + ("(the model already has intercepts)" if name != y_name else "— there is nothing to model"))
+    X = sel.iloc[:, :-1].astype(float)
+    X.columns = x_names
+    return X, sel.iloc[:, -1].astype(float), x_names
+
+
+def _is_moelab_output(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("moelab") == "fit"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out(out: Path, data: str) -> tuple[Path, Path]:
+    """Output paths DIR/params.json, DIR/fit.png; refuse to overwrite files moelab did not write."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory; give a directory path")
+    params, png = out / "params.json", out / "fit.png"
+    src = Path(data)
+    for target in (params, png):
+        if src.exists() and target.exists() and target.resolve() == src.resolve():
+            raise CLIError(f"--out would overwrite the input file {data}; choose another directory")
+    if params.exists() and not _is_moelab_output(params):
+        raise CLIError(f"{params} exists and was not written by moelab fit; choose another --out directory")
+    if png.exists() and not params.exists():
+        raise CLIError(f"{png} exists and was not written by moelab fit; choose another --out directory")
+    return params, png
+
+
+def run_fit(args) -> int:
+    """Handler of ``moelab fit``; returns the exit status."""
+    from .datasets import read_table
+    from .estimator import MixtureOfExpertsRegressor
+    from .summary import fit_report, format_report
+
+    gate_opts = _check_fit_flags(args)
+    paths = _check_out(args.out, args.data) if args.out is not None else None
+    with user_errors():
+        try:
+            df = read_table(args.data)
+        except ValueError as exc:
+            msg = str(exc)
+            raise CLIError(msg if args.data in msg else f"could not read {args.data!r}: {msg}") from exc
+    X, y, x_names = _select_columns(df, args.x, args.y)
+    est = MixtureOfExpertsRegressor(
+        args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
+        n_candidates=args.n_candidates, max_iter=args.max_iter, random_state=args.seed, **gate_opts,
+    )
+    with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
+        warnings.simplefilter("always")
+        est.fit(X, y)
+    messages = [str(w.message) for w in caught]
+    for m in messages:
+        print(f"moelab fit: warning: {m}", file=sys.stderr)
+    report = fit_report(est, data=args.data, feature_names=x_names, response=args.y)
+    report["seed"] = args.seed
+    report["warnings"] = messages
+    if paths is not None:
+        report["files"] = {"params": str(paths[0]), "plot": str(paths[1])}
+        _write_outputs(est, X, y, report, paths)
+    if args.format == "json":
+        print(json.dumps(report, allow_nan=False))
+    else:
+        print(format_report(report))
+        if paths is not None:
+            print(f"\nwrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _write_outputs(est, X, y, report, paths) -> None:
+    from .plotting import plot_fit
+
+    params, png = paths
+    try:
+        params.parent.mkdir(parents=True, exist_ok=True)
+        params.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot write {params}: {exc.strerror or exc}; choose a writable --out directory") from exc
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    title = (f"{report['data']}: {report['y']} ~ {' + '.join(report['x'])}, {report['n_experts']} experts, "
+             f"{report['gate_description']} gate\nlog-likelihood {fmt(report['loglik'])}, BIC {fmt(report['bic'])}")
+    fig = plot_fit(est.model_, X.to_numpy(), y.to_numpy(), column=0, feature_names=report["x"],
+                   response_name=report["y"], title=title)
+    try:
+        fig.savefig(png, dpi=150)
+    except OSError as exc:
+        raise CLIError(f"cannot write {png}: {exc.strerror or exc}") from exc
+

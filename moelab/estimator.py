@@ -1,0 +1,392 @@
+"""scikit-learn estimator for Gaussian mixtures of experts.
+
+:class:`MixtureOfExpertsRegressor` wraps :func:`moelab.fit_em` (or
+:func:`moelab.fit_mle`) behind the scikit-learn regressor API: ``fit`` /
+``predict`` (conditional mean E[y | x]) / ``predict_proba`` (gate weights
+g(x)) / ``score`` (R², as every scikit-learn regressor) / ``score_samples``
+(log p(y | x)) / ``sample`` / ``bic`` / ``aic``.
+
+The model is p(y | x) = Σ_k g_k(x) N(y; a_kᵀx + b_k, ν_k) with the gate chosen
+by ``gate`` (see :mod:`moelab.gates`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .em import fit_em
+from .mle import fit_mle
+
+__all__ = ["MixtureOfExpertsRegressor", "gate_options_from"]
+
+_GATES = ("softmax", "temperature", "activation", "topk")
+_TAKES = {
+    "softmax": (),
+    "temperature": ("temperature", "learn_temperature"),
+    "activation": ("temperature", "learn_temperature", "activation"),
+    "topk": ("top_k",),
+}
+
+
+def gate_options_from(gate, *, activation=None, temperature=None, learn_temperature=False, top_k=None) -> dict:
+    """Validate gate hyper-parameters and build ``gate_options`` for :func:`moelab.fit_em`.
+
+    Parameters
+    ----------
+    gate : {"softmax", "temperature", "activation", "topk"}
+    activation : str or callable, optional
+        Only for ``gate="activation"`` (default there: ``"tanh"``).
+    temperature : float, optional
+        Fixed τ > 0; only for the temperature and activation gates (default 1).
+    learn_temperature : bool, default False
+        Estimate τ; only for the temperature and activation gates, and not
+        together with ``temperature``.
+    top_k : int, optional
+        Experts kept per input; required for (and only for) ``gate="topk"``.
+
+    Returns
+    -------
+    dict
+        Only the options that were set.
+
+    Raises
+    ------
+    ValueError
+        Unknown gate, an option the gate does not take, τ ≤ 0 or not finite,
+        ``temperature`` together with ``learn_temperature``, or ``topk``
+        without ``top_k``.
+    """
+    if not isinstance(gate, str) or gate not in _GATES:
+        raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(_GATES)}")
+    given = {"activation": activation, "temperature": temperature, "top_k": top_k,
+             "learn_temperature": learn_temperature or None}
+    opts = {k: v for k, v in given.items() if v is not None}
+    extra = sorted(set(opts) - set(_TAKES[gate]))
+    if extra:
+        takes = ", ".join(_TAKES[gate]) or "no options"
+        raise ValueError(f"gate {gate!r} does not take {', '.join(extra)} (it takes {takes})")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if learn_temperature:
+            raise ValueError("give either a fixed temperature or learn_temperature=True, not both")
+        opts["temperature"] = float(temperature)
+    if gate == "topk" and top_k is None:
+        raise ValueError("gate 'topk' needs top_k, the number of experts kept per input (1 <= top_k <= n_experts)")
+    return opts
+
+
+class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
+    """Gaussian mixture of experts regression, p(y | x) = Σ_k g_k(x) N(y; a_kᵀx + b_k, ν_k).
+
+    Parameters
+    ----------
+    n_experts : int, default 2
+        Number of experts K ≥ 1.
+    gate : {"softmax", "temperature", "activation", "topk"}, default "softmax"
+        Gate family (see :mod:`moelab.gates`): softmax(β_1ᵀx + β_0);
+        softmax(β_1ᵀx/τ + β_0); softmax(σ(β_1ᵀx)/τ + β_0); top-k sparse softmax.
+    activation : str or callable, optional
+        σ for ``gate="activation"``: "tanh" (default), "sigmoid", "gelu",
+        "softplus", "relu", "identity" or a callable.
+    temperature : float, optional
+        Fixed τ > 0 for the temperature/activation gates (default 1).
+    learn_temperature : bool, default False
+        Estimate τ (temperature/activation gates). (β_1, τ) is then not
+        identifiable — only β_1/τ is.
+    top_k : int, optional
+        Experts kept per input for ``gate="topk"`` (required there).
+    estimator : {"em", "mle"}, default "em"
+        EM (:func:`moelab.fit_em`) or L-BFGS on the log-likelihood
+        (:func:`moelab.fit_mle`).
+    n_init : int, default 10
+        Starts run to convergence; the best valid one is kept.
+    n_candidates : int, optional
+        EM only: screened starts per fit (default 40 · n_init).
+    init : {"auto", "kmeans", "random", "segments", "lines"}, default "auto"
+        Start strategy.
+    max_iter : int, optional
+        Maximum iterations (default 2000 for EM, 500 for MLE).
+    tol : float, optional
+        Convergence tolerance (default 1e-8 on the mean log-likelihood change
+        for EM, 1e-10 for MLE).
+    random_state : int, numpy RandomState or None, default None
+        Seeds the starts. An int gives the same fit as ``fit_em(random_state=int)``.
+
+    Attributes
+    ----------
+    model_ : moelab.GaussianMoE
+        The fitted model (original units).
+    result_ : moelab.EMResult
+        Everything the fitting function returned.
+    loglik_ : float
+        Training log-likelihood Σ_n log p(y_n | x_n).
+    n_iter_ : int
+    converged_ : bool
+    history_ : ndarray of shape (n_steps,)
+        Log-likelihood after each iteration of the selected start.
+    gate_slope_ : ndarray of shape (n_experts, n_features_in_)
+        β_1 (the last expert is the reference, zero for softmax-type gates).
+    gate_intercept_ : ndarray of shape (n_experts,)
+        β_0.
+    temperature_ : float
+        τ; only for the temperature and activation gates.
+    expert_slope_ : ndarray of shape (n_experts, n_features_in_)
+        a_k.
+    expert_intercept_ : ndarray of shape (n_experts,)
+        b_k.
+    expert_variance_ : ndarray of shape (n_experts,)
+        ν_k.
+    expert_size_ : ndarray of shape (n_experts,)
+        Effective sizes Σ_n P(k | x_n, y_n) on the training data.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Only when X was a DataFrame with string column names.
+
+    Notes
+    -----
+    ``score`` is R² of the conditional mean (the scikit-learn regressor
+    convention); the mean log-likelihood is ``score_samples(X, y).mean()``.
+    Unlike density estimators, ``score_samples`` needs y.
+
+    Examples
+    --------
+    >>> from moelab import load_dataset
+    >>> df = load_dataset("mcycle")
+    >>> reg = MixtureOfExpertsRegressor(3, random_state=0).fit(df[["times"]], df["accel"])
+    >>> reg.predict_proba(df[["times"]]).shape
+    (133, 3)
+    """
+
+    def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
+                 top_k=None, estimator="em", n_init=10, n_candidates=None, init="auto", max_iter=None, tol=None,
+                 random_state=None):
+        self.n_experts = n_experts
+        self.gate = gate
+        self.activation = activation
+        self.temperature = temperature
+        self.learn_temperature = learn_temperature
+        self.top_k = top_k
+        self.estimator = estimator
+        self.n_init = n_init
+        self.n_candidates = n_candidates
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+    # ------------------------------------------------------------------ fit
+    def _fit_kwargs(self) -> dict:
+        if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, numbers.Integral) or self.n_experts < 1:
+            raise ValueError(f"n_experts must be an integer >= 1, got {self.n_experts!r}")
+        if self.estimator not in ("em", "mle"):
+            raise ValueError(f"estimator must be 'em' or 'mle', got {self.estimator!r}")
+        kw = dict(
+            gate=self.gate,
+            gate_options=gate_options_from(self.gate, activation=self.activation, temperature=self.temperature,
+                                           learn_temperature=self.learn_temperature, top_k=self.top_k),
+            n_init=self.n_init,
+            init=self.init,
+        )
+        if self.n_candidates is not None:
+            if self.estimator != "em":
+                raise ValueError("n_candidates applies to estimator='em' only; leave it None for 'mle'")
+            kw["n_candidates"] = self.n_candidates
+        if self.max_iter is not None:
+            kw["max_iter"] = self.max_iter
+        if self.tol is not None:
+            kw["tol"] = self.tol
+        rs = self.random_state
+        if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
+            kw["random_state"] = int(rs)
+        else:
+            kw["random_state"] = int(check_random_state(rs).randint(2**31 - 1))
+        return kw
+
+    def fit(self, X, y):
+        """Fit the mixture of experts.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            NaN/inf, mismatched lengths, constant columns, fewer samples than
+            free parameters, or invalid hyper-parameters.
+        """
+        kw = self._fit_kwargs()
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        fit = fit_em if self.estimator == "em" else fit_mle
+        res = fit(X, y, int(self.n_experts), **kw)
+        self.result_ = res
+        self.model_ = model = res.model
+        self.loglik_ = float(res.loglik)
+        self.n_iter_ = int(res.n_iter)
+        self.converged_ = bool(res.converged)
+        self.history_ = res.history.numpy().copy()
+        self.gate_slope_ = model.gate.slope.numpy().copy()
+        self.gate_intercept_ = model.gate.intercept.numpy().copy()
+        if hasattr(model.gate, "temperature"):
+            self.temperature_ = float(model.gate.temperature)
+        self.expert_slope_ = model.experts.slope.numpy().copy()
+        self.expert_intercept_ = model.experts.intercept.numpy().copy()
+        self.expert_variance_ = model.experts.variance.numpy().copy()
+        self.expert_size_ = res.expert_size.numpy().copy()
+        return self
+
+    # ------------------------------------------------------------ inference
+    def _X(self, X) -> torch.Tensor:
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return torch.tensor(X)  # a copy: X may be a read-only view of the caller's data
+
+    def _Xy(self, X, y):
+        check_is_fitted(self, "model_")
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=False)
+        return torch.tensor(X), torch.tensor(np.asarray(y, dtype=np.float64))
+
+    def predict(self, X) -> np.ndarray:
+        """Conditional mean E[y | x] = Σ_k g_k(x)(a_kᵀx + b_k).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float64
+        """
+        x = self._X(X)
+        return self.model_.mean(x).numpy()
+
+    def predict_variance(self, X) -> np.ndarray:
+        """Conditional variance Var[y | x] (law of total variance).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float64
+        """
+        x = self._X(X)
+        return self.model_.variance(x).numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Gate weights g(x): the prior probability of each expert given x.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_experts), float64; rows sum to 1.
+        """
+        x = self._X(X)
+        return self.model_.gate_weights(x).numpy()
+
+    def predict_expert(self, X, y=None) -> np.ndarray:
+        """Most probable expert: argmax of the gate g(x), or of the posterior P(k | x, y) if y is given.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), int64
+        """
+        if y is None:
+            return self.predict_proba(X).argmax(-1)
+        x, y = self._Xy(X, y)
+        return self.model_.responsibilities(x, y).numpy().argmax(-1)
+
+    def score_samples(self, X, y) -> np.ndarray:
+        """Log conditional density log p(y_n | x_n) of each sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float64
+        """
+        x, y = self._Xy(X, y)
+        return self.model_.log_prob(x, y).numpy()
+
+    def sample(self, X, random_state=None) -> np.ndarray:
+        """Draw one y ~ p(y | x) for every row of X.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        random_state : int, numpy RandomState or None
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), float64
+        """
+        x = self._X(X)
+        seed = int(check_random_state(random_state).randint(2**31 - 1))
+        return self.model_.sample(x, torch.Generator().manual_seed(seed)).numpy()
+
+    def n_free_parameters(self) -> int:
+        """Free parameters p of the fitted model (used by :meth:`bic` and :meth:`aic`)."""
+        check_is_fitted(self, "model_")
+        return self.model_.n_free_parameters()
+
+    def bic(self, X, y) -> float:
+        """Bayesian information criterion −2 log L + p log n on (X, y); lower is better.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        float
+        """
+        ll = self.score_samples(X, y)
+        return float(-2.0 * ll.sum() + self.n_free_parameters() * math.log(ll.shape[0]))
+
+    def aic(self, X, y) -> float:
+        """Akaike information criterion −2 log L + 2p on (X, y); lower is better.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        float
+        """
+        return float(-2.0 * self.score_samples(X, y).sum() + 2 * self.n_free_parameters())

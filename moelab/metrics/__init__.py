@@ -1,0 +1,40 @@
+"""Estimation-error metrics for mixtures of experts.
+
+* :mod:`~moelab.metrics.voronoi` — Voronoi cells, the Voronoi loss family
+  (general exponents; presets D1 and D2) and per-parameter-group errors.
+* :mod:`~moelab.metrics.density` — Hellinger and total-variation distances
+  between conditional densities, averaged over the x distribution.
+* :mod:`~moelab.metrics.rates` — empirical rates: least-squares slope of
+  log(loss) on log(n) with a bootstrap interval over replicates.
+"""
+
+from .density import density_distances
+from .rates import RateFit, fit_rate
+from .voronoi import (
+    D1_EXPONENTS,
+    PARAMETER_GROUPS,
+    d1_loss,
+    d2_exponents,
+    d2_loss,
+    normalised_atoms,
+    parameter_errors,
+    r_bar,
+    voronoi_cells,
+    voronoi_loss,
+)
+
+__all__ = [
+    "voronoi_cells",
+    "voronoi_loss",
+    "d1_loss",
+    "d2_loss",
+    "d2_exponents",
+    "r_bar",
+    "D1_EXPONENTS",
+    "PARAMETER_GROUPS",
+    "normalised_atoms",
+    "parameter_errors",
+    "density_distances",
+    "fit_rate",
+    "RateFit",
+]

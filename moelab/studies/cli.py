@@ -1,0 +1,142 @@
+"""Command-line entry points ``moelab run``, ``moelab merge`` and ``moelab reproduce``.
+
+Registered in :data:`moelab.cli.COMMANDS` as ``"moelab.studies.cli:register_run"``
+(and ``register_merge``, ``register_reproduce``). Until then they also run as
+``python -m moelab.studies.cli {run,merge,reproduce} ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["register_run", "register_merge", "register_reproduce", "main"]
+
+
+def _shard(text: str):
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/8), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return (i, n)
+
+
+def _print_rates(rates, stream=None) -> None:
+    import pandas as pd
+
+    stream = stream or sys.stdout
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500):
+        cols = ["setting", "gate", "quantity", "slope", "ci_low", "ci_high", "n_min", "n_max", "replicates", "n_failed", "n_not_converged"]
+        print(rates[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=stream)
+
+
+def register_run(sub) -> None:
+    """Add ``run STUDY.toml --out DIR [--shard I/N] [--quick]``."""
+    p = sub.add_parser("run", help="run a rate study from a TOML file (resumable)",
+                       description="Fit every (n, replicate) cell of a study, batched over replicates, appending to "
+                       "DIR/results.csv as fits finish (rerun the same command to resume); then write rates.csv and plots.",
+                       epilog="example: moelab run study.toml --out out/study --shard 0/8")
+    p.add_argument("study", type=Path, metavar="STUDY.toml")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th cell starting at I (job arrays)")
+    p.add_argument("--quick", action="store_true", help="apply the study's [quick] overrides")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run)
+
+
+def register_merge(sub) -> None:
+    """Add ``merge DIR... [--out DIR]``."""
+    p = sub.add_parser("merge", help="merge shards of a study into one results table and rates.csv")
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: the first DIR)")
+    p.set_defaults(handler=_merge)
+
+
+def register_reproduce(sub) -> None:
+    """Add ``reproduce NAME [--quick] --out DIR``."""
+    from .presets import PRESETS
+
+    p = sub.add_parser("reproduce", help="run a named published study", description="Run a preset study: "
+                       + ", ".join(PRESETS) + ". Resumable: rerun the same command to continue.")
+    p.add_argument("name", choices=list(PRESETS), metavar="NAME", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="reduced grid and replicates (< 10 min on 2 cores)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_reproduce)
+
+
+def _user_errors():
+    try:
+        from ..cli import user_errors
+    except ImportError:  # pragma: no cover - standalone use
+        import contextlib
+
+        return contextlib.nullcontext()
+    return user_errors()
+
+
+def _run(args) -> int:
+    from .config import load_study
+    from .runner import run_study
+
+    with _user_errors():
+        study = load_study(args.study, quick=args.quick)
+        t0 = time.perf_counter()
+        run_study(study, args.out, shard=args.shard, progress=not args.no_progress)
+    if args.shard[1] == 1:
+        import pandas as pd
+
+        _print_rates(pd.read_csv(args.out / "rates.csv"))
+    print(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _merge(args) -> int:
+    import pandas as pd
+
+    from .runner import merge_results
+
+    with _user_errors():
+        merge_results(args.dirs, args.out)
+    _print_rates(pd.read_csv((args.out or args.dirs[0]) / "rates.csv"))
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .presets import reproduce
+
+    t0 = time.perf_counter()
+    with _user_errors():
+        _, rates = reproduce(args.name, args.out, quick=args.quick, progress=not args.no_progress)
+    _print_rates(rates)
+    print(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone ``python -m moelab.studies.cli {run,merge,reproduce}`` (same handlers)."""
+    parser = argparse.ArgumentParser(prog="moelab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for reg in (register_run, register_merge, register_reproduce):
+        reg(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except Exception as exc:
+        try:
+            from ..cli import CLIError
+        except ImportError:  # pragma: no cover
+            raise exc
+        if isinstance(exc, CLIError):
+            print(f"moelab {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Named preset studies shipped with moelab (``moelab reproduce NAME``).
+
+A preset is one or more study files in ``moelab/presets/`` (a study has one
+true model, so a comparison of gates is one study per gate):
+
+===================  ===========================================================
+name                 study files
+===================  ===========================================================
+softmax-2023         ``softmax-2023.toml`` — Nguyen, Nguyen & Ho (NeurIPS 2023):
+                     softmax Gaussian MoE, exact (K=2) and over-specified
+                     (K=3, 4) fits, losses D1/D2 and density distances.
+temperature-2024     ``temperature-2024-{temperature,tanh,sigmoid,identity}.toml``
+                     — Nguyen, Akbarian & Ho (ICML 2024): estimated temperature
+                     (a), activation gates tanh and sigmoid (b), identity
+                     control (c); K=2 and K=3 each.
+===================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import List, Tuple
+
+import pandas as pd
+
+from .config import Study, StudyError, load_study
+
+__all__ = ["PRESETS", "preset_paths", "load_preset", "reproduce"]
+
+PRESETS = {
+    "softmax-2023": ("softmax-2023.toml",),
+    "temperature-2024": (
+        "temperature-2024-temperature.toml",
+        "temperature-2024-tanh.toml",
+        "temperature-2024-sigmoid.toml",
+        "temperature-2024-identity.toml",
+    ),
+}
+
+
+def preset_paths(name: str) -> List[Path]:
+    """Paths of the TOML files of preset ``name``.
+
+    Raises
+    ------
+    StudyError
+        Unknown preset name.
+    """
+    if name not in PRESETS:
+        raise StudyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    root = resources.files("moelab") / "presets"
+    return [Path(str(root / f)) for f in PRESETS[name]]
+
+
+def load_preset(name: str, *, quick: bool = False) -> List[Study]:
+    """The validated studies of preset ``name`` (with their ``[quick]`` overrides if ``quick``)."""
+    return [load_study(p, quick=quick) for p in preset_paths(name)]
+
+
+def reproduce(name: str, out, *, quick: bool = False, progress: bool = True) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Run preset ``name`` into ``out``: one sub-directory per study file when
+    there are several, plus the combined ``rates.csv`` and ``results.csv`` in ``out``.
+
+    Resumable like :func:`moelab.studies.run_study`. Returns (results, rates).
+    """
+    from .report import rate_table
+    from .runner import run_study
+
+    out = Path(out)
+    studies = load_preset(name, quick=quick)
+    if len(studies) == 1:
+        res = run_study(studies[0], out, progress=progress)
+        return res, pd.read_csv(out / "rates.csv")
+    frames, rates = [], []
+    for st in studies:
+        sub = out / st.name
+        frames.append(run_study(st, sub, progress=progress))
+        rates.append(pd.read_csv(sub / "rates.csv"))
+    res, rt = pd.concat(frames, ignore_index=True), pd.concat(rates, ignore_index=True)
+    res.to_csv(out / "results.csv", index=False)
+    rt.to_csv(out / "rates.csv", index=False, float_format="%.4g")
+    return res, rt

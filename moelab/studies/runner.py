@@ -1,0 +1,279 @@
+"""Run a study: batched fits over replicates, checkpointed, resumable and shardable.
+
+For every sample size n and every fitted-model setting, the replicates still
+to do are fitted as **one batched problem** (x of shape (R, n, d)); when the
+batch finishes its rows are appended to the results CSV in ``out`` (one line
+per (setting, n, replicate), written, flushed and fsynced together). A rerun
+with the same ``out`` reads that file and skips every finished cell, so an
+interrupted run loses at most the batch in flight (``study.batch_size`` bounds
+it). A fit that raises or does not converge is recorded with its ``status``
+(``ok``, ``not_converged``, ``degenerate``, ``failed``) and never dropped.
+
+Sharding: ``shard=(I, N)`` runs the (n, replicate) cells ``I, I+N, I+2N, …``
+of the list ordered by n then replicate, into ``results-shard-I-of-N.csv``;
+:func:`merge_results` combines shards (any directories) into one table and
+writes the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import pandas as pd
+import torch
+
+from ..em import fit_em
+from ..metrics import d1_loss, d2_loss, density_distances, parameter_errors
+from ..mle import fit_mle
+from .config import FitSpec, Study, StudyError
+from .simulate import cell_seed, simulate_cells, true_model, truth_perturbed, x_points
+
+__all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results"]
+
+METRIC_COLUMNS = (
+    "loss", "loss_D1", "loss_D2", "hellinger", "tv",
+    "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
+    "err_expert_slope", "err_expert_intercept", "err_variance",
+)
+RESULT_COLUMNS = (
+    "study", "setting", "gate", "n_experts", "estimator", "init", "loss_name", "n", "replicate",
+    "status", "converged", "degenerate", "loglik", "n_iter", "seconds", "error",
+) + METRIC_COLUMNS
+
+
+def gate_label(fit: FitSpec) -> str:
+    """Short description of a fitted gate, e.g. ``activation-tanh (tau estimated)``."""
+    o = fit.gate_options
+    name = fit.gate if fit.gate != "activation" else f"activation-{o.get('activation')}"
+    if fit.gate == "softmax":
+        return name
+    if o.get("learn_temperature"):
+        return f"{name} (tau estimated)"
+    return f"{name} (tau={o.get('temperature', 'truth')} fixed)"
+
+
+def _results_path(out: Path, shard: Tuple[int, int]) -> Path:
+    i, n = shard
+    return out / ("results.csv" if n == 1 else f"results-shard-{i}-of-{n}.csv")
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a half-written last line left by an interrupted write."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def read_results(path) -> pd.DataFrame:
+    """Read a results CSV written by :func:`run_study` (empty frame if absent)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    df = pd.read_csv(path, keep_default_na=True)
+    return df[df["status"].notna() & df["replicate"].notna()]
+
+
+def _append_rows(path: Path, rows: List[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    if not path.exists() or path.stat().st_size == 0:
+        w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k])) else r[k]) for k in RESULT_COLUMNS})
+    with open(path, "a") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _check_out(out: Path, study: Study) -> None:
+    """Create ``out`` and record the study; refuse a directory holding another study."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "study.json"
+    fp = study.fingerprint()
+    if meta.exists():
+        if meta.read_text() != fp:
+            raise StudyError(
+                f"{out} holds results of a different study (or of the same study with other settings, e.g. "
+                "--quick); use a new --out directory, or delete it to start over"
+            )
+    else:
+        meta.write_text(fp)
+
+
+def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int], xpts) -> List[dict]:
+    """Fit replicates ``reps`` at sample size n as one batched problem; one row per replicate."""
+    x, y = simulate_cells(study, truth, n, reps)
+    K = fit.n_experts
+    kwargs = dict(gate=fit.gate, gate_options=fit.gate_options or None, max_iter=fit.max_iter, tol=fit.tol,
+                  warn=False, random_state=cell_seed(study.seed, n, reps[0], fi, 1))
+    if fit.init == "truth-perturbed":
+        seeds = [cell_seed(study.seed, n, r, fi, 2) for r in reps]
+        kwargs["init_model"] = truth_perturbed(truth, fit, seeds)
+    else:
+        kwargs.update(init=fit.init, n_init=fit.n_init)
+        if fit.estimator == "em" and fit.init != "auto":
+            kwargs["n_candidates"] = fit.n_init
+    base = dict(study=study.name, setting=fit.name, gate=gate_label(fit), n_experts=K, estimator=fit.estimator,
+                init=fit.init, loss_name=fit.loss_name(truth.n_experts), n=n)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = (fit_em if fit.estimator == "em" else fit_mle)(x, y, K, **kwargs)
+        model = res.model
+        with torch.no_grad():
+            d1, d2 = d1_loss(model, truth), d2_loss(model, truth)
+            dens = density_distances(model, truth, xpts)
+            errs = parameter_errors(model, truth)
+    except Exception as exc:  # recorded, never dropped
+        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        return [dict(base, replicate=r, status="failed", converged=False, degenerate=False, error=msg,
+                     seconds=(time.perf_counter() - t0) / len(reps)) for r in reps]
+    seconds = (time.perf_counter() - t0) / len(reps)
+    rows = []
+    for j, r in enumerate(reps):
+        conv, degen = bool(res.converged[j]), bool(res.degenerate[j])
+        row = dict(base, replicate=r, converged=conv, degenerate=degen,
+                   status="degenerate" if degen else ("ok" if conv else "not_converged"),
+                   loglik=float(res.loglik[j]), n_iter=int(res.n_iter[j]), seconds=seconds, error="",
+                   loss_D1=float(d1[j]), loss_D2=float(d2[j]),
+                   hellinger=float(dens["hellinger"][j]), tv=float(dens["tv"][j]))
+        row["loss"] = row["loss_D1"] if row["loss_name"] == "D1" else row["loss_D2"]
+        for k, v in errs.items():
+            row["err_" + k] = float(v[j])
+        rows.append(row)
+    return rows
+
+
+def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: bool = True,
+              report: bool = True, max_batches: Optional[int] = None) -> pd.DataFrame:
+    """Run (or resume) a study into directory ``out``.
+
+    Parameters
+    ----------
+    study : Study
+        A validated study (:func:`moelab.studies.load_study`).
+    out : path
+        Output directory (created). Holds ``study.json``, the results CSV and,
+        when not sharded and ``report`` is True, ``rates.csv``,
+        ``results.parquet`` and PNG plots.
+    shard : (int, int), default (0, 1)
+        Run cells I, I+N, … of the (n, replicate) list.
+    progress : bool, default True
+        Show a tqdm progress bar (on stderr).
+    report : bool, default True
+        Write rates and plots at the end (unsharded runs only).
+    max_batches : int, optional
+        Stop after this many batches (tests use it to simulate an interruption).
+
+    Returns
+    -------
+    pandas.DataFrame
+        This run's (shard's) full results table, resumed rows included.
+
+    Raises
+    ------
+    StudyError
+        Bad shard, or ``out`` holds a different study.
+    """
+    i, N = shard
+    if not (isinstance(i, int) and isinstance(N, int) and N >= 1 and 0 <= i < N):
+        raise StudyError(f"--shard: expected I/N with 0 <= I < N, got {i}/{N}")
+    out = Path(out)
+    _check_out(out, study)
+    path = _results_path(out, shard)
+    _repair_tail(path)
+    done_df = read_results(path)
+    done = set(zip(done_df["setting"], done_df["n"].astype(int), done_df["replicate"].astype(int)))
+    cells = [(n, r) for n in study.n for r in range(study.replicates)][i::N]
+    truth = true_model(study.truth)
+    d = truth.n_features
+    xpts = x_points(study.truth.x, study.x_points, d, seed=study.seed)
+    todo = []
+    for n in study.n:
+        for fi, fit in enumerate(study.fits):
+            reps = [r for (nn, r) in cells if nn == n and (fit.name, n, r) not in done]
+            bs = study.batch_size or len(reps) or 1
+            for s in range(0, len(reps), bs):
+                todo.append((n, fi, fit, reps[s : s + bs]))
+    from tqdm.auto import tqdm
+
+    total = sum(len(t[3]) for t in todo)
+    bar = tqdm(total=total, disable=not progress, unit="fit", desc=study.name)
+    for b, (n, fi, fit, reps) in enumerate(todo):
+        if max_batches is not None and b >= max_batches:
+            break
+        bar.set_postfix_str(f"{fit.name} n={n}")
+        rows = _fit_batch(study, fi, fit, truth, n, reps, xpts)
+        _append_rows(path, rows)
+        bar.update(len(reps))
+    bar.close()
+    results = read_results(path)
+    if report and N == 1 and (max_batches is None or max_batches >= len(todo)):
+        from .report import write_report
+
+        write_report(results, study, out)
+    return results
+
+
+def merge_results(dirs: Iterable, out=None, *, study: Optional[Study] = None) -> pd.DataFrame:
+    """Combine the results of shards (or of interrupted runs) and write the report.
+
+    Parameters
+    ----------
+    dirs : iterable of paths
+        Directories holding ``study.json`` and ``results*.csv``; every
+        ``study.json`` must be identical.
+    out : path, optional
+        Where to write the merged ``results.csv``, ``results.parquet``,
+        ``rates.csv`` and plots (default: the first directory).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The merged table, one row per (setting, n, replicate) (first copy kept).
+
+    Raises
+    ------
+    StudyError
+        No directories, a missing ``study.json``, or different studies.
+    """
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise StudyError("merge: give at least one results directory")
+    fps = []
+    for d in dirs:
+        meta = d / "study.json"
+        if not meta.exists():
+            raise StudyError(f"merge: {d} has no study.json; is it an output directory of `moelab run`?")
+        fps.append(meta.read_text())
+    if len(set(fps)) > 1:
+        raise StudyError("merge: the directories hold different studies (their study.json differ); merge slices of one study only")
+    frames = [read_results(p) for d in dirs for p in sorted(d.glob("results*.csv"))]
+    merged = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=RESULT_COLUMNS)
+    merged = merged.drop_duplicates(["setting", "n", "replicate"]).sort_values(["setting", "n", "replicate"]).reset_index(drop=True)
+    out = Path(out) if out is not None else dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(fps[0])
+    merged.to_csv(out / "results.csv", index=False)
+    from .config import FitSpec, Study, TruthSpec
+    from .report import write_report
+
+    if study is None:
+        data = json.loads(fps[0])
+        study = Study(**{**data, "truth": TruthSpec(**data["truth"]), "fits": [FitSpec(**f) for f in data["fits"]]})
+    write_report(merged, study, out, write_csv=False)
+    return merged

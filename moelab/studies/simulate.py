@@ -1,0 +1,128 @@
+"""The true model of a study, its data, and truth-perturbed starting values.
+
+Reproducibility: the data of cell (n, replicate) come from a generator seeded
+by ``numpy.random.SeedSequence([seed, n, replicate])``, so they do not depend
+on the order, batching or sharding of the run.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..experts import GaussianExperts
+from ..gates import ActivationGate, SoftmaxGate, TemperatureGate
+from ..model import GaussianMoE
+from .config import FitSpec, Study, TruthSpec
+
+__all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", "truth_perturbed"]
+
+DTYPE = torch.float64
+
+
+def true_model(truth: TruthSpec, learn_temperature: bool = False) -> GaussianMoE:
+    """The true GaussianMoE (batch shape ()) of a study."""
+    slope = torch.tensor(truth.gate_slope, dtype=DTYPE)
+    icpt = torch.tensor(truth.gate_intercept, dtype=DTYPE)
+    if truth.gate == "softmax":
+        gate = SoftmaxGate(slope, icpt)
+    elif truth.gate == "temperature":
+        gate = TemperatureGate(slope, icpt, temperature=truth.temperature, learn_temperature=learn_temperature)
+    else:
+        gate = ActivationGate(slope, icpt, temperature=truth.temperature, activation=truth.activation,
+                              learn_temperature=learn_temperature)
+    experts = GaussianExperts(torch.tensor(truth.expert_slope, dtype=DTYPE), torch.tensor(truth.expert_intercept, dtype=DTYPE),
+                              torch.tensor(truth.variance, dtype=DTYPE))
+    return GaussianMoE(gate, experts)
+
+
+def cell_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1, 2**31], dtype=np.uint64)) % (2**63 - 1)
+
+
+def sample_x(xspec: dict, n: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """n draws from the study's x distribution: shape (n, d)."""
+    if xspec["distribution"] == "uniform":
+        u = torch.rand(n, d, generator=generator, dtype=DTYPE)
+        return xspec["low"] + (xspec["high"] - xspec["low"]) * u
+    return xspec["mean"] + xspec["sd"] * torch.randn(n, d, generator=generator, dtype=DTYPE)
+
+
+def x_points(xspec: dict, m: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Points representing the x distribution for density distances: shape (m, d).
+
+    Uniform with d = 1: midpoints of m equal bins (midpoint rule); otherwise a
+    fixed-seed Monte Carlo sample.
+    """
+    if xspec["distribution"] == "uniform" and d == 1:
+        u = (torch.arange(m, dtype=DTYPE) + 0.5) / m
+        return (xspec["low"] + (xspec["high"] - xspec["low"]) * u).unsqueeze(-1)
+    return sample_x(xspec, m, d, torch.Generator().manual_seed(seed))
+
+
+def simulate_cells(study: Study, truth: GaussianMoE, n: int, replicates: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Data of cells (n, r) for r in ``replicates``: x (R, n, d), y (R, n)."""
+    d = truth.n_features
+    xs, ys = [], []
+    for r in replicates:
+        gen = torch.Generator().manual_seed(cell_seed(study.seed, n, r))
+        x = sample_x(study.truth.x, n, d, gen)
+        xs.append(x)
+        ys.append(truth.sample(x, gen))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def truth_perturbed(truth: GaussianMoE, fit: FitSpec, seeds: Sequence[int]) -> GaussianMoE:
+    """Starting values near the truth, as in the papers' simulations (batch shape (R,)).
+
+    With K fitted experts and K* ≤ K true ones, each replicate duplicates
+    randomly chosen true experts until there are K atoms (a duplicated
+    expert's gate mass exp(β_0) is split equally between its copies), then
+    adds N(0, perturbation²) noise to the gate slope, gate intercept, expert
+    slope and intercept, and multiplies variances (and an estimated τ) by
+    exp(N(0, perturbation²)). The true reference expert's copy is put last and
+    the gate re-expressed so that the last expert has zero slope and
+    intercept, as the estimators require.
+    """
+    g, e = truth.gate, truth.experts
+    Kt, K, d = truth.n_experts, fit.n_experts, truth.n_features
+    p = fit.perturbation
+    sl, ic, es, ei, ev, tau = [], [], [], [], [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        extra = torch.randint(Kt, (K - Kt,), generator=gen).tolist()
+        atoms = list(range(Kt)) + extra
+        counts = torch.bincount(torch.tensor(atoms, dtype=torch.long), minlength=Kt).to(DTYPE)
+        # put one copy of the reference (last true) expert at the end
+        order = [a for a in atoms if a != Kt - 1] + [a for a in atoms if a == Kt - 1]
+        idx = torch.tensor(order)
+        noise = lambda shape: p * torch.randn(shape, generator=gen, dtype=DTYPE)  # noqa: E731
+        gs = g.slope[idx] + noise((K, d))
+        gi = g.intercept[idx] - counts[idx].log() + noise((K,))
+        if g.name != "activation":
+            gs = gs - gs[-1]
+        else:
+            gs[-1] = 0.0
+        gi = gi - gi[-1]
+        sl.append(gs)
+        ic.append(gi)
+        es.append(e.slope[idx] + noise((K, d)))
+        ei.append(e.intercept[idx] + noise((K,)))
+        ev.append(e.variance[idx] * noise((K,)).exp())
+        if getattr(g, "temperature", None) is not None:
+            tau.append(g.temperature * (noise(()).exp() if fit.gate_options.get("learn_temperature") else 1.0))
+    S = lambda v: torch.stack(v)  # noqa: E731
+    opts = {k: v for k, v in fit.gate_options.items() if k not in ("temperature",)}
+    if g.name == "softmax":
+        gate = SoftmaxGate(S(sl), S(ic))
+    elif g.name == "temperature":
+        t = S(tau) if fit.gate_options.get("learn_temperature") else torch.full((len(seeds),), float(fit.gate_options.get("temperature", g.temperature)), dtype=DTYPE)
+        gate = TemperatureGate(S(sl), S(ic), temperature=t, learn_temperature=bool(opts.get("learn_temperature", False)))
+    else:
+        t = S(tau) if fit.gate_options.get("learn_temperature") else torch.full((len(seeds),), float(fit.gate_options.get("temperature", g.temperature)), dtype=DTYPE)
+        gate = ActivationGate(S(sl), S(ic), temperature=t, activation=opts.get("activation", g.activation),
+                              learn_temperature=bool(opts.get("learn_temperature", False)))
+    return GaussianMoE(gate, GaussianExperts(S(es), S(ei), S(ev)))
