@@ -5,8 +5,9 @@ fitted by :func:`fit_em` (batched EM) or :func:`fit_mle` (L-BFGS).
 Neural side: :mod:`moelab.nn`.
 """
 
-from . import gates
+from . import gates, metrics
 from .datasets import DATASETS, load_dataset, read_table
+from .estimator import MixtureOfExpertsRegressor
 from .em import ConvergenceWarning, DegenerateFitWarning, EMResult, fit_em
 from .experts import GaussianExperts
 from .gates import ActivationGate, SoftmaxGate, TemperatureGate, TopKGate, make_gate
@@ -19,6 +20,8 @@ __all__ = [
     "GaussianMoE",
     "GaussianExperts",
     "gates",
+    "metrics",
+    "MixtureOfExpertsRegressor",
     "SoftmaxGate",
     "TemperatureGate",
     "ActivationGate",

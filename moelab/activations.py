@@ -18,13 +18,18 @@ __all__ = ["ACTIVATIONS", "resolve_activation", "activation_name"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
+def identity(t: torch.Tensor) -> torch.Tensor:
+    """σ(t) = t (reduces the activation gate to the temperature gate)."""
+    return t
+
+
 ACTIVATIONS: dict[str, Activation] = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
     "gelu": F.gelu,
     "softplus": F.softplus,
     "relu": F.relu,
-    "identity": lambda t: t,
+    "identity": identity,
 }
 
 

@@ -33,6 +33,9 @@ __all__ = ["main", "build_parser", "CLIError", "user_errors", "COMMANDS"]
 #: subcommand name -> "module:register function"
 COMMANDS = {
     "fit": "moelab.cli:register_fit",
+    "run": "moelab.studies.cli:register_run",
+    "merge": "moelab.studies.cli:register_merge",
+    "reproduce": "moelab.studies.cli:register_reproduce",
 }
 
 EXIT_USAGE = 2

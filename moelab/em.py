@@ -14,12 +14,15 @@ as a single batch of B·S problems:
 Convergence: the change of the *mean* log-likelihood per sample below ``tol``
 (so ``tol`` does not depend on n). Problems that converge leave the batch.
 
-Start strategy (``init="auto"``): ``n_candidates`` starts mixing k-means on
-(x, y), random lines, contiguous segments along x and random soft
-responsibilities run ``screen_iter`` EM iterations; the ``n_init`` best
-non-collapsed ones run to convergence. Some optima are rare basins (on mcycle
-with 4 experts about 1 start in 170 finds the best), so many cheap screened
-starts beat a few long ones.
+Start strategy (``init="auto"``): ``n_init`` starts (default 120) run to
+convergence in one batch: plain starts from k-means on (x, y), random lines,
+contiguous segments along x and random soft responsibilities, plus the best
+of ``n_candidates`` (default 2000) segment starts ranked by the likelihood of
+their *initial* fit. Some optima are rare basins: on mcycle with 4 experts
+about 1 plain start in 100 finds the best, while ranking 1000 segment starts
+by their initial (segmented-regression) likelihood finds it reliably. Ranking
+after a few EM iterations does not: the best basins creep up slowly as their
+gate switches harden, so early EM likelihoods mislead.
 
 A fit is *collapsed* (degenerate) when an expert's effective size Σ_n r_nk is
 below ``min_expert_size`` or its standard deviation below ``min_expert_sd``
@@ -32,6 +35,7 @@ scikit-learn's ``BaseMixture`` for the restart/convergence conventions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -316,11 +320,30 @@ def _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, d
     return _Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, gate_options, min_size, gen, dtype)
 
 
+@contextlib.contextmanager
+def _threads_for(prob: _Problem):
+    """Run small problems on one intra-op thread (restored afterwards).
+
+    Per-iteration work below ~10^6 elements is dominated by thread
+    synchronisation; on a busy 2-core machine two threads made small fits up
+    to 70x slower than one.
+    """
+    before = torch.get_num_threads()
+    small = prob.B * prob.n * prob.n_experts * 100 < 1_000_000
+    if small and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small and before > 1:
+            torch.set_num_threads(before)
+
+
 def _design(xr):
     return torch.cat([xr, torch.ones(*xr.shape[:-1], 1, dtype=xr.dtype, device=xr.device)], -1)
 
 
-def _starts(prob: _Problem, S: int, init: str, init_model, var_floor):
+def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidates=None):
     """Starting parameters for S starts per problem (problem-major), in standardised units.
 
     Returns state, xr (B·S, n, d), x1r (B·S, n, d+1), yr (B·S, n).
@@ -349,18 +372,69 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor):
         theta = torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1)
         state = _State(m0.gate, theta, m0.experts.variance.clamp_min(var_floor))
         return state, prob.xs, _design(prob.xs), prob.ys
-    methods = ("kmeans", "lines", "segments", "random") if init == "auto" else (init,)
-    counts = [S // len(methods) + (i < S % len(methods)) for i in range(len(methods))]
-    resp_parts = []
-    for b in range(B):
-        parts = [init_responsibilities(m, prob.xs[b], prob.ys[b], K, c, prob.generator) for m, c in zip(methods, counts) if c]
-        resp_parts.append(torch.cat(parts, 0))
-    resp0 = torch.cat(resp_parts, 0).to(dev).transpose(-1, -2).contiguous()  # [B*S, K, n]
-    xr = prob.xs.repeat_interleave(S, 0)
-    yr = prob.ys.repeat_interleave(S, 0)
-    x1r = _design(xr)
-    template = _template(prob.gate, K, d, B * S, dtype, dev, prob.gate_options)
-    return _init_state(template, resp0, xr, x1r, yr, var_floor), xr, x1r, yr
+    plan = _start_plan(init, S, n_candidates)
+    states, xrs, x1rs, yrs = [], [], [], []
+    for method, n_cand, n_keep in plan:
+        resp_parts = [init_responsibilities(method, prob.xs[b], prob.ys[b], K, n_cand, prob.generator) for b in range(B)]
+        resp0 = torch.cat(resp_parts, 0).to(dev).transpose(-1, -2).contiguous()  # [B*n_cand, K, n]
+        xr = prob.xs.repeat_interleave(n_cand, 0)
+        yr = prob.ys.repeat_interleave(n_cand, 0)
+        x1r = _design(xr)
+        template = _template(prob.gate, K, d, B * n_cand, dtype, dev, prob.gate_options)
+        state = _init_state(template, resp0, xr, x1r, yr, var_floor)
+        if n_keep < n_cand:
+            # screen by the likelihood of the initial fit (for segment starts this is the
+            # segmented-regression likelihood, which ranks rare hard-switch basins well)
+            # Each kept start is the best of its own group of candidates, so the kept
+            # starts stay diverse (a plain top-k concentrates on near-duplicates).
+            _, ll = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
+            group = n_cand // n_keep
+            ll = torch.nan_to_num(ll, nan=-math.inf).reshape(B, n_cand)[:, : group * n_keep].reshape(B, n_keep, group)
+            top = ll.argmax(-1) + torch.arange(n_keep, device=dev) * group  # [B, n_keep]
+            idx = (top + torch.arange(B, device=dev).unsqueeze(-1) * n_cand).reshape(-1)
+            state, xr, x1r, yr = state.take(idx), xr[idx], x1r[idx], yr[idx]
+        states.append(state)
+        xrs.append(xr.reshape(B, n_keep, n, d))
+        x1rs.append(x1r.reshape(B, n_keep, n, d + 1))
+        yrs.append(yr.reshape(B, n_keep, n))
+    # problem-major order: all starts of problem 0, then problem 1, ...
+    counts = [k for _, _, k in plan]
+    offsets = torch.tensor([0] + counts[:-1], device=dev).cumsum(0)
+    order = torch.cat([(torch.arange(B, device=dev).unsqueeze(-1) * c + torch.arange(c, device=dev)) + B * off for c, off in zip(counts, offsets.tolist())], 1).reshape(-1)
+    state = _cat_states(states).take(order)
+    xr = torch.cat(xrs, 1).reshape(-1, n, d)
+    x1r = torch.cat(x1rs, 1).reshape(-1, n, d + 1)
+    yr = torch.cat(yrs, 1).reshape(-1, n)
+    return state, xr, x1r, yr
+
+
+#: share of the "auto" starts by strategy: (method, share, screened)
+_AUTO_MIX = (("segments", 0.3, True), ("segments", 0.3, False), ("kmeans", 0.2, False), ("lines", 0.1, False), ("random", 0.1, False))
+
+
+def _start_plan(init: str, n_init: int, n_candidates: Optional[int]):
+    """[(method, candidates generated, starts kept)] per problem, summing to n_init kept starts."""
+    if init != "auto":
+        cand = n_init if n_candidates is None else max(int(n_candidates), n_init)
+        return [(init, cand, n_init)]
+    cand = 2000 if n_candidates is None else int(n_candidates)
+    keeps = [int(round(share * n_init)) for _, share, _ in _AUTO_MIX]
+    keeps[1] += n_init - sum(keeps)  # rounding remainder to plain segments
+    plan = []
+    for (method, _, screened), k in zip(_AUTO_MIX, keeps):
+        if k > 0:
+            plan.append((method, max(cand, k) if screened else k, k))
+    return plan
+
+
+def _cat_states(states):
+    if len(states) == 1:
+        return states[0]
+    g0 = states[0].gate
+    gate = g0.map_tensors(lambda t: t)
+    for a in g0.batched_attrs:
+        setattr(gate, a, torch.cat([getattr(st.gate, a) for st in states], 0))
+    return _State(gate, torch.cat([st.theta for st in states], 0), torch.cat([st.var for st in states], 0))
 
 
 def fit_em(
@@ -370,11 +444,10 @@ def fit_em(
     *,
     gate: str = "softmax",
     gate_options: Optional[dict] = None,
-    n_init: int = 10,
+    n_init: int = 120,
     init: str = "auto",
     init_model: Optional[GaussianMoE] = None,
     n_candidates: Optional[int] = None,
-    screen_iter: int = 30,
     max_iter: int = 2000,
     tol: float = 1e-8,
     reg_variance: float = 1e-6,
@@ -400,18 +473,21 @@ def fit_em(
     gate_options : dict, optional
         ``temperature`` (float > 0), ``learn_temperature`` (bool), ``activation``
         (name or callable), ``top_k`` (int) as the family takes them.
-    n_init : int, default 10
-        Starts run to convergence (the best valid one is returned).
+    n_init : int, default 120
+        Starts per problem run to convergence, all in one batch (the best
+        valid one is returned).
     init : {"auto", "kmeans", "random", "segments", "lines"}, default "auto"
-        Start strategy; "auto" screens ``n_candidates`` mixed starts.
+        Start strategy. "auto" mixes: 30% the best of ``n_candidates``
+        contiguous-segment starts ranked by the likelihood of their initial
+        fit, 30% plain segment starts, 20% k-means on (x, y), 10% random lines,
+        10% random soft responsibilities.
     init_model : GaussianMoE, optional
         User starting values (batch shape () or the problems' batch shape);
         overrides ``init`` and runs that single start.
     n_candidates : int, optional
-        Screened starts per problem; default ``max(n_init, 40 * n_init)`` for
-        "auto", ``n_init`` otherwise.
-    screen_iter : int, default 30
-        EM iterations for every candidate before the best ``n_init`` continue.
+        Candidates screened by their initial likelihood: for "auto" the
+        segment candidates (default 2000); for a single method, that many
+        starts of which the best ``n_init`` run (default ``n_init``).
     max_iter : int, default 2000
         Maximum EM iterations per start.
     tol : float, default 1e-8
@@ -442,8 +518,8 @@ def fit_em(
         parameters, unknown gate/init/options, non-positive temperature.
     """
     t0 = time.perf_counter()
-    for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("screen_iter", screen_iter), ("gate_steps", gate_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm in ("max_iter", "screen_iter") else 1):
+    for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("gate_steps", gate_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm == "max_iter" else 1):
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
@@ -452,43 +528,18 @@ def fit_em(
     if init not in ("auto",) + INIT_METHODS:
         raise ValueError(f"unknown init {init!r}; choose one of auto, {', '.join(INIT_METHODS)}, or pass init_model")
     prob = _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device)
-    if init_model is not None:
-        n_keep = S = 1
-    elif n_candidates is None:
-        S, n_keep = (40 * n_init if init == "auto" else n_init), n_init
-    else:
-        S, n_keep = int(n_candidates), n_init
-        if S < n_init:
-            raise ValueError(f"n_candidates ({S}) must be >= n_init ({n_init})")
+    if n_candidates is not None and int(n_candidates) < 1:
+        raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
     var_floor = reg_variance
-    state, xr, x1r, yr = _starts(prob, S, init, init_model, var_floor)
-    B, n, scaling, min_size, batch, dtype = prob.B, prob.n, prob.scaling, prob.min_size, prob.batch, prob.dtype
-    R = xr.shape[0]
-    x = prob.x
-
-    T = max_iter + 1 + (screen_iter + 1 if S > n_keep else 0)
-    history = torch.full((R, T), math.nan, dtype=dtype, device=x.device)
-    offset = 0
-    iters_done = torch.zeros(R, dtype=torch.long, device=x.device)
-    if S > n_keep:
-        # --- screening: short runs, keep the n_init most promising valid starts
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, screen_iter, tol, var_floor, gate_steps, history, 0)
-        resp, _ = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
-        bad = _collapsed(resp.sum(-1), state.var, min_size, min_expert_sd)
-        score = torch.where(bad | ~torch.isfinite(ll), ll - 1e6 * n, ll).reshape(B, S)
-        top = score.topk(n_keep, -1).indices  # [B, n_keep]
-        idx = (top + torch.arange(B, device=x.device).unsqueeze(-1) * S).reshape(-1)
-        state = state.take(idx)
-        xr, x1r, yr = xr[idx], x1r[idx], yr[idx]
-        history = history[idx]
-        iters_done = it[idx]
-        offset = screen_iter + 1
-        R = B * n_keep
-
-    state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, offset)
+    with _threads_for(prob):
+        n_keep = 1 if init_model is not None else n_init
+        state, xr, x1r, yr = _starts(prob, n_keep, init, init_model, var_floor, n_candidates)
+        R = xr.shape[0]
+        history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, 0)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
-                    n_candidates=S, screen_iter=screen_iter, max_iter=max_iter, tol=tol, estimator="em")
-    return _finish(state, xr, x1r, yr, conv, iters_done + it, history, batch, n_keep, scaling, min_size,
+                    n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em")
+    return _finish(state, xr, x1r, yr, conv, it, history, prob.batch, n_keep, prob.scaling, prob.min_size,
                    min_expert_sd, settings, t0, warn, max_iter, tol)
 
 

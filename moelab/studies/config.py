@@ -53,7 +53,7 @@ import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 __all__ = ["Study", "FitSpec", "TruthSpec", "StudyError", "load_study", "parse_study"]
 

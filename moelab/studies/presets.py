@@ -64,7 +64,7 @@ def reproduce(name: str, out, *, quick: bool = False, progress: bool = True) -> 
 
     Resumable like :func:`moelab.studies.run_study`. Returns (results, rates).
     """
-    from .report import rate_table
+    from .report import plot_overview
     from .runner import run_study
 
     out = Path(out)
@@ -80,4 +80,5 @@ def reproduce(name: str, out, *, quick: bool = False, progress: bool = True) -> 
     res, rt = pd.concat(frames, ignore_index=True), pd.concat(rates, ignore_index=True)
     res.to_csv(out / "results.csv", index=False)
     rt.to_csv(out / "rates.csv", index=False, float_format="%.4g")
+    plot_overview(res, rt, out / "overview.png", name)
     return res, rt

@@ -10,7 +10,7 @@ import pandas as pd
 from ..metrics.rates import fit_rate
 from .config import Study
 
-__all__ = ["rate_table", "write_report", "RATE_COLUMNS", "plot_setting"]
+__all__ = ["rate_table", "write_report", "RATE_COLUMNS", "plot_setting", "plot_overview"]
 
 RATE_COLUMNS = ("study", "gate", "setting", "n_experts", "quantity", "slope", "ci_low", "ci_high", "n_min", "n_max",
                 "replicates", "n_fits", "n_failed", "n_not_converged", "n_degenerate")
@@ -93,6 +93,47 @@ def plot_setting(df: pd.DataFrame, rates: pd.DataFrame, path, title: str) -> Non
     plt.close(fig)
 
 
+def plot_overview(results: pd.DataFrame, rates: pd.DataFrame, path, title: str, quantities=None) -> None:
+    """One panel per quantity, one line per setting (mean over replicates), slopes in the legends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    quantities = quantities or ("loss", "hellinger", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau", "err_expert_slope")
+    qs = [q for q in quantities if q in results and np.isfinite(pd.to_numeric(results[q], errors="coerce")).any()]
+    if not qs:
+        return
+    ncol = min(3, len(qs))
+    nrow = int(np.ceil(len(qs) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, q in zip(axes.flat, qs):
+        for c, (setting, df) in enumerate(results.groupby("setting", sort=False)):
+            if not np.isfinite(pd.to_numeric(df[q], errors="coerce")).any():
+                continue
+            mean, _, _ = _summary(df, q)
+            name = f"loss_{df['loss_name'].iloc[0]}" if q == "loss" else q
+            r = rates[(rates["setting"] == setting) & (rates["quantity"] == name)]
+            lab = setting
+            if len(r):
+                lab += " {:.2f} [{:.2f}, {:.2f}]".format(*r[["slope", "ci_low", "ci_high"]].iloc[0])
+            ax.plot(mean.index, mean.values, "o-", color=f"C{c % 10}", ms=3, lw=1, label=lab)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title("Voronoi loss (D1 exact / D2 over)" if q == "loss" else q, fontsize=9)
+        ax.set_xlabel("n", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5.5, loc="best")
+    for ax in list(axes.flat)[len(qs):]:
+        ax.axis("off")
+    fig.suptitle(title + " — mean over replicates; legend: slope [95% CI]", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+
+
 def write_report(results: pd.DataFrame, study: Study, out, *, write_csv: bool = True) -> pd.DataFrame:
     """Write ``rates.csv``, ``results.parquet`` (and ``results.csv``) and one PNG per setting into ``out``.
 
@@ -107,6 +148,7 @@ def write_report(results: pd.DataFrame, study: Study, out, *, write_csv: bool = 
         results.to_parquet(out / "results.parquet", index=False)
     except Exception:  # pragma: no cover - pyarrow missing or mixed dtypes: the CSV is the table of record
         pass
+    plot_overview(results, rates, out / "overview.png", study.name)
     for setting, df in results.groupby("setting", sort=False):
         gate = df["gate"].iloc[0]
         plot_setting(df, rates[rates["setting"] == setting], out / f"rates-{setting}.png",

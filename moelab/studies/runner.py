@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -34,7 +33,7 @@ import torch
 from ..em import fit_em
 from ..metrics import d1_loss, d2_loss, density_distances, parameter_errors
 from ..mle import fit_mle
-from .config import FitSpec, Study, StudyError
+from .config import FitSpec, Study, StudyError, TruthSpec
 from .simulate import cell_seed, simulate_cells, true_model, truth_perturbed, x_points
 
 __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results"]
@@ -269,7 +268,6 @@ def merge_results(dirs: Iterable, out=None, *, study: Optional[Study] = None) ->
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(fps[0])
     merged.to_csv(out / "results.csv", index=False)
-    from .config import FitSpec, Study, TruthSpec
     from .report import write_report
 
     if study is None:
