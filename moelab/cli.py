@@ -134,9 +134,10 @@ def register_fit(sub) -> None:
                      help="estimate tau (--gate temperature/activation)")
     p.add_argument("--top-k", type=int, metavar="K'", help="experts kept per input for --gate topk (required there)")
     p.add_argument("--estimator", default="em", choices=("em", "mle"), help="EM (default) or L-BFGS maximum likelihood")
-    p.add_argument("--n-init", type=int, default=10, metavar="N", help="starts run to convergence (default 10)")
+    p.add_argument("--n-init", type=int, metavar="N",
+                   help="starts run to convergence, batched (default 160 for EM, 10 for MLE)")
     p.add_argument("--n-candidates", type=int, metavar="N",
-                   help="EM: screened starts (default 40 x --n-init)")
+                   help="EM: segment starts screened by their initial likelihood (default 2000)")
     p.add_argument("--max-iter", type=int, metavar="N", help="maximum iterations per start (default 2000 EM, 500 MLE)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write DIR/params.json and DIR/fit.png (created if needed)")

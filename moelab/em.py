@@ -14,7 +14,7 @@ as a single batch of B·S problems:
 Convergence: the change of the *mean* log-likelihood per sample below ``tol``
 (so ``tol`` does not depend on n). Problems that converge leave the batch.
 
-Start strategy (``init="auto"``): ``n_init`` starts (default 120) run to
+Start strategy (``init="auto"``): ``n_init`` starts (default 160) run to
 convergence in one batch: plain starts from k-means on (x, y), random lines,
 contiguous segments along x and random soft responsibilities, plus the best
 of ``n_candidates`` (default 2000) segment starts ranked by the likelihood of
@@ -47,7 +47,7 @@ import torch
 from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
 from .experts import GaussianExperts
-from .gates import Gate, TemperatureGate, make_gate
+from .gates import Gate, TemperatureGate, TopKGate, make_gate
 from .init import INIT_METHODS, init_responsibilities
 from .model import GaussianMoE
 from .mstep import expert_m_step, gate_newton_step, outer_design, softmax_gate_newton_step
@@ -242,7 +242,14 @@ def _init_state(gate_template: Gate, resp, x, x1, y, var_floor) -> _State:
     K = resp.shape[-2]
     resp = 0.95 * resp + 0.05 / K  # soften hard starts so no expert starts empty
     theta, var = expert_m_step(x1, y, resp, var_floor)
-    gate = _gate_step(gate_template, x, x1, resp, 3)
+    if isinstance(gate_template, TopKGate):
+        # A top-K gate at its all-equal start would give every expert positive
+        # responsibility, and every sparse move would then make Q_gate = -inf:
+        # start from the dense softmax fit of the same linear logits instead.
+        th = softmax_gate_newton_step(x1, resp, _gate_theta(gate_template), 3)
+        gate = gate_template.replace(slope=th[..., :-1], intercept=th[..., -1])
+    else:
+        gate = _gate_step(gate_template, x, x1, resp, 3)
     return _State(gate, theta, var)
 
 
@@ -409,7 +416,7 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidat
 
 
 #: share of the "auto" starts by strategy: (method, share, screened)
-_AUTO_MIX = (("segments", 0.3, True), ("segments", 0.3, False), ("kmeans", 0.2, False), ("lines", 0.1, False), ("random", 0.1, False))
+_AUTO_MIX = (("segments", 0.3, True), ("segments", 0.35, False), ("kmeans", 0.15, False), ("lines", 0.1, False), ("random", 0.1, False))
 
 
 def _start_plan(init: str, n_init: int, n_candidates: Optional[int]):
@@ -444,7 +451,7 @@ def fit_em(
     *,
     gate: str = "softmax",
     gate_options: Optional[dict] = None,
-    n_init: int = 120,
+    n_init: int = 160,
     init: str = "auto",
     init_model: Optional[GaussianMoE] = None,
     n_candidates: Optional[int] = None,
@@ -473,13 +480,13 @@ def fit_em(
     gate_options : dict, optional
         ``temperature`` (float > 0), ``learn_temperature`` (bool), ``activation``
         (name or callable), ``top_k`` (int) as the family takes them.
-    n_init : int, default 120
+    n_init : int, default 160
         Starts per problem run to convergence, all in one batch (the best
         valid one is returned).
     init : {"auto", "kmeans", "random", "segments", "lines"}, default "auto"
         Start strategy. "auto" mixes: 30% the best of ``n_candidates``
         contiguous-segment starts ranked by the likelihood of their initial
-        fit, 30% plain segment starts, 20% k-means on (x, y), 10% random lines,
+        fit, 35% plain segment starts, 15% k-means on (x, y), 10% random lines,
         10% random soft responsibilities.
     init_model : GaussianMoE, optional
         User starting values (batch shape () or the problems' batch shape);

@@ -108,10 +108,12 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     estimator : {"em", "mle"}, default "em"
         EM (:func:`moelab.fit_em`) or L-BFGS on the log-likelihood
         (:func:`moelab.fit_mle`).
-    n_init : int, default 10
-        Starts run to convergence; the best valid one is kept.
+    n_init : int, optional
+        Starts run to convergence; the best valid one is kept (default: the
+        estimator's own, 160 for EM with init="auto", 10 for MLE).
     n_candidates : int, optional
-        EM only: screened starts per fit (default 40 · n_init).
+        EM only: candidates screened by their initial likelihood (see
+        :func:`moelab.fit_em`).
     init : {"auto", "kmeans", "random", "segments", "lines"}, default "auto"
         Start strategy.
     max_iter : int, optional
@@ -168,7 +170,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
-                 top_k=None, estimator="em", n_init=10, n_candidates=None, init="auto", max_iter=None, tol=None,
+                 top_k=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
                  random_state=None):
         self.n_experts = n_experts
         self.gate = gate
@@ -200,9 +202,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
             gate=self.gate,
             gate_options=gate_options_from(self.gate, activation=self.activation, temperature=self.temperature,
                                            learn_temperature=self.learn_temperature, top_k=self.top_k),
-            n_init=self.n_init,
             init=self.init,
         )
+        if self.n_init is not None:
+            kw["n_init"] = self.n_init
         if self.n_candidates is not None:
             if self.estimator != "em":
                 raise ValueError("n_candidates applies to estimator='em' only; leave it None for 'mle'")

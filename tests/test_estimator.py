@@ -170,8 +170,6 @@ def test_gate_families(mcycle):
     assert learned.temperature_ > 0 and learned.n_free_parameters() == 1 * 2 + 2 * 3 + 1
 
 
-@pytest.mark.xfail(strict=True, reason="fit_em leaves a top-k gate at its all-zero start (uniform weights); "
-                   "reported to the fit_em owner")
 def test_topk_gate_is_sparse(mcycle):
     X, y = mcycle
     with warnings.catch_warnings():

@@ -87,9 +87,12 @@ class TemperatureGate(Gate):
         self.temperature = tau  # [...]
         self.learn_temperature = bool(learn_temperature)
 
-    @property
-    def linear_logits(self) -> bool:  # type: ignore[override]
-        return not self.learn_temperature
+    #: Logits are linear in θ = (β_1/τ, β_0). With τ estimated, Q depends on (β_1, τ)
+    #: only through β_1/τ, so the EM gate step updates β_1/τ by exact Newton/IRLS and
+    #: every τ is an equally good maximiser: EM keeps τ at its starting value (the
+    #: non-identifiability is visible in the result); :func:`moelab.fit_mle` moves
+    #: τ along the ridge by gradient.
+    linear_logits: ClassVar[bool] = True
 
     def params(self):
         p = super().params()
