@@ -490,7 +490,10 @@ def fit_em(
         10% random soft responsibilities.
     init_model : GaussianMoE, optional
         User starting values (batch shape () or the problems' batch shape);
-        overrides ``init`` and runs that single start.
+        overrides ``init`` and runs that single start. For ``gate="topk"``
+        without it, the dense softmax model is fitted first (with these start
+        settings) and its top-K sparsification is the start: EM keeps each
+        sample's routing set, so the start decides it.
     n_candidates : int, optional
         Candidates screened by their initial likelihood: for "auto" the
         segment candidates (default 2000); for a single method, that many
@@ -534,6 +537,18 @@ def fit_em(
         raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
     if init not in ("auto",) + INIT_METHODS:
         raise ValueError(f"unknown init {init!r}; choose one of auto, {', '.join(INIT_METHODS)}, or pass init_model")
+    if gate == "topk" and init_model is None:
+        # EM cannot change which experts a sample is routed to (dropping an expert with
+        # positive responsibility makes Q = -inf), so a top-K fit is only as good as its
+        # routing at the start: fit the dense softmax model first, then sparsify it.
+        dense = fit_em(x, y, n_experts, gate="softmax", n_init=n_init, init=init, n_candidates=n_candidates,
+                       max_iter=max_iter, tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size,
+                       min_expert_sd=min_expert_sd, gate_steps=gate_steps, random_state=random_state, dtype=dtype,
+                       device=device, warn=False)
+        top_k = (gate_options or {}).get("top_k")
+        sparse_gate = TopKGate(dense.model.gate.slope, dense.model.gate.intercept, top_k=top_k) if top_k is not None else None
+        if sparse_gate is not None:
+            init_model = GaussianMoE(sparse_gate, dense.model.experts)
     prob = _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device)
     if n_candidates is not None and int(n_candidates) < 1:
         raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
