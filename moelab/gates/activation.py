@@ -14,7 +14,6 @@ from typing import ClassVar
 
 import torch
 
-from .._validation import as_tensor, check_finite, check_positive
 from ..activations import activation_name, resolve_activation
 from .base import Gate
 
@@ -57,17 +56,7 @@ class ActivationGate(Gate):
         super().__init__(slope, intercept)
         self.activation = activation
         self._sigma = resolve_activation(activation)
-        tau = as_tensor(temperature, "temperature", dtype=self.slope.dtype, device=self.slope.device)
-        check_finite(tau, "temperature")
-        check_positive(tau, "temperature", "the temperature τ scales the logits and must be strictly positive")
-        try:
-            tau = tau.expand(self.batch_shape) if tau.dim() <= len(self.batch_shape) else tau
-        except RuntimeError:
-            raise ValueError(
-                f"temperature of shape {tuple(tau.shape)} does not match the gate's batch shape "
-                f"{tuple(self.batch_shape)}"
-            ) from None
-        self.temperature = tau
+        self.temperature = self._check_temperature(temperature)
         self.learn_temperature = bool(learn_temperature)
 
     def params(self):

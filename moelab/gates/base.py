@@ -14,7 +14,7 @@ from typing import ClassVar, Dict
 
 import torch
 
-from .._validation import as_tensor, check_finite, check_shape
+from .._validation import as_tensor, check_finite, check_positive, check_shape
 
 __all__ = ["Gate"]
 
@@ -65,6 +65,19 @@ class Gate:
         check_finite(intercept, "gate intercept")
         self.slope = slope  # [..., K, d]
         self.intercept = intercept  # [..., K]
+
+    def _check_temperature(self, temperature) -> torch.Tensor:
+        """τ as a tensor of the batch shape; ValueError if non-finite, ≤ 0 or mis-shaped."""
+        tau = as_tensor(temperature, "temperature", dtype=self.slope.dtype, device=self.slope.device)
+        check_finite(tau, "temperature")
+        check_positive(tau, "temperature", "the temperature τ scales the logits and must be strictly positive")
+        try:
+            return tau.expand(self.batch_shape) if tau.dim() <= len(self.batch_shape) else tau
+        except RuntimeError:
+            raise ValueError(
+                f"temperature of shape {tuple(tau.shape)} does not match the gate's batch shape "
+                f"{tuple(self.batch_shape)}"
+            ) from None
 
     # ------------------------------------------------------------------ shapes
     @property

@@ -17,7 +17,6 @@ from typing import ClassVar
 
 import torch
 
-from .._validation import as_tensor, check_finite, check_positive
 from .base import Gate
 
 __all__ = ["SoftmaxGate", "TemperatureGate"]
@@ -74,17 +73,7 @@ class TemperatureGate(Gate):
 
     def __init__(self, slope, intercept, temperature=1.0, learn_temperature: bool = False):
         super().__init__(slope, intercept)
-        tau = as_tensor(temperature, "temperature", dtype=self.slope.dtype, device=self.slope.device)
-        check_finite(tau, "temperature")
-        check_positive(tau, "temperature", "the temperature τ scales the logits and must be strictly positive")
-        try:
-            tau = tau.expand(self.batch_shape) if tau.dim() <= len(self.batch_shape) else tau
-        except RuntimeError:
-            raise ValueError(
-                f"temperature of shape {tuple(tau.shape)} does not match the gate's batch shape "
-                f"{tuple(self.batch_shape)}"
-            ) from None
-        self.temperature = tau  # [...]
+        self.temperature = self._check_temperature(temperature)
         self.learn_temperature = bool(learn_temperature)
 
     #: Logits are linear in θ = (β_1/τ, β_0). With τ estimated, Q depends on (β_1, τ)
