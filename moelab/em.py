@@ -501,7 +501,8 @@ def fit_em(
     max_iter : int, default 2000
         Maximum EM iterations per start.
     tol : float, default 1e-8
-        Stop when |Δ mean log-likelihood per sample| < tol.
+        Stop when |Δ mean log-likelihood per sample| < tol; 0 disables early
+        stopping (exactly ``max_iter`` iterations, e.g. for benchmarks).
     reg_variance : float, default 1e-6
         Variance floor as a fraction of var(y).
     min_expert_size : float or "auto", default "auto"
@@ -531,8 +532,8 @@ def fit_em(
     for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("gate_steps", gate_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm == "max_iter" else 1):
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
-    if not (tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if not (tol >= 0):
+        raise ValueError(f"tol must be >= 0 (0 runs exactly max_iter iterations), got {tol!r}")
     if not (reg_variance > 0):
         raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
     if init not in ("auto",) + INIT_METHODS:
