@@ -145,21 +145,41 @@ def _gate_step(gate: Gate, x, x1, resp, n_steps, xx=None):
     return gate_newton_step(gate, x, resp, n_steps)
 
 
+def _linear_kn(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """θ_k·[x_n, 1] for every expert and sample: theta (R, K, d+1), x (R, n, d) → (R, K, n).
+
+    A batched matmul with inner dimension d (baddbmm), or one fused multiply-add when
+    d = 1: matmuls with an inner dimension of 1–2 are slow on CPU.
+    """
+    if x.shape[-1] == 1:
+        return torch.addcmul(theta[..., 1:], theta[..., :1], x.transpose(-1, -2))
+    return torch.baddbmm(theta[..., -1:], theta[..., :-1], x.transpose(-1, -2))
+
+
 def _log_gate_kn(gate, x, x1):
     """log g in the experts-first layout (R, K, n)."""
     if gate.linear_logits:
-        return torch.log_softmax(_gate_theta(gate) @ x1.transpose(-1, -2), -2)
+        return torch.log_softmax(_linear_kn(_gate_theta(gate), x), -2)
     return gate.log_weights(x).transpose(-1, -2)
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _e_step(gate, theta_e, var, x, x1, y):
     """log g + log f, then logsumexp over experts: resp (R, K, n) and loglik (R,)."""
     logw = _log_gate_kn(gate, x, x1)
-    mean = theta_e @ x1.transpose(-1, -2)  # [R, K, n]
-    v = var.unsqueeze(-1)
-    joint = logw - 0.5 * (math.log(2 * math.pi) + v.log() + (y.unsqueeze(-2) - mean).square() / v)
+    mean = _linear_kn(theta_e, x)  # [R, K, n]
+    if torch.is_grad_enabled() and (logw.requires_grad or mean.requires_grad or var.requires_grad):
+        v = var.unsqueeze(-1)  # autograd path (fit_mle): no in-place updates
+        joint = logw - (_HALF_LOG_2PI + 0.5 * v.log() + 0.5 * (y.unsqueeze(-2) - mean).square() / v)
+        lse = torch.logsumexp(joint, -2)
+        return (joint - lse.unsqueeze(-2)).exp(), lse.sum(-1)
+    # in place on the one (R, K, n) temporary: joint = logw − ½log(2πν) − (y − mean)²/(2ν)
+    joint = mean.sub_(y.unsqueeze(-2)).square_().mul_((-0.5 / var).unsqueeze(-1))
+    joint.add_(logw).sub_((_HALF_LOG_2PI + 0.5 * var.log()).unsqueeze(-1))
     lse = torch.logsumexp(joint, -2)  # [R, n]
-    return (joint - lse.unsqueeze(-2)).exp(), lse.sum(-1)
+    return joint.sub_(lse.unsqueeze(-2)).exp_(), lse.sum(-1)
 
 
 def _index_gate(gate: Gate, idx) -> Gate:
