@@ -134,7 +134,7 @@ def moelab_internal(x, y, model0, iters):
     with _em._threads_for(prob):
         state, xr, x1r, yr = _em._starts(prob, 1, "auto", model0, REG_VARIANCE)
         history = torch.full((xr.shape[0], iters + 1), math.nan, dtype=torch.float64)
-        state, ll, n_iter, _ = _em._run_em(state, xr, x1r, yr, iters, 0.0, REG_VARIANCE, 1, history, 0)
+        state, ll, n_iter, _ = _em._run_em(state, xr, x1r, yr, iters, 0.0, REG_VARIANCE, 1, history)
     ll = ll - xr.shape[1] * prob.scaling.y_scale.log()
     return ll.numpy(), n_iter.numpy()
 

@@ -74,7 +74,7 @@ class EMResult:
     loglik : tensor of shape B
         Total log-likelihood Σ_n log p(y_n | x_n) at ``model``.
     n_iter : tensor of shape B (int64)
-        EM iterations (M-steps) of the selected start, screening included.
+        EM iterations (M-steps) of the selected start.
     converged : tensor of shape B (bool)
     history : tensor of shape B + (T,)
         Log-likelihood after each iteration of the selected start (NaN-padded).
@@ -209,10 +209,10 @@ def _m_step(state, x, x1, y, resp, var_floor, gate_steps, xx):
     return _State(gate, theta, var)
 
 
-def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, offset):
+def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history):
     """Iterate EM on all R problems until each converges or max_iter M-steps.
 
-    history (R, T) is filled from column ``offset``; returns the final state,
+    history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
     loglik (R,), M-steps done (R,), converged (R,).
     """
     R, n = y.shape
@@ -229,8 +229,7 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
         xa, x1a, ya, xxa = (x, x1, y, xx_all) if full else (x[active], x1[active], y[active], xx_all[active])
         resp, lla = _e_step(st.gate, st.theta, st.var, xa, x1a, ya)
         ll[active] = lla
-        if offset + it < history.shape[1]:
-            history[active, offset + it] = lla
+        history[active, it] = lla
         if prev is not None:
             done = (lla - prev).abs() / n < tol
             done |= ~torch.isfinite(lla)
@@ -579,7 +578,7 @@ def fit_em(
         state, xr, x1r, yr = _starts(prob, n_keep, init, init_model, var_floor, n_candidates)
         R = xr.shape[0]
         history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, 0)
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
                     n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em")
     return _finish(state, xr, x1r, yr, conv, it, history, prob.batch, n_keep, prob.scaling, prob.min_size,
