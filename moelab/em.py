@@ -398,7 +398,7 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidat
         theta = torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1)
         state = _State(m0.gate, theta, m0.experts.variance.clamp_min(var_floor))
         return state, prob.xs, _design(prob.xs), prob.ys
-    plan = _start_plan(init, S, n_candidates)
+    plan = _start_plan(init, S, n_candidates, n)
     states, xrs, x1rs, yrs = [], [], [], []
     for method, n_cand, n_keep in plan:
         resp_parts = [init_responsibilities(method, prob.xs[b], prob.ys[b], K, n_cand, prob.generator) for b in range(B)]
@@ -438,12 +438,14 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidat
 _AUTO_MIX = (("segments", 0.3, True), ("segments", 0.35, False), ("kmeans", 0.15, False), ("lines", 0.1, False), ("random", 0.1, False))
 
 
-def _start_plan(init: str, n_init: int, n_candidates: Optional[int]):
+def _start_plan(init: str, n_init: int, n_candidates: Optional[int], n_samples: int = 0):
     """[(method, candidates generated, starts kept)] per problem, summing to n_init kept starts."""
     if init != "auto":
         cand = n_init if n_candidates is None else max(int(n_candidates), n_init)
         return [(init, cand, n_init)]
-    cand = 2000 if n_candidates is None else int(n_candidates)
+    # default: 2000 segment candidates, fewer for large n so screening stays within
+    # ~4·10^6 sample-candidates (each candidate materialises (K, n) responsibilities)
+    cand = min(2000, int(4_000_000 // max(n_samples, 1))) if n_candidates is None else int(n_candidates)
     keeps = [int(round(share * n_init)) for _, share, _ in _AUTO_MIX]
     keeps[1] += n_init - sum(keeps)  # rounding remainder to plain segments
     plan = []
@@ -515,7 +517,8 @@ def fit_em(
         sample's routing set, so the start decides it.
     n_candidates : int, optional
         Candidates screened by their initial likelihood: for "auto" the
-        segment candidates (default 2000); for a single method, that many
+        segment candidates (default 2000, or 4·10^6 / n_samples when smaller);
+        for a single method, that many
         starts of which the best ``n_init`` run (default ``n_init``).
     max_iter : int, default 2000
         Maximum EM iterations per start.

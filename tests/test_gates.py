@@ -83,3 +83,12 @@ def test_gradients_flow():
 def test_bad_gate_arguments(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()
+
+
+def test_estimated_temperature_adds_no_identifiable_parameter():
+    """BIC/AIC: the model depends on (β_1, τ) only through β_1/τ."""
+    slope, intercept = _params()
+    assert TemperatureGate(slope, intercept, learn_temperature=True).n_free_parameters() == \
+        SoftmaxGate(slope, intercept).n_free_parameters()
+    assert ActivationGate(slope, intercept, learn_temperature=True).n_free_parameters() == \
+        SoftmaxGate(slope, intercept).n_free_parameters() + 1

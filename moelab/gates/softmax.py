@@ -96,9 +96,9 @@ class TemperatureGate(Gate):
         return h
 
     def n_free_parameters(self) -> int:
-        # τ adds one parameter even though only β_1/τ is identified; counting it
-        # is what a likelihood-ratio/BIC user comparing gates would expect.
-        return super().n_free_parameters() + int(self.learn_temperature)
+        # An estimated τ adds no identifiable parameter: the model depends on
+        # (β_1, τ) only through β_1/τ, so BIC/AIC count the same as the softmax gate.
+        return super().n_free_parameters()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(β_1ᵀx)/τ + β_0: x (..., n, d) → (..., n, K)."""

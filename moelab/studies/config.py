@@ -390,11 +390,19 @@ def load_study(path, *, quick: bool = False) -> Study:
     Raises
     ------
     StudyError
-        Invalid TOML or an invalid study (message names the key and the fix).
-    FileNotFoundError
-        If ``path`` does not exist.
+        Invalid TOML, an invalid study (message names the key and the fix), or a
+        path that is missing, a directory or unreadable.
     """
-    text = Path(path).read_text()
+    path = Path(path)
+    if not path.exists():
+        raise StudyError(f"no such study file {str(path)!r}; give the path of a study TOML file "
+                         "(presets: moelab/presets/, or use `moelab reproduce NAME`)")
+    if path.is_dir():
+        raise StudyError(f"{str(path)!r} is a directory; give the path of a study TOML file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyError(f"could not read study file {str(path)!r}: {exc}; check the file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -15,3 +15,12 @@ def test_cli_run_and_bad_study(tiny_toml, tmp_path, capsys):
     assert main(["run", str(small), "--out", str(tmp_path / "o"), "--no-progress", "--shard", "0/1"]) == 0
     assert "loss_D1" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "o" / "results.csv")) == 8
+
+
+def test_run_missing_or_directory_study_is_a_user_error(tmp_path, capsys):
+    from moelab.cli import main
+
+    assert main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o1")]) == 2
+    assert "no such study file" in capsys.readouterr().err
+    assert main(["run", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    assert "is a directory" in capsys.readouterr().err
