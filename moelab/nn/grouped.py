@@ -34,6 +34,16 @@ def _swiglu_backward(h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_
     return dh
 
 
+
+def _zero_unused_experts(bounds, n_experts, *grads):
+    """Zero the weight-gradient rows of experts that received no tokens (in place on fresh buffers)."""
+    used = {e for e, _, _ in bounds}
+    for e in range(n_experts):
+        if e not in used:
+            for grad in grads:
+                if grad is not None:
+                    grad[e].zero_()
+
 class _GroupedFFN(torch.autograd.Function):
     # Intermediates are kept per expert (one block of n_e rows each) rather than in one
     # (n, 2 d_ff) buffer: blocks stay below glibc's mmap threshold and are recycled by the
@@ -74,12 +84,7 @@ class _GroupedFFN(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None  # every row belongs to one expert block
         dw_in = torch.empty_like(w_in) if need_w_in else None
         dw_out = torch.empty_like(w_out) if need_w_out else None
-        used = {e for e, _, _ in ctx.bounds}
-        for e in range(w_in.shape[0]):
-            if e not in used:  # an expert without tokens has zero gradient
-                for grad in (dw_in, dw_out):
-                    if grad is not None:
-                        grad[e].zero_()
+        _zero_unused_experts(ctx.bounds, w_in.shape[0], dw_in, dw_out)
         for i, (e, a, b) in enumerate(ctx.bounds):
             h, act_h, silu_g = saved[3 * i : 3 * i + 3]
             if dw_out is not None:
@@ -182,12 +187,7 @@ class _FusedMoEFFN(torch.autograd.Function):
         dweight = w.new_zeros(w.shape[0]) if need_weight else None
         dw_in = torch.empty_like(w_in) if need_w_in else None
         dw_out = torch.empty_like(w_out) if need_w_out else None
-        used = {e for e, _, _ in ctx.bounds}
-        for e in range(w_in.shape[0]):
-            if e not in used:  # an expert without tokens has zero gradient
-                for grad in (dw_in, dw_out):
-                    if grad is not None:
-                        grad[e].zero_()
+        _zero_unused_experts(ctx.bounds, w_in.shape[0], dw_in, dw_out)
         for i, (e, a, b) in enumerate(ctx.bounds):
             xe, h, act_h, silu_g, ye = saved[5 * i : 5 * i + 5]
             tok = token_idx[a:b]
