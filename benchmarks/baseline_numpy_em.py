@@ -39,7 +39,7 @@ import numpy as np
 import scipy.linalg
 from scipy.special import log_softmax, logsumexp
 
-from moelab.mstep import _MAX_LOGIT_CHANGE, _STEP_SIZES
+from moelab.mstep import _MAX_LOGIT_CHANGE, _NEGLIGIBLE_GAIN, _STEP_SIZES
 
 __all__ = ["fit_one", "fit_replicates", "standardise", "start_to_scaled"]
 
@@ -135,10 +135,14 @@ def gate_m_step(x1, resp, theta_g):
     try:
         L = np.linalg.cholesky(H + ridge * np.eye(P))
         delta = scipy.linalg.cho_solve((L, True), grad)
+        solved = True
     except np.linalg.LinAlgError:
-        delta = grad
+        delta, solved = grad, False
     dl = np.abs(x1 @ delta.reshape(K1, p).T).max()
     delta = delta * min(_MAX_LOGIT_CHANGE / max(dl, 1e-300), 1.0)
+    # a step whose predicted gain is below rounding is not taken (as in moelab.mstep)
+    if solved and grad @ delta - 0.5 * delta @ H @ delta <= _NEGLIGIBLE_GAIN * (abs(q0) + n):
+        return theta_g
     q1 = _gate_q(free + delta, x1, resp, K, p)
     if q1 > q0:
         free = free + delta

@@ -9,17 +9,17 @@ start (fixed seed, the same start for both contenders), for exactly
 equal.
 
 Contenders, timed in the same run, taking turns in each round (median of
-``--repeats`` rounds after one warm-up of moelab):
+``--repeats`` rounds after one warm-up call of each moelab contender):
 
 * **moelab** — ``moelab.fit_em(x, y, 3, init_model=GaussianMoE(...), max_iter=iters,
-  tol=1e-300)``: all replicates in one batch of shape (R,). ``tol=1e-300``
-  stops a replicate only when its log-likelihood stops changing *exactly*
-  (a floating-point fixed point), which does happen (e.g. after 37
-  iterations). Then ``n_iter < iters`` and the work is not equal, so for that
-  size the benchmark times moelab's own loop ``moelab.em._run_em`` with
-  ``tol=0`` instead (same setup as ``fit_em``: ``_setup``/``_starts``) and
-  says so in the ``path`` column ("internal"). ``--path public`` keeps the
-  public call regardless (and reports the M-steps actually done).
+  tol=0, compile=True)``: all replicates in one batch of shape (R,), each EM
+  iteration one fused pass over the data compiled by ``torch.compile``
+  (``moelab/_fused.py``). ``tol=0`` runs exactly ``iters`` iterations. The
+  warm-up call compiles (or loads Inductor's on-disk cache); its extra time is
+  reported as ``compile s`` and is not in ``moelab s``. ``--compile off``
+  times the eager loop instead.
+* **moelab eager** (``--eager``) — the same call with ``compile=False``: the
+  eager PyTorch loop, shown side by side.
 * **baseline** — ``benchmarks/baseline_numpy_em.py``: the same algorithm,
   one replicate at a time, NumPy/SciPy float64. Its final log-likelihoods
   must match moelab's to ``--rtol`` (default 1e-6, relative) or the run fails.
@@ -74,7 +74,6 @@ import baseline_numpy_em as baseline  # noqa: E402
 
 import moelab  # noqa: E402
 from moelab import GaussianExperts, GaussianMoE, SoftmaxGate, fit_em  # noqa: E402
-from moelab import em as _em  # noqa: E402
 
 K_FIT = 3
 REG_VARIANCE = 1e-6  # fit_em's default; the baseline uses the same floor
@@ -122,21 +121,10 @@ def start_model(starts: dict) -> GaussianMoE:
 
 
 # ------------------------------------------------------------------ contenders
-def moelab_public(x, y, model0, iters):
-    """fit_em with early stopping disabled as far as tol allows → (loglik (R,), M-steps (R,))."""
-    res = fit_em(x, y, K_FIT, init_model=model0, max_iter=iters, tol=1e-300, warn=False)
+def moelab_fit(x, y, model0, iters, compile=True):
+    """fit_em with early stopping off (tol=0) → (loglik (R,), M-steps (R,))."""
+    res = fit_em(x, y, K_FIT, init_model=model0, max_iter=iters, tol=0, warn=False, compile=compile)
     return res.loglik.numpy(), res.n_iter.numpy()
-
-
-def moelab_internal(x, y, model0, iters):
-    """fit_em's setup and loop (``_run_em``) with tol=0: exactly ``iters`` M-steps for every replicate."""
-    prob = _em._setup(x, y, K_FIT, "softmax", None, "auto", 0, torch.float64, None)
-    with _em._threads_for(prob):
-        state, xr, x1r, yr = _em._starts(prob, 1, "auto", model0, REG_VARIANCE)
-        history = torch.full((xr.shape[0], iters + 1), math.nan, dtype=torch.float64)
-        state, ll, n_iter, _ = _em._run_em(state, xr, x1r, yr, iters, 0.0, REG_VARIANCE, 1, history)
-    ll = ll - xr.shape[1] * prob.scaling.y_scale.log()
-    return ll.numpy(), n_iter.numpy()
 
 
 def run_baseline(x, y, starts, iters):
@@ -175,27 +163,34 @@ def bench_size(n, args, bandwidth):
     xt = torch.as_tensor(x).unsqueeze(-1)
     yt = torch.as_tensor(y)
     iters = args.iters
-    # warm-up (allocator, thread pool) and the equal-work check
-    ll_m, steps = moelab_public(xt, yt, model0, iters)
-    path = "public"
-    if args.path == "internal" or (args.path == "auto" and (steps < iters).any()):
-        path = "internal"
-        ll_m, steps = moelab_internal(xt, yt, model0, iters)
-    moe_fn = moelab_public if path == "public" else moelab_internal
+    compiled = args.compile == "on"
+    # warm-up: compiles the fused kernels (or loads them from Inductor's cache)
+    t_first, _ = timed(moelab_fit, xt, yt, model0, iters, compiled)
+    if args.eager:
+        timed(moelab_fit, xt, yt, model0, iters, False)
     run_base = args.baseline_max_n is None or n <= args.baseline_max_n
-    t_m, t_b, loads = [], [], []
-    ll_b = None
+    t_m, t_e, t_b, loads = [], [], [], []
+    ll_b = ll_e = None
     for _ in range(args.repeats):
         loads.append(os.getloadavg()[0])
-        s, (ll_m, steps) = timed(moe_fn, xt, yt, model0, iters)
+        s, (ll_m, steps) = timed(moelab_fit, xt, yt, model0, iters, compiled)
         t_m.append(s)
+        if args.eager:
+            s, (ll_e, _) = timed(moelab_fit, xt, yt, model0, iters, False)
+            t_e.append(s)
         if run_base:
             s, (ll_b, _) = timed(run_baseline, x, y, starts, iters)
             t_b.append(s)
-    row = dict(n=n, replicates=args.replicates, iters=iters, path=path,
+    if not (steps == iters).all():
+        raise SystemExit(f"n={n}: moelab ran {steps.min()}..{steps.max()} iterations, not {iters}")
+    row = dict(n=n, replicates=args.replicates, iters=iters, compiled=compiled,
                mstep_min=int(steps.min()), mstep_total=int(steps.sum()),
                moelab_s=statistics.median(t_m), moelab_all_s=t_m,
+               compile_s=max(t_first - statistics.median(t_m), 0.0),
+               eager_s=statistics.median(t_e) if t_e else None,
                load1=statistics.median(loads), loads=loads)
+    if ll_e is not None:
+        row["eager_loglik_max_rel_diff"] = float((np.abs(ll_m - ll_e) / np.abs(ll_e)).max())
     if run_base:
         rel = np.abs(ll_m - ll_b) / np.abs(ll_b)
         row.update(baseline_s=statistics.median(t_b), baseline_all_s=t_b, baseline_extrapolated=False,
@@ -231,22 +226,27 @@ def fill_extrapolated(rows):
 def format_table(result) -> str:
     lines = [
         f"EM throughput: softmax-2023 truth, {K_FIT} experts, {result['replicates']} replicates, "
-        f"{result['iters']} EM iterations, float64, torch threads {result['threads']}",
+        f"{result['iters']} EM iterations, float64, torch threads {result['threads']}, "
+        f"moelab {'compiled (fused)' if result['compile'] == 'on' else 'eager'}",
         f"copy bandwidth {result['bandwidth_GBps']:.2f} GB/s; roofline bytes/iteration = 8·R·n·(d+1+2K)",
         "",
-        f"{'n':>8} {'path':>8} {'moelab s':>9} {'baseline s':>14} {'speed-up':>9} {'Mse·it/s':>9} "
-        f"{'base Mse·it/s':>13} {'roofline':>8} {'ll rel diff':>11} {'load1':>6}",
+        f"{'n':>8} {'moelab s':>9} {'compile s':>9} {'eager s':>8} {'baseline s':>14} {'speed-up':>9} "
+        f"{'vs eager':>8} {'Mse·it/s':>9} {'base Mse·it/s':>13} {'roofline':>8} {'ll rel diff':>11} {'load1':>6}",
     ]
     for r in result["rows"]:
         b = "-" if r["baseline_s"] is None else f"{r['baseline_s']:.2f}" + ("(extrap.)" if r["baseline_extrapolated"] else "")
         sp = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
         bt = "-" if r["baseline_throughput"] is None else f"{r['baseline_throughput'] / 1e6:.2f}"
         dl = "-" if r["loglik_max_rel_diff"] is None else f"{r['loglik_max_rel_diff']:.1e}"
-        lines.append(f"{r['n']:>8} {r['path']:>8} {r['moelab_s']:>9.3f} {b:>14} {sp:>9} {r['throughput'] / 1e6:>9.2f} "
-                     f"{bt:>13} {r['roofline_fraction']:>8.3f} {dl:>11} {r['load1']:>6.2f}")
+        es = "-" if r["eager_s"] is None else f"{r['eager_s']:.2f}"
+        ev = "-" if r["eager_s"] is None else f"{r['eager_s'] / r['moelab_s']:.1f}x"
+        lines.append(f"{r['n']:>8} {r['moelab_s']:>9.3f} {r['compile_s']:>9.1f} {es:>8} {b:>14} {sp:>9} {ev:>8} "
+                     f"{r['throughput'] / 1e6:>9.2f} {bt:>13} {r['roofline_fraction']:>8.3f} {dl:>11} {r['load1']:>6.2f}")
     lines.append("")
     lines.append("Mse·it/s = 10^6 sample·expert·iterations per second (all replicates); roofline = "
-                 "(minimum bytes / bandwidth) / moelab time; load1 = 1-minute load average during the timings.")
+                 "(minimum bytes / bandwidth) / moelab time; compile s = first call − median call (one-off per "
+                 "process, Inductor caches it on disk); vs eager = moelab eager s / moelab s; load1 = 1-minute "
+                 "load average during the timings.")
     return "\n".join(lines)
 
 
@@ -259,8 +259,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds per size (median reported)")
     ap.add_argument("--baseline-max-n", type=int, default=None,
                     help="run the baseline only up to this n; larger sizes are extrapolated linearly (labelled)")
-    ap.add_argument("--path", choices=("auto", "public", "internal"), default="auto",
-                    help="moelab entry point (default auto: fit_em unless a replicate stops early)")
+    ap.add_argument("--compile", choices=("on", "off"), default="on",
+                    help="moelab contender: fused compiled EM (fit_em compile=True, default) or the eager loop")
+    ap.add_argument("--eager", action="store_true", help="also time moelab's eager loop (compile=False) side by side")
     ap.add_argument("--rtol", type=float, default=1e-6, help="required agreement of the log-likelihoods")
     ap.add_argument("--seed", type=int, default=2023)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
     fill_extrapolated(rows)
     result = dict(
         command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
-        replicates=args.replicates, iters=args.iters, experts=K_FIT, threads=torch.get_num_threads(),
+        replicates=args.replicates, iters=args.iters, experts=K_FIT, threads=torch.get_num_threads(), compile=args.compile,
         bandwidth_GBps=bandwidth / 1e9, uptime=os.getloadavg(), torch=torch.__version__, numpy=np.__version__,
         machine=platform.processor() or platform.machine(), rows=rows,
     )

@@ -50,6 +50,7 @@ from .experts import GaussianExperts
 from .gates import Gate, TemperatureGate, TopKGate, make_gate
 from .init import INIT_METHODS, init_responsibilities
 from .model import GaussianMoE
+from . import _fused
 from .mstep import expert_m_step, gate_newton_step, outer_design, softmax_gate_newton_step
 
 __all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy"]
@@ -209,25 +210,44 @@ def _m_step(state, x, x1, y, resp, var_floor, gate_steps, xx):
     return _State(gate, theta, var)
 
 
-def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history):
+def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, fused: bool = False):
     """Iterate EM on all R problems until each converges or max_iter M-steps.
 
     history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
-    loglik (R,), M-steps done (R,), converged (R,).
+    loglik (R,), M-steps done (R,), converged (R,). ``fused=True`` runs each iteration as the
+    compiled one-pass kernel of :mod:`moelab._fused` (linear-logit gates, one gate step).
     """
     R, n = y.shape
     dev = y.device
-    xx_all = outer_design(x1)
+    xx_all = None if fused else outer_design(x1)
     active = torch.arange(R, device=dev)
     ll = torch.full((R,), -math.inf, dtype=y.dtype, device=dev)
     n_iter = torch.zeros(R, dtype=torch.long, device=dev)
     converged = torch.zeros(R, dtype=torch.bool, device=dev)
     prev = None
+    pending = None  # fused path: the gate step proposed by the last M-step, checked by this pass
     for it in range(max_iter + 1):
         full = active.numel() == R
         st = state if full else state.take(active)
-        xa, x1a, ya, xxa = (x, x1, y, xx_all) if full else (x[active], x1[active], y[active], xx_all[active])
-        resp, lla = _e_step(st.gate, st.theta, st.var, xa, x1a, ya)
+        if fused:
+            xa, ya = (x, y) if full else (x[active], y[active])
+            gth = _gate_theta(st.gate)
+            stats = _fused.statistics(gth, st.theta, st.var, xa, ya)
+            if pending is not None:
+                # Q_gate at the proposed step uses this pass's Σ logsumexp; where it did not
+                # increase, search smaller steps and redo the pass for those problems
+                gth, redo = _fused.gate_verify(stats["lse_gate"], pending, xa)
+                pending = None
+                if redo is not None:
+                    sub = _fused.statistics(gth[redo], st.theta[redo], st.var[redo], xa[redo], ya[redo])
+                    for k, v in sub.items():
+                        stats[k][redo] = v
+                    st = _State(_theta_gate(st.gate, gth), st.theta, st.var)
+                    state = st if full else _State(_scatter_gate(state.gate, active, st.gate), state.theta, state.var)
+            lla = stats["loglik"]
+        else:
+            xa, x1a, ya, xxa = (x, x1, y, xx_all) if full else (x[active], x1[active], y[active], xx_all[active])
+            resp, lla = _e_step(st.gate, st.theta, st.var, xa, x1a, ya)
         ll[active] = lla
         history[active, it] = lla
         if prev is not None:
@@ -242,18 +262,55 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
         if not bool(keep.any()):
             break
         if not bool(keep.all()):
-            active, st, resp, prev = active[keep], st.take(keep), resp[keep], lla[keep]
-            xa, x1a, ya, xxa = xa[keep], x1a[keep], ya[keep], xxa[keep]
+            active, st, prev = active[keep], st.take(keep), lla[keep]
+            if fused:
+                xa, ya, gth = xa[keep], ya[keep], gth[keep]
+                stats = {k: v[keep] for k, v in stats.items()}
+            else:
+                resp, xa, x1a, ya, xxa = resp[keep], xa[keep], x1a[keep], ya[keep], xxa[keep]
             full = False
         else:
             prev = lla
-        new = _m_step(st, xa, x1a, ya, resp, var_floor, gate_steps, xxa)
+        if fused:
+            theta, var = _fused.expert_update(stats, st.theta, st.var, n, var_floor)
+            gth, pending = _fused.gate_proposal(stats, gth, xa)
+            new = _State(_theta_gate(st.gate, gth), theta, var)
+        else:
+            new = _m_step(st, xa, x1a, ya, resp, var_floor, gate_steps, xxa)
         n_iter[active] += 1
         if full and active.numel() == R:
             state = new
         else:
             state = _State(_scatter_gate(state.gate, active, new.gate), state.theta.index_put((active,), new.theta), state.var.index_put((active,), new.var))
     return state, ll, n_iter, converged
+
+
+#: fused (compiled) EM when compile="auto" and R·n·K per iteration reaches this
+_AUTO_COMPILE_MIN = 2_000_000
+
+
+def _check_compile(compile) -> None:
+    if compile not in ("auto", True, False):
+        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+
+
+def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, device) -> bool:
+    """Whether the EM loop runs the compiled one-pass kernel (see fit_em's ``compile``)."""
+    if compile is False:
+        return False
+    K, d = gate.n_experts, gate.n_features
+    ok = _fused.supported(gate, K, d) and gate_steps == 1
+    if compile is True:
+        if not ok:
+            raise ValueError(
+                f"compile=True runs a fused kernel for softmax/temperature gates with gate_steps=1 and at most "
+                f"{_fused.MAX_SUMS} per-sample sums ({K} experts, {d} features need {_fused.n_sums(K, d)}); "
+                "use compile='auto' or False for this model"
+            )
+        return _fused.available(K, d, dtype, device, strict=True)
+    if not ok or R * n * K < _AUTO_COMPILE_MIN:
+        return False
+    return _fused.available(K, d, dtype, device)
 
 
 def _init_state(gate_template: Gate, resp, x, x1, y, var_floor) -> _State:
@@ -486,6 +543,7 @@ def fit_em(
     dtype=torch.float64,
     device=None,
     warn: bool = True,
+    compile="auto",
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by EM, batched over problems and restarts.
 
@@ -539,6 +597,16 @@ def fit_em(
     device : torch device, optional
     warn : bool, default True
         Emit :class:`ConvergenceWarning` / :class:`DegenerateFitWarning`.
+    compile : {"auto", True, False}, default "auto"
+        Run each EM iteration as one fused pass over the data compiled with
+        ``torch.compile`` (:mod:`moelab._fused`; softmax and temperature gates,
+        ``gate_steps=1``, small K and d). Same updates as the eager loop, so
+        the fits agree to rounding. Compiling takes seconds to a minute once
+        per process and model shape (Inductor caches it on disk), then an
+        iteration is ~10× faster at large R·n. "auto" compiles when
+        starts × n_samples × n_experts ≥ 2·10^6 and falls back to the eager
+        loop with a RuntimeWarning if compilation fails (CPU needs a C++
+        compiler); True requires it (RuntimeError if it fails).
 
     Returns
     -------
@@ -548,9 +616,13 @@ def fit_em(
     ------
     ValueError
         Bad shapes, NaN/inf, constant columns, n_experts < 1, fewer samples than
-        parameters, unknown gate/init/options, non-positive temperature.
+        parameters, unknown gate/init/options, non-positive temperature;
+        compile=True for a model the fused kernel does not cover.
+    RuntimeError
+        compile=True and torch.compile fails.
     """
     t0 = time.perf_counter()
+    _check_compile(compile)
     for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("gate_steps", gate_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm == "max_iter" else 1):
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
@@ -567,7 +639,7 @@ def fit_em(
         dense = fit_em(x, y, n_experts, gate="softmax", n_init=n_init, init=init, n_candidates=n_candidates,
                        max_iter=max_iter, tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size,
                        min_expert_sd=min_expert_sd, gate_steps=gate_steps, random_state=random_state, dtype=dtype,
-                       device=device, warn=False)
+                       device=device, warn=False, compile=compile)
         top_k = (gate_options or {}).get("top_k")
         sparse_gate = TopKGate(dense.model.gate.slope, dense.model.gate.intercept, top_k=top_k) if top_k is not None else None
         if sparse_gate is not None:
@@ -581,9 +653,10 @@ def fit_em(
         state, xr, x1r, yr = _starts(prob, n_keep, init, init_model, var_floor, n_candidates)
         R = xr.shape[0]
         history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history)
+        fused = _use_fused(compile, state.gate, R, prob.n, gate_steps, prob.dtype, xr.device)
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
-                    n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em")
+                    n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em", compiled=fused)
     return _finish(state, xr, x1r, yr, conv, it, history, prob.batch, n_keep, prob.scaling, prob.min_size,
                    min_expert_sd, settings, t0, warn, max_iter, tol)
 
@@ -595,8 +668,12 @@ def _finish(state, xr, x1r, yr, conv, iters, history, batch, n_keep, scaling, mi
     n = yr.shape[-1]
     K = state.theta.shape[-2]
     with torch.no_grad():
-        resp, ll = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
-    sizes = resp.sum(-1)
+        if settings.get("compiled"):
+            stats = _fused.statistics(_gate_theta(state.gate), state.theta, state.var, xr, yr)
+            sizes, ll = stats["S"][..., -1], stats["loglik"]
+        else:
+            resp, ll = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
+            sizes = resp.sum(-1)
     bad = _collapsed(sizes, state.var, min_size, min_expert_sd) | ~torch.isfinite(ll)
     llB = ll.reshape(B, n_keep)
     badB = bad.reshape(B, n_keep)

@@ -24,6 +24,8 @@ __all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_ne
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 #: largest change of any logit a single gate Newton step may make
 _MAX_LOGIT_CHANGE = 200.0
+#: gate steps predicted to gain less than this × (|Q_gate| + n) are not taken
+_NEGLIGIBLE_GAIN = 1e-13
 
 
 def outer_design(x1: torch.Tensor) -> torch.Tensor:
@@ -91,19 +93,12 @@ def gate_q(log_weights: torch.Tensor, resp: torch.Tensor, finite: bool = False) 
     return torch.where(resp > 0, resp * log_weights, torch.zeros((), dtype=resp.dtype, device=resp.device)).sum((-1, -2))
 
 
-def _line_search(q_fn, theta0, delta, q0):
-    """Full step where it increases Q, else the best of smaller steps; keep θ0 unless Q increases.
+def _backtrack(q_fn, theta0, delta, q0, idx):
+    """Best of the smaller steps for the problems ``idx`` whose full step failed.
 
-    theta0, delta : (R, P); q_fn(θ, idx) maps candidates (A, r, P) for the problems
-    ``idx`` (None = all) to Q values (A, r).
+    Returns (θ (r, P), Q (r,)): the best candidate θ0 + α·δ over α in
+    _STEP_SIZES[1:] where it increases Q, else θ0.
     """
-    full = theta0 + delta
-    q1 = q_fn(full.unsqueeze(0), None).squeeze(0)
-    ok = q1 > q0  # NaN compares False
-    new, qnew = torch.where(ok[:, None], full, theta0), torch.where(ok, q1, q0)
-    if bool(ok.all()):
-        return new, qnew
-    idx = (~ok).nonzero().squeeze(-1)
     alphas = torch.tensor(_STEP_SIZES[1:], dtype=theta0.dtype, device=theta0.device)
     cand = theta0[idx].unsqueeze(0) + alphas[:, None, None] * delta[idx].unsqueeze(0)  # [A, r, P]
     q = q_fn(cand, idx)
@@ -111,9 +106,41 @@ def _line_search(q_fn, theta0, delta, q0):
     best_q, best = q.max(0)
     take = best_q > q0[idx]
     pick = cand.gather(0, best[None, :, None].expand(1, *cand.shape[1:])).squeeze(0)
-    new[idx] = torch.where(take[:, None], pick, theta0[idx])
-    qnew[idx] = torch.where(take, best_q, q0[idx])
+    return torch.where(take[:, None], pick, theta0[idx]), torch.where(take, best_q, q0[idx])
+
+
+def _line_search(q_fn, theta0, delta, q0, skip=None):
+    """Full step where it increases Q, else the best of smaller steps; keep θ0 unless Q increases.
+
+    theta0, delta : (R, P); q_fn(θ, idx) maps candidates (A, r, P) for the problems
+    ``idx`` (None = all) to Q values (A, r). ``skip`` (R,) bool: problems that
+    keep θ0 without a search (see :func:`_negligible_gain`).
+    """
+    full = theta0 + delta
+    q1 = q_fn(full.unsqueeze(0), None).squeeze(0)
+    ok = q1 > q0  # NaN compares False
+    if skip is not None:
+        ok = ok & ~skip
+    new, qnew = torch.where(ok[:, None], full, theta0), torch.where(ok, q1, q0)
+    failed = ~ok if skip is None else ~ok & ~skip
+    if not bool(failed.any()):
+        return new, qnew
+    idx = failed.nonzero().squeeze(-1)
+    new[idx], qnew[idx] = _backtrack(q_fn, theta0, delta, q0, idx)
     return new, qnew
+
+
+def _negligible_gain(grad, delta, negH, q0, n, chol_ok):
+    """(R,) bool: the step's predicted gain in Q is below what rounding can confirm.
+
+    Predicted gain of the (capped) Newton step δ: gᵀδ − ½ δᵀ(−∇²Q)δ. Steps that
+    gain less than _NEGLIGIBLE_GAIN·(|Q| + n) are not taken (EM keeps θ): at a
+    converged gate their evaluated Q change is rounding noise, and searching
+    over step sizes would cost passes over the data for nothing. Only where
+    the Newton system was solved (``chol_ok``).
+    """
+    gain = (grad * delta).sum(-1) - 0.5 * (delta.unsqueeze(-2) @ negH @ delta.unsqueeze(-1))[..., 0, 0]
+    return chol_ok & (gain <= _NEGLIGIBLE_GAIN * (q0.abs() + n))
 
 
 def _cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -129,6 +156,8 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     with the last expert as reference (θ_K = 0). Each step solves the Newton
     system with a tiny ridge, caps the change of any logit, and keeps the best
     of several step sizes only if Q_gate increases (a generalised-EM step).
+    A step whose predicted gain is below rounding (:func:`_negligible_gain`) is
+    not taken.
 
     Parameters
     ----------
@@ -182,7 +211,8 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
         delta = torch.where((info > 0)[:, None], grad, delta)  # gradient step if Cholesky failed
         dl = (delta.reshape(R, K - 1, p) @ x1t).abs().amax((-1, -2))
         delta = _cap_step(dl, delta)
-        free, _ = _line_search(q_fn, free, delta, q0)
+        skip = _negligible_gain(grad, delta, H, q0, n, info == 0)
+        free, _ = _line_search(q_fn, free, delta, q0, skip)
     return full(free)
 
 

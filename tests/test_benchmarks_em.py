@@ -39,30 +39,17 @@ def problem(bench):
     return x, y, starts, bench.start_model(starts)
 
 
-@pytest.mark.parametrize("path", ["public", "internal"])
-def test_baseline_matches_moelab(bench, problem, path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_baseline_matches_moelab(bench, problem, compile):
     x, y, starts, model0 = problem
     xt, yt = torch.as_tensor(x).unsqueeze(-1), torch.as_tensor(y)
-    fn = bench.moelab_public if path == "public" else bench.moelab_internal
-    ll_m, steps = fn(xt, yt, model0, 20)
+    ll_m, steps = bench.moelab_fit(xt, yt, model0, 20, compile)
     ll_b, _ = bench.run_baseline(x, y, starts, 20)
-    if path == "internal":
-        assert steps.tolist() == [20, 20]
-    else:
-        # tol=1e-300 stops a replicate only at an exact floating-point fixed point of EM
-        # (it happens here: one replicate after 12 steps), where more steps change nothing
-        assert steps.max() == 20 and steps.min() >= 1
+    assert steps.tolist() == [20, 20]  # tol=0: exactly the asked iterations
     np.testing.assert_allclose(ll_m, ll_b, rtol=1e-9)
     # and EM moved: the fit is better than the start
     ll0, _ = bench.run_baseline(x, y, starts, 0)
     assert (ll_b > ll0).all()
-
-
-def test_internal_path_runs_exact_iterations(bench, problem):
-    x, y, _, model0 = problem
-    xt, yt = torch.as_tensor(x).unsqueeze(-1), torch.as_tensor(y)
-    _, steps = bench.moelab_internal(xt, yt, model0, 7)
-    assert steps.tolist() == [7, 7]
 
 
 def test_roofline_byte_count(bench):
@@ -74,9 +61,10 @@ def test_roofline_byte_count(bench):
 def test_cli_json_smoke(bench, capsys):
     import json
 
-    bench.main(["--sizes", "200", "--replicates", "2", "--iters", "5", "--repeats", "1", "--json"])
+    bench.main(["--sizes", "200", "--replicates", "2", "--iters", "5", "--repeats", "1", "--eager", "--json"])
     out = json.loads(capsys.readouterr().out)
     (row,) = out["rows"]
-    assert row["n"] == 200 and row["mstep_min"] == 5
-    assert row["loglik_max_rel_diff"] <= 1e-6
+    assert row["n"] == 200 and row["mstep_min"] == 5 and row["compiled"]
+    assert row["loglik_max_rel_diff"] <= 1e-6 and row["eager_loglik_max_rel_diff"] <= 1e-9
+    assert row["eager_s"] > 0 and row["compile_s"] >= 0
     assert out["speedup_n1e4"] is None and out["bandwidth_GBps"] > 0

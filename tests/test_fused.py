@@ -1,0 +1,168 @@
+"""The fused one-pass EM iteration (moelab/_fused.py) against naive references and the eager loop.
+
+The statistics and M-step are checked eagerly (no compiler needed) for several
+K and d; the compiled path (torch.compile) is checked end to end against the
+eager loop on one model shape, plus its fallback when compilation fails.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from moelab import _fused
+from moelab import em as em_mod
+from moelab import fit_em
+from moelab.mstep import expert_m_step, softmax_gate_newton_step
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _problem(R, n, K, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(R, n, generator=g, dtype=torch.float64) + x.sum(-1)
+    gth = torch.randn(R, K, d + 1, generator=g, dtype=torch.float64)
+    gth[:, -1] = 0
+    eth = torch.randn(R, K, d + 1, generator=g, dtype=torch.float64)
+    var = torch.rand(R, K, generator=g, dtype=torch.float64) + 0.3
+    return gth, eth, var, x, y
+
+
+def _naive(gth, eth, var, x, y):
+    """(R, K, n) tensors and explicit sums: the textbook E-step and M-step statistics."""
+    R, n, d = x.shape
+    x1 = torch.cat([x, torch.ones(R, n, 1, dtype=x.dtype)], -1)
+    logits = torch.einsum("rkp,rnp->rkn", gth, x1)
+    logg = torch.log_softmax(logits, 1)
+    e = y[:, None, :] - torch.einsum("rkp,rnp->rkn", eth, x1)
+    logf = -HALF_LOG_2PI - 0.5 * var.log()[..., None] - 0.5 * e**2 / var[..., None]
+    joint = logg + logf
+    lse = torch.logsumexp(joint, 1)
+    r = torch.exp(joint - lse[:, None])
+    g = logg.exp()
+    xx = torch.einsum("rnp,rnq->rnpq", x1, x1)
+    K = gth.shape[1]
+    return dict(
+        loglik=lse.sum(-1),
+        lse_gate=torch.logsumexp(logits, 1).sum(-1),
+        S=torch.einsum("rkn,rnp->rkp", r, x1),
+        A=torch.einsum("rkn,rnpq->rkpq", r, xx),
+        be=torch.einsum("rkn,rnp->rkp", r * e, x1),
+        ee=(r * e * e).sum(-1),
+        G=torch.einsum("rkn,rnp->rkp", g[:, : K - 1], x1),
+        Gxx=torch.einsum("rkn,rnpq->rkpq", g[:, : K - 1], xx),
+        GG=torch.einsum("rkn,rln,rnpq->rklpq", g[:, : K - 1], g[:, : K - 1], xx),
+    ), r
+
+
+@pytest.mark.parametrize("K,d", [(2, 1), (3, 1), (4, 2), (3, 3)])
+def test_statistics_match_naive(K, d):
+    args = _problem(3, 57, K, d)
+    got = _fused.em_statistics(*args)
+    ref, _ = _naive(*args)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-10, msg=k)
+
+
+def test_gate_lse_sum_and_logit_range():
+    gth, eth, _, x, _ = _problem(4, 31, 3, 2)
+    cand = torch.stack([gth, 0.5 * gth, -gth])
+    x1 = torch.cat([x, torch.ones(4, 31, 1, dtype=x.dtype)], -1)
+    ref = torch.stack([torch.logsumexp(torch.einsum("rkp,rnp->rkn", c, x1), 1).sum(-1) for c in cand])
+    torch.testing.assert_close(_fused.gate_lse_sum(cand, x), ref, rtol=1e-13, atol=1e-12)
+    rng = torch.einsum("rkp,rnp->rkn", eth, x1).abs().amax((-1, -2))
+    torch.testing.assert_close(_fused.logit_range(eth, x), rng, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("K,d", [(2, 1), (3, 1), (4, 2)])
+def test_m_step_matches_eager_kernels(K, d):
+    gth, eth, var, x, y = _problem(5, 80, K, d, seed=K + d)
+    stats = _fused.em_statistics(gth, eth, var, x, y)
+    new_g, new_e, new_v = _fused.m_step(stats, gth, eth, var, x, 1e-6, compiled=False)
+    _, r = _naive(gth, eth, var, x, y)
+    x1 = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+    ref_e, ref_v = expert_m_step(x1, y, r, 1e-6, eth, var)
+    ref_g = softmax_gate_newton_step(x1, r, gth, 1)
+    torch.testing.assert_close(new_e, ref_e, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(new_v, ref_v, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(new_g, ref_g, rtol=1e-9, atol=1e-9)
+
+
+def test_m_step_keeps_empty_expert_and_floors_variance():
+    gth, eth, var, x, y = _problem(2, 40, 3, 1, seed=3)
+    eth[:, 2, -1] = 1e3  # expert 2 sits far from every y: responsibility ~ 0
+    stats = _fused.em_statistics(gth, eth, var, x, y)
+    _, new_e, new_v = _fused.m_step(stats, gth, eth, var, x, 0.5, compiled=False)
+    torch.testing.assert_close(new_e[:, 2], eth[:, 2])
+    torch.testing.assert_close(new_v[:, 2], var[:, 2])
+    assert (new_v[:, :2] >= 0.5).all()  # live experts floored; the empty one keeps its old variance
+
+
+def _data(n=300, R=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(R, n, 1, generator=g, dtype=torch.float64)
+    z = torch.rand(R, n, generator=g, dtype=torch.float64) < torch.sigmoid(-8 + 16 * x[..., 0])
+    y = torch.where(z, 2 - 3 * x[..., 0], -1 + 4 * x[..., 0]) + 0.3 * torch.randn(R, n, generator=g, dtype=torch.float64)
+    return x, y
+
+
+@pytest.mark.parametrize("gate,opts", [("softmax", None), ("temperature", {"temperature": 0.5})])
+def test_compiled_fit_equals_eager(gate, opts):
+    x, y = _data()
+    kw = dict(gate=gate, gate_options=opts, n_init=6, init="kmeans", random_state=0, max_iter=300, tol=1e-10, warn=False)
+    eager = fit_em(x, y, 3, compile=False, **kw)
+    comp = fit_em(x, y, 3, compile=True, **kw)
+    assert comp.settings["compiled"] and not eager.settings["compiled"]
+    torch.testing.assert_close(comp.loglik, eager.loglik, rtol=1e-9, atol=0)
+    # the same optimum (starts can reach it with experts in another order, so compare sorted)
+    torch.testing.assert_close(comp.model.experts.variance.sort(-1).values, eager.model.experts.variance.sort(-1).values,
+                               rtol=1e-5, atol=1e-9)
+    # every start's final log-likelihood too (problems leave the batch at different iterations)
+    torch.testing.assert_close(comp.start_loglik, eager.start_loglik, rtol=1e-9, atol=0)
+    # EM never decreases the log-likelihood
+    h = comp.history
+    steps = h[..., 1:] - h[..., :-1]
+    assert bool((steps[~torch.isnan(steps)] >= -1e-9 * h.abs().nanmean()).all())
+
+
+def test_compile_failure_falls_back(monkeypatch):
+    x, y = _data(n=120, R=1)
+
+    def broken(fn):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(_fused, "_get", broken)
+    monkeypatch.setattr(_fused, "_broken", {})
+    monkeypatch.setattr(em_mod, "_AUTO_COMPILE_MIN", 0)
+    kw = dict(n_init=4, init="kmeans", random_state=0, warn=False)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler"):
+        auto = fit_em(x, y, 2, **kw)
+    assert not auto.settings["compiled"]
+    ref = fit_em(x, y, 2, compile=False, **kw)
+    torch.testing.assert_close(auto.loglik, ref.loglik, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="compile=False"):
+        fit_em(x, y, 2, compile=True, **kw)
+
+
+def test_auto_uses_eager_below_threshold():
+    x, y = _data(n=100, R=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = fit_em(x, y, 2, n_init=4, init="kmeans", random_state=0, warn=False)
+    assert not res.settings["compiled"]
+
+
+def test_compile_option_errors():
+    x, y = _data(n=100, R=1)
+    with pytest.raises(ValueError, match="compile must be"):
+        fit_em(x, y, 2, compile="yes")
+    with pytest.raises(ValueError, match="compile=True runs a fused kernel"):
+        fit_em(x, y, 2, gate="activation", compile=True, n_init=2)
+    with pytest.raises(ValueError, match="compile=True runs a fused kernel"):
+        fit_em(x, y, 2, gate_steps=2, compile=True, n_init=2)
