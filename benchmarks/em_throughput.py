@@ -166,7 +166,8 @@ def bench_size(n, args, bandwidth):
     compiled = args.compile == "on"
     # warm-up: compiles the fused kernels (or loads them from Inductor's cache)
     t_first, _ = timed(moelab_fit, xt, yt, model0, iters, compiled)
-    if args.eager:
+    eager = args.eager and (args.eager_max_n is None or n <= args.eager_max_n)
+    if eager:
         timed(moelab_fit, xt, yt, model0, iters, False)
     run_base = args.baseline_max_n is None or n <= args.baseline_max_n
     t_m, t_e, t_b, loads = [], [], [], []
@@ -175,7 +176,7 @@ def bench_size(n, args, bandwidth):
         loads.append(os.getloadavg()[0])
         s, (ll_m, steps) = timed(moelab_fit, xt, yt, model0, iters, compiled)
         t_m.append(s)
-        if args.eager:
+        if eager:
             s, (ll_e, _) = timed(moelab_fit, xt, yt, model0, iters, False)
             t_e.append(s)
         if run_base:
@@ -262,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("on", "off"), default="on",
                     help="moelab contender: fused compiled EM (fit_em compile=True, default) or the eager loop")
     ap.add_argument("--eager", action="store_true", help="also time moelab's eager loop (compile=False) side by side")
+    ap.add_argument("--eager-max-n", type=int, default=None, metavar="N",
+                    help="with --eager, time the eager loop only for sizes up to N (it is slow at large n)")
     ap.add_argument("--rtol", type=float, default=1e-6, help="required agreement of the log-likelihoods")
     ap.add_argument("--seed", type=int, default=2023)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -139,6 +139,11 @@ def register_fit(sub) -> None:
     p.add_argument("--n-candidates", type=int, metavar="N",
                    help="EM: segment starts screened by their initial likelihood (default 2000)")
     p.add_argument("--max-iter", type=int, metavar="N", help="maximum iterations per start (default 2000 EM, 500 MLE)")
+    p.add_argument("--tol", type=float, metavar="T",
+                   help="convergence tolerance (default 1e-8 on the mean log-likelihood change per sample for EM)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                   help="EM: run iterations as one fused pass compiled by torch.compile (softmax/temperature gates; "
+                        "auto = for large fits, default)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write DIR/params.json and DIR/fit.png (created if needed)")
     p.add_argument("--format", default="text", choices=("text", "json"),
@@ -170,6 +175,12 @@ def _check_fit_flags(args) -> dict:
             raise CLIError(f"{flag} must be >= 1, got {v}")
     if args.n_candidates is not None and args.estimator != "em":
         raise CLIError("--n-candidates applies to --estimator em only")
+    if args.tol is not None and not (math.isfinite(args.tol) and args.tol >= 0):
+        raise CLIError(f"--tol must be a number >= 0, got {args.tol}")
+    if args.compile != "auto" and args.estimator != "em":
+        raise CLIError("--compile applies to --estimator em only")
+    if args.compile == "on" and gate not in ("softmax", "temperature"):
+        raise CLIError(f"--compile on needs --gate softmax or temperature (got --gate {gate}); use --compile auto")
     return dict(activation=args.activation, temperature=args.temperature,
                 learn_temperature=args.learn_temperature, top_k=args.top_k)
 
@@ -252,7 +263,8 @@ def run_fit(args) -> int:
     X, y, x_names = _select_columns(df, args.x, args.y)
     est = MixtureOfExpertsRegressor(
         args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
-        n_candidates=args.n_candidates, max_iter=args.max_iter, random_state=args.seed, **gate_opts,
+        n_candidates=args.n_candidates, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
+        compile={"auto": "auto", "on": True, "off": False}[args.compile], **gate_opts,
     )
     with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
         warnings.simplefilter("always")

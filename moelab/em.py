@@ -285,8 +285,11 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
     return state, ll, n_iter, converged
 
 
-#: fused (compiled) EM when compile="auto" and R·n·K per iteration reaches this
-_AUTO_COMPILE_MIN = 2_000_000
+#: compile="auto" compiles when the work per iteration (starts · n · K) reaches _AUTO_COMPILE_MIN and
+#: the most work the fit may do (· max_iter) reaches _AUTO_COMPILE_WORK: about a minute of eager EM
+#: (~15·10^6 sample·expert·iterations/s), so a cold compile (20–60 s) pays for itself
+_AUTO_COMPILE_MIN = 1_000_000
+_AUTO_COMPILE_WORK = 1_000_000_000
 
 
 def _check_compile(compile) -> None:
@@ -294,7 +297,7 @@ def _check_compile(compile) -> None:
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
 
 
-def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, device) -> bool:
+def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, device, max_iter: int = 0) -> bool:
     """Whether the EM loop runs the compiled one-pass kernel (see fit_em's ``compile``)."""
     if compile is False:
         return False
@@ -308,7 +311,7 @@ def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, devi
                 "use compile='auto' or False for this model"
             )
         return _fused.available(K, d, dtype, device, strict=True)
-    if not ok or R * n * K < _AUTO_COMPILE_MIN:
+    if not ok or R * n * K < _AUTO_COMPILE_MIN or R * n * K * max_iter < _AUTO_COMPILE_WORK:
         return False
     return _fused.available(K, d, dtype, device)
 
@@ -603,10 +606,11 @@ def fit_em(
         ``gate_steps=1``, small K and d). Same updates as the eager loop, so
         the fits agree to rounding. Compiling takes seconds to a minute once
         per process and model shape (Inductor caches it on disk), then an
-        iteration is ~10× faster at large R·n. "auto" compiles when
-        starts × n_samples × n_experts ≥ 2·10^6 and falls back to the eager
-        loop with a RuntimeWarning if compilation fails (CPU needs a C++
-        compiler); True requires it (RuntimeError if it fails).
+        iteration is 4–40× faster at large R·n. "auto" compiles when
+        starts × n_samples × n_experts ≥ 10^6 and that × max_iter ≥ 10^9
+        (a minute or more of eager EM), and falls back to the eager loop with
+        a RuntimeWarning if compilation fails (CPU needs a C++ compiler);
+        True requires it (RuntimeError if it fails).
 
     Returns
     -------
@@ -653,7 +657,7 @@ def fit_em(
         state, xr, x1r, yr = _starts(prob, n_keep, init, init_model, var_floor, n_candidates)
         R = xr.shape[0]
         history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
-        fused = _use_fused(compile, state.gate, R, prob.n, gate_steps, prob.dtype, xr.device)
+        fused = _use_fused(compile, state.gate, R, prob.n, gate_steps, prob.dtype, xr.device, max_iter)
         state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
                     n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em", compiled=fused)

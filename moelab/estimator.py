@@ -123,6 +123,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         for EM, 1e-10 for MLE).
     random_state : int, numpy RandomState or None, default None
         Seeds the starts. An int gives the same fit as ``fit_em(random_state=int)``.
+    compile : {"auto", True, False}, default "auto"
+        EM only: run each iteration as one fused pass compiled by
+        ``torch.compile`` (see :func:`moelab.fit_em`).
 
     Attributes
     ----------
@@ -171,7 +174,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
                  top_k=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
-                 random_state=None):
+                 random_state=None, compile="auto"):
         self.n_experts = n_experts
         self.gate = gate
         self.activation = activation
@@ -185,6 +188,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.random_state = random_state
+        self.compile = compile
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -214,6 +218,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
             kw["max_iter"] = self.max_iter
         if self.tol is not None:
             kw["tol"] = self.tol
+        if self.compile != "auto":
+            if self.estimator != "em":
+                raise ValueError("compile applies to estimator='em' only; leave it 'auto' for 'mle'")
+            kw["compile"] = self.compile
         rs = self.random_state
         if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
             kw["random_state"] = int(rs)

@@ -129,6 +129,18 @@ def test_warnings_go_to_stderr(capsys):
     assert "moelab fit: warning: EM did not converge" in cap.err
 
 
+def test_tol_and_compile_flags(capsys):
+    import json
+
+    base = ["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "3", "--n-init", "4", "--format", "json"]
+    assert main(base + ["--tol", "1e-3", "--compile", "off"]) == 0
+    loose = json.loads(capsys.readouterr().out)
+    assert main(base + ["--tol", "1e-10", "--compile", "on"]) == 0
+    tight = json.loads(capsys.readouterr().out)
+    assert loose["n_iter"] < tight["n_iter"]
+    assert tight["loglik"] >= loose["loglik"] - 1e-6
+
+
 def test_subcommands_are_registered_from_other_modules(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "hello", f"{__name__}:_register_hello")
     assert main(["hello", "--name", "moe"]) == 0
@@ -195,6 +207,11 @@ ERRORS = [
     (["mcycle", *BASE, "--gate", "bogus"], "invalid choice: 'bogus'"),
     (["mcycle", *BASE, "--gate", "activation", "--activation", "bogus"], "invalid choice: 'bogus'"),
     (["mcycle", *BASE, "--out", "{d}/notadir"], "exists and is not a directory"),
+    (["mcycle", *BASE, "--tol", "-1"], "--tol must be a number >= 0, got -1"),
+    (["mcycle", *BASE, "--tol", "nan"], "--tol must be a number >= 0"),
+    (["mcycle", *BASE, "--compile", "on", "--estimator", "mle"], "--compile applies to --estimator em only"),
+    (["mcycle", *BASE, "--compile", "on", "--gate", "activation"], "--compile on needs --gate softmax or temperature"),
+    (["mcycle", *BASE, "--compile", "maybe"], "invalid choice: 'maybe'"),
     (["mcycle", *BASE, "--out", "{d}/theirs"], "params.json exists and was not written by moelab fit"),
 ]
 

@@ -140,6 +140,7 @@ def test_compile_failure_falls_back(monkeypatch):
     monkeypatch.setattr(_fused, "_get", broken)
     monkeypatch.setattr(_fused, "_broken", {})
     monkeypatch.setattr(em_mod, "_AUTO_COMPILE_MIN", 0)
+    monkeypatch.setattr(em_mod, "_AUTO_COMPILE_WORK", 0)
     kw = dict(n_init=4, init="kmeans", random_state=0, warn=False)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler"):
         auto = fit_em(x, y, 2, **kw)
