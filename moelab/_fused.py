@@ -314,12 +314,14 @@ def _full(free, K, p):
     return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros], -2)
 
 
-def gate_proposal(st, gate_theta, x, compiled: bool = True):
+def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
     """Damped Newton step on Q_gate(θ) = Σ_k θ_k·S_k − Σ_n logsumexp_k θ_k·x1_n from the statistics.
 
     Same system as :func:`moelab.mstep.softmax_gate_newton_step` (ridge, gradient
     step where Cholesky fails, logit change capped, negligible steps not taken).
-    Returns the full step's θ (R, K, p) and what :func:`gate_verify` needs.
+    ``x_range`` = (min, max) of x per problem, (R,) each, saves a pass over x
+    for one feature. Returns the full step's θ (R, K, p) and what
+    :func:`gate_verify` needs.
     """
     range_fn = _get(logit_range) if compiled else logit_range
     R, K, p = gate_theta.shape
@@ -335,7 +337,14 @@ def gate_proposal(st, gate_theta, x, compiled: bool = True):
     L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * torch.eye(P, dtype=dtype, device=dev))
     step = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
     step = torch.where((info > 0)[:, None], grad, step)  # gradient step if Cholesky failed
-    step = _cap_step(range_fn(_full(step, K, p), x), step)
+    if p == 2 and x_range is not None:  # one feature: |δ_k·[x, 1]| is largest at min or max x
+        lo, hi = x_range
+        sk = step.reshape(R, K - 1, p)
+        dl = torch.maximum((sk[..., 0] * lo[:, None] + sk[..., 1]).abs(), (sk[..., 0] * hi[:, None] + sk[..., 1]).abs())
+        dl = dl.amax(-1)
+    else:
+        dl = range_fn(_full(step, K, p), x)
+    step = _cap_step(dl, step)
     n = x.shape[-2]
     skip = _negligible_gain(grad, step, H, q0, n, info == 0)
     cand = torch.where(skip[:, None], free, free + step)

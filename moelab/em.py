@@ -210,12 +210,13 @@ def _m_step(state, x, x1, y, resp, var_floor, gate_steps, xx):
     return _State(gate, theta, var)
 
 
-def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, fused: bool = False):
+def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, fused: bool = False, sizes=None):
     """Iterate EM on all R problems until each converges or max_iter M-steps.
 
     history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
     loglik (R,), M-steps done (R,), converged (R,). ``fused=True`` runs each iteration as the
-    compiled one-pass kernel of :mod:`moelab._fused` (linear-logit gates, one gate step).
+    compiled one-pass kernel of :mod:`moelab._fused` (linear-logit gates, one gate step);
+    then ``sizes`` (R, K), if given, receives the effective expert sizes Σ_n r_nk at the final state.
     """
     R, n = y.shape
     dev = y.device
@@ -226,6 +227,7 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
     converged = torch.zeros(R, dtype=torch.bool, device=dev)
     prev = None
     pending = None  # fused path: the gate step proposed by the last M-step, checked by this pass
+    x_range = (x[..., 0].amin(-1), x[..., 0].amax(-1)) if fused and x.shape[-1] == 1 else None
     for it in range(max_iter + 1):
         full = active.numel() == R
         st = state if full else state.take(active)
@@ -245,6 +247,8 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
                     st = _State(_theta_gate(st.gate, gth), st.theta, st.var)
                     state = st if full else _State(_scatter_gate(state.gate, active, st.gate), state.theta, state.var)
             lla = stats["loglik"]
+            if sizes is not None:
+                sizes[active] = stats["S"][..., -1]
         else:
             xa, x1a, ya, xxa = (x, x1, y, xx_all) if full else (x[active], x1[active], y[active], xx_all[active])
             resp, lla = _e_step(st.gate, st.theta, st.var, xa, x1a, ya)
@@ -273,7 +277,8 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
             prev = lla
         if fused:
             theta, var = _fused.expert_update(stats, st.theta, st.var, n, var_floor)
-            gth, pending = _fused.gate_proposal(stats, gth, xa)
+            xr_a = None if x_range is None else (x_range[0][active], x_range[1][active])
+            gth, pending = _fused.gate_proposal(stats, gth, xa, x_range=xr_a)
             new = _State(_theta_gate(st.gate, gth), theta, var)
         else:
             new = _m_step(st, xa, x1a, ya, resp, var_floor, gate_steps, xxa)
@@ -658,26 +663,29 @@ def fit_em(
         R = xr.shape[0]
         history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
         fused = _use_fused(compile, state.gate, R, prob.n, gate_steps, prob.dtype, xr.device, max_iter)
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused)
+        sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused, sizes)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
                     n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em", compiled=fused)
     return _finish(state, xr, x1r, yr, conv, it, history, prob.batch, n_keep, prob.scaling, prob.min_size,
-                   min_expert_sd, settings, t0, warn, max_iter, tol)
+                   min_expert_sd, settings, t0, warn, max_iter, tol, final=(sizes, ll) if fused else None)
 
 
 def _finish(state, xr, x1r, yr, conv, iters, history, batch, n_keep, scaling, min_size, min_expert_sd,
-            settings, t0, warn, max_iter, tol) -> "EMResult":
-    """Pick the best valid start per problem, map it back to original units, warn."""
+            settings, t0, warn, max_iter, tol, final=None) -> "EMResult":
+    """Pick the best valid start per problem, map it back to original units, warn.
+
+    ``final`` = (sizes (R, K), loglik (R,)) at ``state`` if the EM loop already has them.
+    """
     B = int(torch.tensor(batch).prod()) if len(batch) else 1
     n = yr.shape[-1]
     K = state.theta.shape[-2]
-    with torch.no_grad():
-        if settings.get("compiled"):
-            stats = _fused.statistics(_gate_theta(state.gate), state.theta, state.var, xr, yr)
-            sizes, ll = stats["S"][..., -1], stats["loglik"]
-        else:
+    if final is not None:
+        sizes, ll = final
+    else:
+        with torch.no_grad():
             resp, ll = _e_step(state.gate, state.theta, state.var, xr, x1r, yr)
-            sizes = resp.sum(-1)
+        sizes = resp.sum(-1)
     bad = _collapsed(sizes, state.var, min_size, min_expert_sd) | ~torch.isfinite(ll)
     llB = ll.reshape(B, n_keep)
     badB = bad.reshape(B, n_keep)
