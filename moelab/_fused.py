@@ -41,7 +41,7 @@ import torch
 
 from .mstep import _backtrack, _cap_step, _negligible_gain
 
-__all__ = ["supported", "available", "em_statistics", "gate_lse_sum", "logit_range", "expert_update",
+__all__ = ["supported", "available", "em_sums", "unpack_sums", "em_statistics", "statistics", "gate_lse_sum", "logit_range", "expert_update",
            "gate_proposal", "gate_verify", "m_step"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -54,10 +54,9 @@ MAX_SUMS = 200
 
 
 def n_sums(K: int, d: int) -> int:
-    """Number of per-sample sums in :func:`em_statistics` for K experts and d features."""
-    p = d + 1
-    sym = p * (p + 1) // 2
-    return 2 + K * (2 * p + sym + 1) + (K - 1) * (p + sym) + (K - 1) * K // 2 * sym
+    """Number of sums over samples one pass computes (columns of :func:`em_sums`)."""
+    q = 1 + d + d * (d + 1) // 2  # monomials of [x, 1] up to degree 2
+    return 2 + K * q + K * (d + 2) + (K - 1) * q + (K - 1) * K // 2 * q
 
 
 def supported(gate, K: int, d: int) -> bool:
@@ -75,50 +74,44 @@ def _lin(theta, k, xs):
     return out
 
 
-def _weighted_sums(w, xs):
-    """Σ_n w·x1_j (R, p) and the upper triangle of Σ_n w·x1_j·x1_l (R, p, p), symmetric."""
-    cols = list(xs) + [None]  # None = the constant 1
-    p = len(cols)
+def _monomials(d: int):
+    """Monomials of x1 = [x, 1] up to degree 2, each once: () for 1, (j,), (j, l) with j ≤ l."""
+    return [()] + [(j,) for j in range(d)] + [(j, l) for j in range(d) for l in range(j, d)]
 
-    def s(*fs):
+
+def _moment_index(d: int):
+    """Index of x1_j·x1_l (p, p) and of x1_j (p,) into the list of :func:`_monomials`."""
+    mono = {m: i for i, m in enumerate(_monomials(d))}
+    p = d + 1
+
+    def key(j, l):
+        return tuple(sorted(i for i in (j, l) if i < d))
+
+    second = torch.tensor([[mono[key(j, l)] for l in range(p)] for j in range(p)])
+    first = torch.tensor([mono[key(j, d)] for j in range(p)])
+    return second, first
+
+
+def _sums(w, xs, degree=2):
+    """Σ_n w·m over the monomials of :func:`_monomials` up to ``degree``: list of (R,) sums."""
+    out = []
+    for m in _monomials(len(xs)):
+        if len(m) > degree:
+            continue
         t = w
-        for f in fs:
-            if f is not None:
-                t = t * f
-        return t.sum(-1)
-
-    first = torch.stack([s(c) for c in cols], -1)
-    tri = [[None] * p for _ in range(p)]
-    for j in range(p):
-        for m in range(j, p):
-            tri[j][m] = tri[m][j] = s(cols[j], cols[m])
-    second = torch.stack([torch.stack(row, -1) for row in tri], -2)
-    return first, second
+        for j in m:
+            t = t * xs[j]
+        out.append(t.sum(-1))
+    return out
 
 
-def em_statistics(gate_theta, expert_theta, var, x, y):
-    """One pass over the data: E-step and every sufficient statistic of the M-step.
+def em_sums(gate_theta, expert_theta, var, x, y):
+    """One pass over the data: the E-step and every sum the M-step needs, as one (R, M) tensor.
 
-    Parameters
-    ----------
-    gate_theta : tensor of shape (R, K, p)
-        Gate logit coefficients on x1 = [x, 1] (p = n_features + 1); row K−1 zero.
-    expert_theta : tensor of shape (R, K, p)
-        Expert mean coefficients [slope, intercept] on x1.
-    var : tensor of shape (R, K)
-        Expert variances (> 0).
-    x : tensor of shape (R, n, d)
-    y : tensor of shape (R, n)
-
-    Returns
-    -------
-    dict of tensors
-        ``loglik`` (R,): Σ_n log p(y_n|x_n); ``lse_gate`` (R,): Σ_n logsumexp_k θ_k·x1_n;
-        ``S`` (R, K, p): Σ_n r_nk x1_n; ``A`` (R, K, p, p): Σ_n r_nk x1_n x1_nᵀ;
-        ``be`` (R, K, p): Σ_n r_nk e_nk x1_n and ``ee`` (R, K): Σ_n r_nk e_nk² with
-        e_nk = y_n − expert_theta_k·x1_n; ``G`` (R, K−1, p): Σ_n g_nk x1_n;
-        ``Gxx`` (R, K−1, p, p): Σ_n g_nk x1_n x1_nᵀ; ``GG`` (R, K−1, K−1, p, p):
-        Σ_n g_nk g_nl x1_n x1_nᵀ (g = gate weights, r = responsibilities).
+    Arguments as :func:`em_statistics`; :func:`unpack_sums` names the columns.
+    Written with experts and features unrolled into (R, n) operations so that
+    Inductor fuses the pass into few loops over the samples; exponents are
+    clamped at _EXP_FLOOR (see there).
     """
     R, n, d = x.shape
     K = gate_theta.shape[1]
@@ -148,36 +141,76 @@ def em_statistics(gate_theta, expert_theta, var, x, y):
     lse = mj + torch.log(sj)
     inv_sj = 1.0 / sj
     r = [e * inv_sj for e in ej]
-    S, A, be, ee, G, Gxx = [], [], [], [], [], []
+    cols = [lse.sum(-1), lse_g.sum(-1)]
     for k in range(K):
-        s1, s2 = _weighted_sums(r[k], xs)
-        S.append(s1)
-        A.append(s2)
+        cols += _sums(r[k], xs)
+    for k in range(K):
         re = r[k] * res[k]
-        be.append(torch.stack([(re * c).sum(-1) for c in xs] + [re.sum(-1)], -1))
-        ee.append((re * res[k]).sum(-1))
+        cols += _sums(re, xs, degree=1)
+        cols.append((re * res[k]).sum(-1))
     for k in range(K - 1):
-        s1, s2 = _weighted_sums(g[k], xs)
-        G.append(s1)
-        Gxx.append(s2)
+        cols += _sums(g[k], xs)
+    for k in range(K - 1):
+        for k2 in range(k, K - 1):
+            cols += _sums(g[k] * g[k2], xs)
+    return torch.stack(cols, -1)
+
+
+def unpack_sums(sums, K: int, d: int) -> dict:
+    """Name the columns of :func:`em_sums` (R, M): the dict of :func:`em_statistics`."""
+    R = sums.shape[0]
     p = d + 1
-    GG = [[None] * (K - 1) for _ in range(K - 1)]
-    for k in range(K - 1):
-        for m2 in range(k, K - 1):
-            _, s2 = _weighted_sums(g[k] * g[m2], xs)
-            GG[k][m2] = GG[m2][k] = s2
-    GGt = torch.stack([torch.stack(row, 1) for row in GG], 1) if K > 1 else x.new_zeros(R, 0, 0, p, p)
+    q = len(_monomials(d))
+    second, first = (t.to(sums.device) for t in _moment_index(d))
+    i = 2
+    rq = sums[:, i : i + K * q].reshape(R, K, q)
+    i += K * q
+    re = sums[:, i : i + K * (d + 2)].reshape(R, K, d + 2)  # Σ r e·[1, x_1..x_d], Σ r e²
+    i += K * (d + 2)
+    gq = sums[:, i : i + (K - 1) * q].reshape(R, K - 1, q)
+    i += (K - 1) * q
+    pairs = [(k, k2) for k in range(K - 1) for k2 in range(k, K - 1)]
+    ggq = sums[:, i : i + len(pairs) * q].reshape(R, len(pairs), q)
+    pair_index = torch.tensor([[pairs.index((min(k, k2), max(k, k2))) for k2 in range(K - 1)] for k in range(K - 1)],
+                              device=sums.device)
     return dict(
-        loglik=lse.sum(-1),
-        lse_gate=lse_g.sum(-1),
-        S=torch.stack(S, 1),
-        A=torch.stack(A, 1),
-        be=torch.stack(be, 1),
-        ee=torch.stack(ee, 1),
-        G=torch.stack(G, 1),
-        Gxx=torch.stack(Gxx, 1),
-        GG=GGt,
+        loglik=sums[:, 0],
+        lse_gate=sums[:, 1],
+        S=rq[..., first],
+        A=rq[..., second],
+        be=re[..., : d + 1][..., first],
+        ee=re[..., d + 1],
+        G=gq[..., first],
+        Gxx=gq[..., second],
+        GG=ggq[:, pair_index][..., second] if K > 1 else sums.new_zeros(R, 0, 0, p, p),
     )
+
+
+def em_statistics(gate_theta, expert_theta, var, x, y):
+    """One pass over the data: E-step and every sufficient statistic of the M-step.
+
+    Parameters
+    ----------
+    gate_theta : tensor of shape (R, K, p)
+        Gate logit coefficients on x1 = [x, 1] (p = n_features + 1); row K−1 zero.
+    expert_theta : tensor of shape (R, K, p)
+        Expert mean coefficients [slope, intercept] on x1.
+    var : tensor of shape (R, K)
+        Expert variances (> 0).
+    x : tensor of shape (R, n, d)
+    y : tensor of shape (R, n)
+
+    Returns
+    -------
+    dict of tensors
+        ``loglik`` (R,): Σ_n log p(y_n|x_n); ``lse_gate`` (R,): Σ_n logsumexp_k θ_k·x1_n;
+        ``S`` (R, K, p): Σ_n r_nk x1_n; ``A`` (R, K, p, p): Σ_n r_nk x1_n x1_nᵀ;
+        ``be`` (R, K, p): Σ_n r_nk e_nk x1_n and ``ee`` (R, K): Σ_n r_nk e_nk² with
+        e_nk = y_n − expert_theta_k·x1_n; ``G`` (R, K−1, p): Σ_n g_nk x1_n;
+        ``Gxx`` (R, K−1, p, p): Σ_n g_nk x1_n x1_nᵀ; ``GG`` (R, K−1, K−1, p, p):
+        Σ_n g_nk g_nl x1_n x1_nᵀ (g = gate weights, r = responsibilities).
+    """
+    return unpack_sums(em_sums(gate_theta, expert_theta, var, x, y), gate_theta.shape[1], x.shape[-1])
 
 
 def gate_lse_sum(theta, x):
@@ -251,7 +284,7 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
     eth = torch.randn(R, K, p, generator=gen, **kw).to(device)
     var = (torch.rand(R, K, generator=gen, **kw) + 0.5).to(device)
     try:
-        out = _get(em_statistics)(th, eth, var, x, y)
+        out = statistics(th, eth, var, x, y)
         ref = em_statistics(th, eth, var, x, y)
         cand = torch.stack([th, 0.5 * th, -th])  # the step-size search evaluates several at once
         torch.testing.assert_close(_get(gate_lse_sum)(cand, x), gate_lse_sum(cand, x))
@@ -272,8 +305,9 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
 
 # ------------------------------------------------------------------ M-step from the statistics
 def statistics(gate_theta, expert_theta, var, x, y, compiled: bool = True):
-    """:func:`em_statistics`, compiled (default) or eager."""
-    return (_get(em_statistics) if compiled else em_statistics)(gate_theta, expert_theta, var, x, y)
+    """:func:`em_statistics` with the pass compiled (default) or eager."""
+    sums = (_get(em_sums) if compiled else em_sums)(gate_theta, expert_theta, var, x, y)
+    return unpack_sums(sums, gate_theta.shape[1], x.shape[-1])
 
 
 def expert_update(st, expert_theta, var, n: int, var_floor):
