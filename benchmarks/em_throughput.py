@@ -46,6 +46,8 @@ Run::
     python benchmarks/em_throughput.py                    # table, n = 1e3, 1e4, 1e5
     python benchmarks/em_throughput.py --json             # one JSON object (speedup_n1e4)
     python benchmarks/em_throughput.py --sizes 1000 10000 --replicates 40 --iters 200 --threads 1
+    # the README's table (eager loop side by side up to n = 1e4, baseline extrapolated at 1e5)
+    python benchmarks/em_throughput.py --sizes 1000 10000 100000 --baseline-max-n 10000 --eager --eager-max-n 10000
 
 ``--baseline-max-n N`` skips the baseline above N and extrapolates it
 linearly in n from the largest size run; such cells are marked
