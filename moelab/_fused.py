@@ -256,10 +256,18 @@ _INDUCTOR_OPTIONS = {"max_fusion_size": 1024, "realize_reads_threshold": 1000, "
 
 
 def _get(fn):
+    """``fn`` compiled (once per process), called with torch's own compile-time DeprecationWarnings muted."""
     with _lock:
         c = _compiled.get(fn.__name__)
         if c is None:
-            c = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+
+            def c(*args, _compiled_fn=compiled):
+                with warnings.catch_warnings():
+                    # torch.compile imports torch.jit helpers that warn (not actionable by a user)
+                    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                    return _compiled_fn(*args)
+
             _compiled[fn.__name__] = c
         return c
 
