@@ -74,6 +74,18 @@ def _lin(theta, k, xs):
     return out
 
 
+def _exp_terms(terms):
+    """Per-expert terms (list of K tensors) → their max m, exp(term − m) (clamped at _EXP_FLOOR), Σ exp."""
+    m = terms[0]
+    for t in terms[1:]:
+        m = torch.maximum(m, t)
+    e = [torch.exp((t - m).clamp_min(_EXP_FLOOR)) for t in terms]
+    total = e[0]
+    for t in e[1:]:
+        total = total + t
+    return m, e, total
+
+
 def _monomials(d: int):
     """Monomials of x1 = [x, 1] up to degree 2, each once: () for 1, (j,), (j, l) with j ≤ l."""
     return [()] + [(j,) for j in range(d)] + [(j, l) for j in range(d) for l in range(j, d)]
@@ -117,13 +129,7 @@ def em_sums(gate_theta, expert_theta, var, x, y):
     K = gate_theta.shape[1]
     xs = [x[..., j] for j in range(d)]
     logits = [_lin(gate_theta, k, xs) for k in range(K)]
-    m = logits[0]
-    for k in range(1, K):
-        m = torch.maximum(m, logits[k])
-    eg = [torch.exp((lg - m).clamp_min(_EXP_FLOOR)) for lg in logits]
-    sg = eg[0]
-    for k in range(1, K):
-        sg = sg + eg[k]
+    m, eg, sg = _exp_terms(logits)
     lse_g = m + torch.log(sg)
     inv_sg = 1.0 / sg
     g = [e * inv_sg for e in eg[: K - 1]]
@@ -131,13 +137,7 @@ def em_sums(gate_theta, expert_theta, var, x, y):
     coef = -0.5 / var
     res = [y - _lin(expert_theta, k, xs) for k in range(K)]
     joint = [logits[k] - lse_g - const[:, k : k + 1] + coef[:, k : k + 1] * res[k] * res[k] for k in range(K)]
-    mj = joint[0]
-    for k in range(1, K):
-        mj = torch.maximum(mj, joint[k])
-    ej = [torch.exp((jt - mj).clamp_min(_EXP_FLOOR)) for jt in joint]
-    sj = ej[0]
-    for k in range(1, K):
-        sj = sj + ej[k]
+    mj, ej, sj = _exp_terms(joint)
     lse = mj + torch.log(sj)
     inv_sj = 1.0 / sj
     r = [e * inv_sj for e in ej]
@@ -221,12 +221,7 @@ def gate_lse_sum(theta, x):
     for k in range(K):
         for j in range(p - 1):
             logits[k] = logits[k] + theta[:, :, k, j : j + 1] * xs[j]
-    m = logits[0]
-    for k in range(1, K):
-        m = torch.maximum(m, logits[k])
-    s = torch.exp((logits[0] - m).clamp_min(_EXP_FLOOR))
-    for k in range(1, K):
-        s = s + torch.exp((logits[k] - m).clamp_min(_EXP_FLOOR))
+    m, _, s = _exp_terms(logits)
     return (m + torch.log(s)).sum(-1)
 
 
