@@ -62,6 +62,8 @@ def read_table(source: str) -> pd.DataFrame:
     if path.is_dir():
         raise ValueError(f"{source!r} is a directory; give a CSV or Parquet file")
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise ValueError(f"{source!r} is empty (0 bytes); give a file with a header row and at least one data row")
     try:
         if suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)

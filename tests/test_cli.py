@@ -169,6 +169,7 @@ def files(tmp_path):
     (d / "nan.csv").write_text("a,b,c,s,k\n1,2,3,x,7\n2,,5,y,7\n3,4,inf,z,7\n4,5,6,w,7\n")
     (d / "ok.csv").write_text("a,b\n" + "".join(f"{i},{(i * 7) % 5}\n" for i in range(30)))
     (d / "empty.csv").write_text("a,b\n")
+    (d / "zero.csv").write_text("")
     (d / "malformed.csv").write_text('a,b\n1,2\n2,"3\n')
     (d / "bad.parquet").write_bytes(b"\x00\x01 not parquet")
     (d / "data.json").write_text("{}")
@@ -190,6 +191,7 @@ ERRORS = [
     (["{d}/ok.csv", "--x", "a,a", "--y", "b", "--experts", "1"], "--x lists a more than once"),
     (["{d}/ok.csv", "--x", "a", "--y", "a", "--experts", "1"], "both an input (--x) and the response (--y)"),
     (["{d}/empty.csv", *BASE], "has no data rows"),
+    (["{d}/zero.csv", *BASE], "is empty (0 bytes); give a file with a header row"),
     (["{d}/malformed.csv", *BASE], "could not read"),
     (["{d}/bad.parquet", *BASE], "bad.parquet"),
     (["{d}/data.json", *BASE], "unknown file type '.json'"),
