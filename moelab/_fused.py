@@ -239,6 +239,7 @@ def logit_range(delta, x):
 _lock = threading.Lock()
 _compiled: dict = {}
 _broken: dict = {}
+_failed_calls: dict = {}
 
 
 #: Inductor settings: fuse a pass's sums into as few loops over the samples as it allows instead of
@@ -250,20 +251,49 @@ _INDUCTOR_OPTIONS = {"max_fusion_size": 1024, "realize_reads_threshold": 1000, "
                      "cpp.max_horizontal_fusion_size": 512}
 
 
+#: which argument dimension is the problem batch R, and the output's, per compiled kernel
+_ROW_DIMS = {"em_sums": ((0, 0, 0, 0, 0), 0), "gate_lse_sum": ((1, 0), 1), "logit_range": ((0, 0), 0)}
+#: graphs per kernel before dynamo stops recompiling (one per (K, d, dtype, device); dynamo's default is 8)
+_RECOMPILE_LIMIT = 64
+
+
 def _get(fn):
-    """``fn`` compiled (once per process), called with torch's own compile-time DeprecationWarnings muted."""
+    """``fn`` compiled once per process, wrapped so that it
+
+    * never sees a batch of one problem (Inductor would specialise and compile
+      that size separately): a single problem is padded to two;
+    * keeps its own recompile limit (a graph per K, d, dtype and device);
+    * mutes torch's own compile-time DeprecationWarnings;
+    * runs the eager ``fn`` (same result) with a RuntimeWarning if the compiled
+      call fails after the start-up check (:func:`available`).
+    """
     with _lock:
         c = _compiled.get(fn.__name__)
-        if c is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+        if c is not None:
+            return c
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+        in_dims, out_dim = _ROW_DIMS[fn.__name__]
 
-            def c(*args, _compiled_fn=compiled):
-                with warnings.catch_warnings():
-                    # torch.compile imports torch.jit helpers that warn (not actionable by a user)
-                    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                    return _compiled_fn(*args)
+        def c(*args):
+            one = args[0].shape[in_dims[0]] == 1
+            if one:
+                args = tuple(torch.cat([a, a], dim) for a, dim in zip(args, in_dims))
+            if fn.__name__ not in _failed_calls:
+                try:
+                    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                        # torch.compile imports torch.jit helpers that warn (not actionable by a user)
+                        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                        out = compiled(*args)
+                except Exception as exc:  # e.g. a recompilation that fails mid-run
+                    _failed_calls[fn.__name__] = repr(exc)
+                    warnings.warn(f"compiled EM kernel {fn.__name__} failed ({type(exc).__name__}); running it eagerly "
+                                  "from now on in this process (same results, slower)", RuntimeWarning, stacklevel=2)
+                    out = fn(*args)
+            else:
+                out = fn(*args)
+            return out.narrow(out_dim, 0, 1) if one else out
 
-            _compiled[fn.__name__] = c
+        _compiled[fn.__name__] = c
         return c
 
 

@@ -177,3 +177,32 @@ def test_one_feature_logit_range_shortcut_matches_the_pass():
     b, pb = _fused.gate_proposal(stats, gth, x, compiled=False, x_range=(x[..., 0].amin(-1), x[..., 0].amax(-1)))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pa["step"], pb["step"], rtol=1e-12, atol=1e-12)
+
+
+def test_single_problem_compiled_equals_eager():
+    # one problem (R = 1) is padded to two inside the compiled kernels
+    x, y = _data(n=250, R=1, seed=4)
+    kw = dict(n_init=1, init="kmeans", random_state=0, max_iter=60, tol=0, warn=False)
+    comp = fit_em(x[0], y[0], 3, compile=True, **kw)
+    eager = fit_em(x[0], y[0], 3, compile=False, **kw)
+    assert comp.loglik.shape == ()
+    torch.testing.assert_close(comp.loglik, eager.loglik, rtol=1e-9, atol=0)
+
+
+def test_failing_compiled_call_runs_eagerly(monkeypatch):
+    def fake_compile(fn, **kw):
+        def broken(*a):
+            raise RuntimeError("recompile limit")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(_fused, "_compiled", {})
+    monkeypatch.setattr(_fused, "_failed_calls", {})
+    args = _problem(2, 30, 3, 1)
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        got = _fused.statistics(*args)
+    ref = _fused.em_statistics(*args)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k])
+    one = [a[:1] for a in args]  # a single problem: padded to two, first row returned
+    torch.testing.assert_close(_fused.statistics(*one)["A"], _fused.em_statistics(*one)["A"])
