@@ -265,7 +265,8 @@ def _get(fn):
     * keeps its own recompile limit (a graph per K, d, dtype and device);
     * mutes torch's own compile-time DeprecationWarnings;
     * runs the eager ``fn`` (same result) with a RuntimeWarning if the compiled
-      call fails after the start-up check (:func:`available`).
+      call fails after the start-up check (:func:`available`, which calls it
+      with ``fallback=False`` so that failures surface there).
     """
     with _lock:
         c = _compiled.get(fn.__name__)
@@ -274,17 +275,19 @@ def _get(fn):
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
         in_dims, out_dim = _ROW_DIMS[fn.__name__]
 
-        def c(*args):
+        def c(*args, fallback=True):
             one = args[0].shape[in_dims[0]] == 1
             if one:
                 args = tuple(torch.cat([a, a], dim) for a, dim in zip(args, in_dims))
-            if fn.__name__ not in _failed_calls:
+            if fn.__name__ not in _failed_calls or not fallback:
                 try:
                     with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                         # torch.compile imports torch.jit helpers that warn (not actionable by a user)
                         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
                         out = compiled(*args)
                 except Exception as exc:  # e.g. a recompilation that fails mid-run
+                    if not fallback:
+                        raise
                     _failed_calls[fn.__name__] = repr(exc)
                     warnings.warn(f"compiled EM kernel {fn.__name__} failed ({type(exc).__name__}); running it eagerly "
                                   "from now on in this process (same results, slower)", RuntimeWarning, stacklevel=2)
@@ -317,11 +320,11 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
     eth = torch.randn(R, K, p, generator=gen, **kw).to(device)
     var = (torch.rand(R, K, generator=gen, **kw) + 0.5).to(device)
     try:
-        out = statistics(th, eth, var, x, y)
+        out = unpack_sums(_get(em_sums)(th, eth, var, x, y, fallback=False), K, d)
         ref = em_statistics(th, eth, var, x, y)
         cand = torch.stack([th, 0.5 * th, -th])  # the step-size search evaluates several at once
-        torch.testing.assert_close(_get(gate_lse_sum)(cand, x), gate_lse_sum(cand, x))
-        torch.testing.assert_close(_get(logit_range)(eth, x), logit_range(eth, x))
+        torch.testing.assert_close(_get(gate_lse_sum)(cand, x, fallback=False), gate_lse_sum(cand, x))
+        torch.testing.assert_close(_get(logit_range)(eth, x, fallback=False), logit_range(eth, x))
         for k in ref:
             torch.testing.assert_close(out[k], ref[k])
     except Exception as exc:  # compiler missing, Inductor error, or wrong results

@@ -206,3 +206,21 @@ def test_failing_compiled_call_runs_eagerly(monkeypatch):
         torch.testing.assert_close(got[k], ref[k])
     one = [a[:1] for a in args]  # a single problem: padded to two, first row returned
     torch.testing.assert_close(_fused.statistics(*one)["A"], _fused.em_statistics(*one)["A"])
+
+
+def test_compiler_failure_is_detected_at_start(monkeypatch):
+    # a torch.compile that fails (e.g. no C++ compiler): the start-up check must see it, not
+    # silently fall back call by call
+    def fake_compile(fn, **kw):
+        def broken(*a):
+            raise RuntimeError("no C++ compiler found")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(_fused, "_compiled", {})
+    monkeypatch.setattr(_fused, "_failed_calls", {})
+    monkeypatch.setattr(_fused, "_broken", {})
+    with pytest.warns(RuntimeWarning, match="running the eager EM loop instead"):
+        assert not _fused.available(3, 1, torch.float64, "cpu")
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        _fused.available(3, 1, torch.float64, "cpu", strict=True)
