@@ -329,11 +329,13 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
             torch.testing.assert_close(out[k], ref[k])
     except Exception as exc:  # compiler missing, Inductor error, or wrong results
         _broken[key] = repr(exc)
-        msg = (f"torch.compile of the fused EM kernels failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-               "running the eager EM loop instead. A C++ compiler (g++/clang) is needed for torch.compile on CPU; "
-               "pass compile=False to skip this attempt.")
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        hint = "torch.compile on CPU needs a C++ compiler (g++/clang) if that is the cause"
         if strict:
-            raise RuntimeError(msg) from exc
+            raise RuntimeError(f"compile=True: torch.compile of the fused EM kernels failed ({cause}); {hint}; "
+                               "or pass compile='auto' (falls back to the eager loop) or compile=False") from exc
+        msg = (f"torch.compile of the fused EM kernels failed ({cause}); running the eager EM loop instead "
+               f"({hint}; pass compile=False to skip this attempt)")
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return False
     return True

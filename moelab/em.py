@@ -297,9 +297,21 @@ _AUTO_COMPILE_MIN = 1_000_000
 _AUTO_COMPILE_WORK = 1_000_000_000
 
 
-def _check_compile(compile) -> None:
-    if compile not in ("auto", True, False):
+def _check_compile(compile, gate=None, gate_steps: int = 1, dtype=torch.float64) -> None:
+    """Validate fit_em's ``compile``; for compile=True also that the fused kernel covers the fit."""
+    if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+    if compile is True:
+        why = None
+        if gate not in ("softmax", "temperature"):
+            why = f"a softmax or temperature gate (got gate={gate!r})"
+        elif gate_steps != 1:
+            why = f"gate_steps=1 (got {gate_steps})"
+        elif dtype != torch.float64:
+            why = f"dtype=torch.float64 (got {dtype}; its step checks cannot be resolved in lower precision)"
+        if why is not None:
+            raise ValueError(f"compile=True (CLI --compile on) runs a fused kernel that needs {why}; "
+                             "use compile='auto' or False (--compile auto|off)")
 
 
 def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, device, max_iter: int = 0) -> bool:
@@ -307,13 +319,13 @@ def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, devi
     if compile is False:
         return False
     K, d = gate.n_experts, gate.n_features
-    ok = _fused.supported(gate, K, d) and gate_steps == 1
+    ok = _fused.supported(gate, K, d) and gate_steps == 1 and dtype == torch.float64
     if compile is True:
         if not ok:
             raise ValueError(
-                f"compile=True runs a fused kernel for softmax/temperature gates with gate_steps=1 and at most "
-                f"{_fused.MAX_SUMS} per-sample sums ({K} experts, {d} features need {_fused.n_sums(K, d)}); "
-                "use compile='auto' or False for this model"
+                f"compile=True (CLI --compile on) runs a fused kernel for models with 2 or more experts and at most "
+                f"{_fused.MAX_SUMS} sums per pass ({K} experts, {d} features need {_fused.n_sums(K, d)}); "
+                "use compile='auto' or False (--compile auto|off)"
             )
         return _fused.available(K, d, dtype, device, strict=True)
     if not ok or R * n * K < _AUTO_COMPILE_MIN or R * n * K * max_iter < _AUTO_COMPILE_WORK:
@@ -608,7 +620,7 @@ def fit_em(
     compile : {"auto", True, False}, default "auto"
         Run each EM iteration as one fused pass over the data compiled with
         ``torch.compile`` (:mod:`moelab._fused`; softmax and temperature gates,
-        ``gate_steps=1``, small K and d). Same updates as the eager loop, so
+        ``gate_steps=1``, float64, small K and d). Same updates as the eager loop, so
         the fits agree to rounding. Compiling takes seconds to a minute once
         per process and model shape (Inductor caches it on disk), then an
         iteration is 4–40× faster at large R·n. "auto" compiles when
@@ -631,7 +643,7 @@ def fit_em(
         compile=True and torch.compile fails.
     """
     t0 = time.perf_counter()
-    _check_compile(compile)
+    _check_compile(compile, gate, gate_steps, dtype)
     for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("gate_steps", gate_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm == "max_iter" else 1):
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")

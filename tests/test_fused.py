@@ -147,7 +147,7 @@ def test_compile_failure_falls_back(monkeypatch):
     assert not auto.settings["compiled"]
     ref = fit_em(x, y, 2, compile=False, **kw)
     torch.testing.assert_close(auto.loglik, ref.loglik, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="compile=False"):
+    with pytest.raises(RuntimeError, match="compile=True: torch.compile of the fused EM kernels failed"):
         fit_em(x, y, 2, compile=True, **kw)
 
 
@@ -163,10 +163,19 @@ def test_compile_option_errors():
     x, y = _data(n=100, R=1)
     with pytest.raises(ValueError, match="compile must be"):
         fit_em(x, y, 2, compile="yes")
-    with pytest.raises(ValueError, match="compile=True runs a fused kernel"):
+    for bad in (0, 1, None, "on"):  # 0/1 are not booleans here: they must not act as "auto"
+        with pytest.raises(ValueError, match="compile must be"):
+            fit_em(x, y, 2, compile=bad)
+    with pytest.raises(ValueError, match="needs a softmax or temperature gate \\(got gate='activation'\\)"):
         fit_em(x, y, 2, gate="activation", compile=True, n_init=2)
-    with pytest.raises(ValueError, match="compile=True runs a fused kernel"):
+    with pytest.raises(ValueError, match="needs a softmax or temperature gate \\(got gate='topk'\\)"):
+        fit_em(x, y, 2, gate="topk", gate_options={"top_k": 1}, compile=True, n_init=2)  # before the dense fit
+    with pytest.raises(ValueError, match="needs gate_steps=1"):
         fit_em(x, y, 2, gate_steps=2, compile=True, n_init=2)
+    with pytest.raises(ValueError, match="needs dtype=torch.float64"):
+        fit_em(x, y, 2, dtype=torch.float32, compile=True, n_init=2)
+    with pytest.raises(ValueError, match="2 or more experts"):
+        fit_em(x, y, 1, compile=True, n_init=2)
 
 
 def test_one_feature_logit_range_shortcut_matches_the_pass():
