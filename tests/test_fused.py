@@ -198,15 +198,20 @@ def test_single_problem_compiled_equals_eager():
     torch.testing.assert_close(comp.loglik, eager.loglik, rtol=1e-9, atol=0)
 
 
-def test_failing_compiled_call_runs_eagerly(monkeypatch):
+@pytest.fixture
+def broken_compile(monkeypatch):
+    """torch.compile returns kernels that raise (a missing C++ compiler, a failed recompilation)."""
     def fake_compile(fn, **kw):
         def broken(*a):
-            raise RuntimeError("recompile limit")
+            raise RuntimeError("no C++ compiler found")
         return broken
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(_fused, "_compiled", {})
-    monkeypatch.setattr(_fused, "_failed_calls", {})
+    for name in ("_compiled", "_failed_calls", "_broken"):
+        monkeypatch.setattr(_fused, name, {})
+
+
+def test_failing_compiled_call_runs_eagerly(broken_compile):
     args = _problem(2, 30, 3, 1)
     with pytest.warns(RuntimeWarning, match="running it eagerly"):
         got = _fused.statistics(*args)
@@ -217,18 +222,8 @@ def test_failing_compiled_call_runs_eagerly(monkeypatch):
     torch.testing.assert_close(_fused.statistics(*one)["A"], _fused.em_statistics(*one)["A"])
 
 
-def test_compiler_failure_is_detected_at_start(monkeypatch):
-    # a torch.compile that fails (e.g. no C++ compiler): the start-up check must see it, not
-    # silently fall back call by call
-    def fake_compile(fn, **kw):
-        def broken(*a):
-            raise RuntimeError("no C++ compiler found")
-        return broken
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(_fused, "_compiled", {})
-    monkeypatch.setattr(_fused, "_failed_calls", {})
-    monkeypatch.setattr(_fused, "_broken", {})
+def test_compiler_failure_is_detected_at_start(broken_compile):
+    # the start-up check must see a failing torch.compile, not silently fall back call by call
     with pytest.warns(RuntimeWarning, match="running the eager EM loop instead"):
         assert not _fused.available(3, 1, torch.float64, "cpu")
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
