@@ -10,7 +10,7 @@ from .datasets import DATASETS, load_dataset, read_table
 from .estimator import MixtureOfExpertsRegressor
 from .em import ConvergenceWarning, DegenerateFitWarning, EMResult, fit_em
 from .experts import GaussianExperts
-from .gates import ActivationGate, SoftmaxGate, TemperatureGate, TopKGate, make_gate
+from .gates import ActivationGate, IdentifiabilityWarning, SoftmaxGate, TemperatureGate, TopKGate, make_gate
 from .mle import fit_mle
 from .model import GaussianMoE
 
@@ -32,6 +32,7 @@ __all__ = [
     "EMResult",
     "ConvergenceWarning",
     "DegenerateFitWarning",
+    "IdentifiabilityWarning",
     "DATASETS",
     "load_dataset",
     "read_table",

@@ -48,6 +48,7 @@ from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
 from .experts import GaussianExperts
 from .gates import Gate, TemperatureGate, TopKGate, make_gate
+from .gates.identifiability import warn_if_temperature_not_identified
 from .init import INIT_METHODS, init_responsibilities
 from .model import GaussianMoE
 from . import _fused
@@ -729,6 +730,7 @@ def _finish(state, xr, x1r, yr, conv, iters, history, batch, n_keep, scaling, mi
         settings=settings,
     )
     if warn:
+        warn_if_temperature_not_identified(final.gate, xr[pick], stacklevel=4)
         if bool(all_bad.any()):
             warnings.warn(
                 f"every start collapsed an expert in {int(all_bad.sum())} of {B} problem(s) (effective size < "

@@ -8,6 +8,10 @@ temperature     (β_{1k}ᵀx)/τ + β_{0k}, τ fixed or estimated       Temperat
 activation      σ(β_{1k}ᵀx)/τ + β_{0k}                            ActivationGate
 topk            softmax over the top_k largest linear logits      TopKGate
 ==============  ===============================================  =================
+
+Which parameters a gate identifies (translation of the slopes, (β_1, τ)
+scaling) is decided numerically from the gate itself:
+:func:`~moelab.gates.identifiability.gate_invariances`.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import torch
 
 from .activation import ActivationGate
 from .base import Gate
+from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, temperature_identified
 from .softmax import SoftmaxGate, TemperatureGate
 from .topk import TopKGate
 
-__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "GATES", "make_gate"]
+__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "GATES", "make_gate",
+           "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified"]
 
 GATES = {
     "softmax": SoftmaxGate,
