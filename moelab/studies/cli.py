@@ -26,13 +26,25 @@ def _shard(text: str):
 
 
 def _print_rates(rates, stream=None) -> None:
+    """The verdict table: every slope beside the theory's rate, its source and the verdict."""
     import pandas as pd
 
     stream = stream or sys.stdout
-
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 500):
-        cols = ["setting", "gate", "quantity", "slope", "ci_low", "ci_high", "n_min", "n_max", "replicates", "n_failed", "n_not_converged"]
-        print(rates[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=stream)
+    t = rates.copy()
+    t["theory"] = [v if isinstance(v, str) and v else "-" for v in t["theory_rate"]]
+    t["CI"] = [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(t["ci_low"], t["ci_high"])]
+    src = [v if isinstance(v, str) else "none" for v in t["theory_source"]]
+    sources = [s for s in dict.fromkeys(src) if s != "none"]
+    t["src"] = [f"[{sources.index(s) + 1}]" if s in sources else "" for s in src]
+    cols = ["setting", "quantity", "aggregate", "slope", "CI", "theory", "src", "verdict", "n_min", "n_max", "replicates",
+            "n_failed", "n_not_converged"]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 2000,
+                           "display.max_colwidth", 40):
+        print(t[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"), file=stream)
+    for i, s in enumerate(sources, 1):
+        print(f"[{i}] {s}", file=stream)
+    counts = t["verdict"].value_counts()
+    print("verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=stream)
 
 
 def register_run(sub) -> None:

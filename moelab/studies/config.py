@@ -36,6 +36,9 @@ Schema (every key listed; anything else is rejected)::
     loss = "auto"                  # auto (D1 if n_experts == K*, else D2) | D1 | D2
     max_iter = 500
     tol = 1e-8
+    [fit.theory]                   # optional: the theory's rate per rates.csv quantity (moelab.studies.theory)
+    loss_D1 = { slope = -0.5, source = "NeurIPS 2023, exact-specified" }   # slope <= 0, or
+    err_temperature = { rate = "slower-than-polynomial", source = "ICML 2024, abstract" }  # or "polynomial"
 
     [quick]                        # optional overrides for --quick
     n = [100, 1000]
@@ -55,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["Study", "FitSpec", "TruthSpec", "StudyError", "load_study", "parse_study"]
+__all__ = ["Study", "FitSpec", "TruthSpec", "StudyError", "load_study", "parse_study", "fingerprint_of", "study_from_json"]
 
 GATE_FAMILIES = ("softmax", "temperature", "activation")
 INITS = ("truth-perturbed", "kmeans", "random", "segments", "lines", "auto")
@@ -102,6 +105,7 @@ class FitSpec:
     loss: str = "auto"
     max_iter: int = 500
     tol: float = 1e-8
+    theory: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def loss_name(self, n_true: int) -> str:
         if self.loss != "auto":
@@ -123,9 +127,27 @@ class Study:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def fingerprint(self) -> str:
-        """Canonical JSON of everything that determines the results."""
+    def to_json(self) -> str:
+        """The study as canonical JSON (what ``study.json`` holds; theory claims included)."""
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def fingerprint(self) -> str:
+        """Canonical JSON of everything that determines the results (theory claims left out)."""
+        return fingerprint_of(self.to_json())
+
+
+def fingerprint_of(study_json: str) -> str:
+    """The fingerprint of a stored ``study.json`` text: its JSON without the theory claims."""
+    data = json.loads(study_json)
+    for f in data.get("fits", []):
+        f.pop("theory", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def study_from_json(study_json: str) -> "Study":
+    """Rebuild a :class:`Study` from a ``study.json`` text."""
+    data = json.loads(study_json)
+    return Study(**{**data, "truth": TruthSpec(**data["truth"]), "fits": [FitSpec(**f) for f in data["fits"]]})
 
 
 # ------------------------------------------------------------------ helpers
@@ -271,9 +293,39 @@ def _truth(t: dict) -> TruthSpec:
     return TruthSpec(fam, gs, gi, temp, act, es, ei, var, x)
 
 
+def _theory(t, where: str, loss_name: str) -> Dict[str, Dict[str, Any]]:
+    """Validate a [fit.theory] table: quantity → {slope, source} or {rate, source}."""
+    from .theory import QUANTITY_NAMES, RATE_CLAIMS
+
+    _check_keys(t, QUANTITY_NAMES, where)
+    other = "loss_D2" if loss_name == "D1" else "loss_D1"
+    if other in t:
+        raise _err(f"{where}.{other}", f"this setting's Voronoi loss is loss_{loss_name}; name the claim loss_{loss_name}")
+    out = {}
+    for q, c in t.items():
+        key = f"{where}.{q}"
+        if not isinstance(c, dict):
+            raise _err(key, f"must be a table, e.g. {{ slope = -0.5, source = \"paper, theorem\" }}; got {c!r}")
+        _check_keys(c, ("slope", "rate", "source"), key)
+        if ("slope" in c) == ("rate" in c):
+            raise _err(key, f"give exactly one of slope (a number <= 0) or rate ({' | '.join(RATE_CLAIMS)})")
+        if "source" not in c:
+            raise _err(f"{key}.source", "missing; say where the claim comes from (paper, theorem/section, or \"abstract\")")
+        claim = {"source": _str(c["source"], f"{key}.source")}
+        if "slope" in c:
+            claim["slope"] = _num(c["slope"], f"{key}.slope")
+            if claim["slope"] > 0:
+                raise _err(f"{key}.slope", f"must be <= 0 (a loss that falls as n^slope), got {claim['slope']}")
+        else:
+            claim["rate"] = _str(c["rate"], f"{key}.rate", RATE_CLAIMS)
+        out[q] = claim
+    return out
+
+
 def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     where = f"fit[{i}]"
-    allowed = ("name", "n_experts", "gate", "gate_options", "estimator", "init", "n_init", "perturbation", "loss", "max_iter", "tol")
+    allowed = ("name", "n_experts", "gate", "gate_options", "estimator", "init", "n_init", "perturbation", "loss", "max_iter",
+               "tol", "theory")
     _check_keys(f, allowed, where)
     if "n_experts" not in f:
         raise _err(f"{where}.n_experts", "missing; how many experts does the fitted model have?")
@@ -312,6 +364,7 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     )
     if spec.perturbation < 0:
         raise _err(f"{where}.perturbation", f"must be >= 0, got {spec.perturbation}")
+    spec.theory = _theory(f.get("theory", {}), f"{where}.theory", spec.loss_name(truth.n_experts))
     return spec
 
 

@@ -33,7 +33,7 @@ import torch
 from ..em import fit_em
 from ..metrics import d1_loss, d2_loss, density_distances, parameter_errors
 from ..mle import fit_mle
-from .config import FitSpec, Study, StudyError, TruthSpec
+from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
 from .simulate import cell_seed, simulate_cells, true_model, truth_perturbed, x_points
 
 __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results"]
@@ -101,15 +101,12 @@ def _check_out(out: Path, study: Study) -> None:
     """Create ``out`` and record the study; refuse a directory holding another study."""
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "study.json"
-    fp = study.fingerprint()
-    if meta.exists():
-        if meta.read_text() != fp:
-            raise StudyError(
-                f"{out} holds results of a different study (or of the same study with other settings, e.g. "
-                "--quick); use a new --out directory, or delete it to start over"
-            )
-    else:
-        meta.write_text(fp)
+    if meta.exists() and fingerprint_of(meta.read_text()) != study.fingerprint():
+        raise StudyError(
+            f"{out} holds results of a different study (or of the same study with other settings, e.g. "
+            "--quick); use a new --out directory, or delete it to start over"
+        )
+    meta.write_text(study.to_json())  # theory claims may be updated without invalidating finished fits
 
 
 def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int], xpts) -> List[dict]:
@@ -134,9 +131,9 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
             res = (fit_em if fit.estimator == "em" else fit_mle)(x, y, K, **kwargs)
         model = res.model
         with torch.no_grad():
-            d1, d2 = d1_loss(model, truth), d2_loss(model, truth)
+            d1, d2 = d1_loss(model, truth, xpts), d2_loss(model, truth, xpts)
             dens = density_distances(model, truth, xpts)
-            errs = parameter_errors(model, truth)
+            errs = parameter_errors(model, truth, xpts)
     except Exception as exc:  # recorded, never dropped
         msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
         return [dict(base, replicate=r, status="failed", converged=False, degenerate=False, error=msg,
@@ -259,7 +256,7 @@ def merge_results(dirs: Iterable, out=None, *, study: Optional[Study] = None) ->
         if not meta.exists():
             raise StudyError(f"merge: {d} has no study.json; is it an output directory of `moelab run`?")
         fps.append(meta.read_text())
-    if len(set(fps)) > 1:
+    if len({fingerprint_of(f) for f in fps}) > 1:
         raise StudyError("merge: the directories hold different studies (their study.json differ); merge slices of one study only")
     frames = [read_results(p) for d in dirs for p in sorted(d.glob("results*.csv"))]
     merged = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=RESULT_COLUMNS)
@@ -271,7 +268,6 @@ def merge_results(dirs: Iterable, out=None, *, study: Optional[Study] = None) ->
     from .report import write_report
 
     if study is None:
-        data = json.loads(fps[0])
-        study = Study(**{**data, "truth": TruthSpec(**data["truth"]), "fits": [FitSpec(**f) for f in data["fits"]]})
+        study = study_from_json(fps[0])
     write_report(merged, study, out, write_csv=False)
     return merged

@@ -44,3 +44,17 @@ def test_rate_fit_ignores_failed_and_validates():
     assert math.isnan(fit_rate([100, 100], [1.0, 2.0]).slope)
     with pytest.raises(ValueError, match="one n per loss"):
         fit_rate([1, 2], [1.0])
+
+
+def test_median_rate_resists_rare_far_off_replicates():
+    """A loss ∝ n^-1/2 with one replicate in 30 off by 1e6 at random n: the mean slope is wrecked, the median's is not."""
+    rng = np.random.default_rng(1)
+    ns = np.repeat([1000, 3000, 10000, 30000], 30)
+    loss = ns**-0.5 * rng.lognormal(0, 0.2, ns.size)
+    loss[[5, 70]] *= 1e6  # at n = 1000 and n = 10000
+    mean = fit_rate(ns, loss, n_boot=200)
+    med = fit_rate(ns, loss, n_boot=200, statistic="median")
+    assert abs(mean.slope + 0.5) > 0.5
+    assert med.ci_low < -0.5 < med.ci_high and abs(med.slope + 0.5) < 0.05
+    with pytest.raises(ValueError, match="'median'"):
+        fit_rate(ns, loss, statistic="mode")
