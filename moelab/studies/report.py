@@ -150,7 +150,7 @@ def _style(ax, ticker, title: str, identified: bool) -> None:
         ax.set_facecolor("0.92")
     ax.set_title(title, fontsize=FONT["title"], color="0.35" if not identified else "k")
     ax.set_xlabel("n", fontsize=FONT["label"])
-    ax.tick_params(labelsize=FONT["tick"])
+    ax.tick_params(which="both", labelsize=FONT["tick"])
     ax.grid(True, which="major", alpha=0.3)
 
 
