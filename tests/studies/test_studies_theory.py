@@ -5,7 +5,6 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 from moelab.studies import StudyError, load_preset, parse_study, run_study
 from moelab.studies.report import RATE_COLUMNS, rate_table
