@@ -185,8 +185,8 @@ def warn_if_temperature_not_identified(gate: Gate, x: torch.Tensor, *, stackleve
         total = max(ok.numel(), 1)
         warnings.warn(
             f"the temperature is not identified in {bad} of {total} problem(s): over the range the gate's logits take on "
-            "these data, (β_1, τ) and (cβ_1, cτ) give the same model (σ(cz) = cσ(z)), so only β_1/τ is estimated and τ "
-            "stays where the start put it. Fix τ (learn_temperature=False, --temperature T) or use an activation that is "
+            "these data, (β_1, τ) and (cβ_1, cτ) give the same model (σ(cz) = cσ(z)), so only β_1/τ is estimated and the "
+            "fitted τ (and β_1) reflect the start, not the data. Fix τ (learn_temperature=False, --temperature T) or use an activation that is "
             "not positively homogeneous (e.g. tanh, sigmoid).",
             IdentifiabilityWarning,
             stacklevel=stacklevel,
