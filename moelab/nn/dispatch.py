@@ -48,10 +48,35 @@ def token_capacity(capacity_factor: Optional[float], n_tokens: int, top_k: int, 
 
     Source: Fedus et al. 2022 (Switch Transformer), Sec. 2.2, "expert
     capacity", generalised to top-k.
+
+    Parameters
+    ----------
+    capacity_factor : float or None
+        ``> 0``; ``None`` or ``math.inf`` mean no limit (dropless).
+    n_tokens, top_k, n_experts : int
+        Real tokens, experts per token, experts.
+
+    Returns
+    -------
+    int or None
+        None when dropless. A factor so large that the capacity is at least
+        ``n_tokens`` (no expert can receive more, each token choosing an
+        expert at most once) gives ``n_tokens``, so no float overflows.
+
+    Raises
+    ------
+    ValueError
+        If ``capacity_factor`` is NaN or ``<= 0`` (:class:`MoEConfig` checks
+        this when the layer is built).
     """
-    if capacity_factor is None:
+    if capacity_factor is None or capacity_factor == math.inf:
         return None
-    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    if not (capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be > 0, inf or None (dropless), got {capacity_factor!r}")
+    capacity = capacity_factor * n_tokens * top_k / n_experts
+    if capacity >= n_tokens:
+        return n_tokens
+    return math.ceil(capacity)
 
 
 def sort_by_expert(

@@ -117,6 +117,6 @@ class Experts(nn.Module):
         Tensor of shape (n_tokens, d_model): ``Σ_e f_e(x)``.
         """
         h = F.linear(x, self.w_in.reshape(-1, self.d_model))  # [T, n * h_in]
-        a = self.hidden(h.view(x.shape[0], self.n, -1))  # [T, n, d_ff]
+        a = self.hidden(h.view(x.shape[0], self.n, self.w_in.shape[1]))  # [T, n, d_ff]; explicit sizes: T may be 0
         w_out = self.w_out.permute(1, 0, 2).reshape(self.d_model, self.n * self.d_ff)
-        return F.linear(a.reshape(x.shape[0], -1), w_out)
+        return F.linear(a.reshape(x.shape[0], self.n * self.d_ff), w_out)

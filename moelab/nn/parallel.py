@@ -61,10 +61,10 @@ class ExpertParallelMoE(MoELayer):
                 f"n_experts={config.n_experts} is not divisible by the {self.world} processes; "
                 f"choose a multiple of the group size"
             )
-        if config.router == "expert_choice" or config.capacity_factor is not None:
+        if not config.dropless:
             raise ValueError(
                 "ExpertParallelMoE is dropless token-choice routing only (expert choice and capacity limits "
-                "would act per rank, not globally); set capacity_factor=None and a token-choice router"
+                "would act per rank, not globally); set capacity_factor=None (or inf) and a token-choice router"
             )
         self.n_local = config.n_experts // self.world
         super().__init__(config, dtype=dtype)
@@ -87,6 +87,11 @@ class ExpertParallelMoE(MoELayer):
             if layer.shared_experts is not None:
                 ep.shared_experts.load_state_dict(layer.shared_experts.state_dict())
         return ep
+
+    def global_expert_load(self, load: torch.Tensor) -> torch.Tensor:
+        """``load`` summed over the process group (an all-reduce: every rank must call it)."""
+        dist.all_reduce(load, group=self.group)
+        return load
 
     def apply_experts(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """All-to-all tokens to their experts' ranks, run local experts, all-to-all back, combine."""
