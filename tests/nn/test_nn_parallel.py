@@ -1,4 +1,10 @@
-"""Expert parallelism: 2 processes (gloo, loopback) give the outputs and gradients of 1 process."""
+"""Expert parallelism: 2 processes (gloo, loopback) give the outputs and gradients of 1 process.
+
+One launch of two ranks (``ep_worker.py``) runs every scenario: an even split with padding, uneven
+local batches with empty ranks (issue 14: (10, 0), (0, 0), (1, 12)), and auxiliary-loss-free
+balancing over four steps. The launch is bounded by a timeout, so a hang (a rank missing a
+collective) fails the tests instead of blocking them.
+"""
 
 import os
 import socket
@@ -11,8 +17,13 @@ import torch
 import torch.distributed as dist
 
 WORKER = Path(__file__).with_name("ep_worker.py")
+ROOT = Path(__file__).resolve().parents[2]  # the checkout under test, not whichever moelab is installed
 WORLD = 2
-TIMEOUT_S = 90
+TIMEOUT_S = 120
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
 
 
 def free_port() -> int:
@@ -30,21 +41,27 @@ def load_worker_module():
     return module
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_two_process_expert_parallel_matches_single_process(tmp_path):
+def launch(script, out_dir: Path, extra_args=(), env_extra=None, timeout=TIMEOUT_S):
+    """Run ``script`` as WORLD ranks on 127.0.0.1; fail (never hang) if any rank errs or outlives ``timeout``."""
     port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
-           "OMP_NUM_THREADS": "1"}
-    files = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+           "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(WORLD),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           **(env_extra or {})}
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(port), str(files[r])],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen([sys.executable, str(script), *[a.format(rank=r, world=WORLD, port=port, out=out_dir)
+                                                          for a in extra_args]],
+                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(WORLD)
     ]
     logs = []
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank of {script.name} still running after {timeout} s (a hang in a collective?)")
             logs.append(out)
     finally:
         for p in procs:
@@ -52,22 +69,100 @@ def test_two_process_expert_parallel_matches_single_process(tmp_path):
                 p.kill()
                 p.wait()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    ranks = [torch.load(f) for f in files]
+    return logs
 
+
+def test_workers_import_this_checkout(tmp_path):
+    """The ranks must run the moelab under test (an installed copy elsewhere would make these tests vacuous)."""
+    script = tmp_path / "where.py"
+    script.write_text("import moelab, sys; print(moelab.__file__)\n")
+    logs = launch(script, tmp_path)
+    assert all(Path(log.strip().splitlines()[-1]).resolve().is_relative_to(ROOT) for log in logs), logs
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Results of every scenario, per rank: {scenario: [rank 0, rank 1]}."""
+    out_dir = tmp_path_factory.mktemp("ep")
+    launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
     worker = load_worker_module()
-    layer, x, mask, dy = worker.problem()
-    x = x.clone().requires_grad_(True)
-    out = layer(x, mask)
-    (out.output * dy).sum().backward()
+    names = ["padded", "bias", *worker.UNEVEN]
+    return {n: [torch.load(out_dir / f"{n}.rank{r}.pt") for r in range(WORLD)] for n in names}
 
+
+@pytest.fixture(scope="module")
+def worker():
+    return load_worker_module()
+
+
+def assert_matches_single_process(ranks, layer, out, x_grad):
+    """Per-rank results (concatenated / summed) equal the single-process ones."""
     torch.testing.assert_close(torch.cat([r["output"] for r in ranks]), out.output.detach())
-    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x.grad)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_grad)
     for name, p in layer.named_parameters():
         if name.startswith("experts."):  # each rank holds a slice of the experts
             got = torch.cat([r["grads"][name] for r in ranks])
         else:  # replicated parameters: gradients add up over ranks (what DDP's all-reduce does)
             got = sum(r["grads"][name] for r in ranks)
         torch.testing.assert_close(got, p.grad, msg=name)
-    assert p.grad.abs().sum() > 0
     # each rank counts its own tokens per (global) expert; summed over ranks: the single-process counts
     torch.testing.assert_close(torch.stack([r["tokens_per_expert"] for r in ranks]).sum(0), out.tokens_per_expert)
+
+
+def test_two_process_expert_parallel_matches_single_process(ranks, worker):
+    layer, x, mask, dy = worker.problem()
+    x = x.clone().requires_grad_(True)
+    out = layer(x, mask)
+    (out.output * dy).sum().backward()
+    assert_matches_single_process(ranks["padded"], layer, out, x.grad)
+    assert layer.experts.w_in.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["uneven_10_0", "uneven_0_0", "uneven_1_12"])
+def test_empty_and_uneven_local_batches_match_single_process(ranks, worker, name):
+    """Issue 14: a rank with no tokens takes part in both all-to-alls and returns an empty output."""
+    sizes = worker.UNEVEN[name]
+    layer, x, dy, _ = worker.uneven_problem(sizes)
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out.output * dy).sum().backward()
+    got = ranks[name]
+    for r, size in enumerate(sizes):
+        assert got[r]["output"].shape == (size, 6) and got[r]["x_grad"].shape == (size, 6)
+        for loss in ("load_balancing_loss", "z_loss"):
+            assert torch.isfinite(got[r][loss]), (r, loss)
+            if size == 0:
+                assert got[r][loss].item() == 0.0  # zero contribution from an empty rank
+        if size == 0:
+            assert got[r]["tokens_per_expert"].tolist() == [0, 0, 0, 0]
+    assert_matches_single_process(got, layer, out, x.grad)
+    if sum(sizes):  # the experts an empty rank holds still got their tokens' gradients
+        empty = [r for r, s in enumerate(sizes) if s == 0]
+        for r in empty:
+            assert got[r]["grads"]["experts.w_in"].abs().sum() > 0
+
+
+def test_expert_bias_under_expert_parallelism(ranks, worker):
+    """Loads are all-reduced: every rank holds the same bias, equal to one process on the whole batch."""
+    layer, steps = worker.bias_problem()
+    layer.train()
+    got = ranks["bias"]
+    biases = []
+    for i, (x, dy, rows) in enumerate(steps):
+        xs = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(xs)
+        (out.output * dy).sum().backward()
+        load = layer.update_expert_bias()
+        per_rank = [got[r][i] for r in range(WORLD)]
+        assert_matches_single_process(per_rank, layer, out, xs.grad)
+        for r in range(WORLD):
+            assert torch.equal(per_rank[r]["load"], load)  # the global load, on every rank
+            assert torch.equal(per_rank[r]["bias"], layer.expert_bias)
+        biases.append(layer.expert_bias.clone())
+    assert biases[-1].abs().sum() > 0 and abs(float(biases[-1].sum())) < 1e-6
+    # the bias moved the routing: the later steps' selections differ from those of a bias-free layer
+    plain, _ = worker.bias_problem()
+    plain.load_state_dict({**layer.state_dict(), "router.expert_bias": torch.zeros(4)})
+    x = steps[-1][0]
+    assert not torch.equal(plain(x).tokens_per_expert, layer(x).tokens_per_expert)
