@@ -27,10 +27,18 @@ class ExpertParallelMoE(MoELayer):
     Sec. 2.2), runs its local experts on tokens grouped by expert, and sends
     the results back with a second all-to-all. Outputs and gradients equal
     those of a single-process :class:`MoELayer` on the concatenated batch
-    (router gradients summed over ranks). Auxiliary losses and
-    ``tokens_per_expert`` (shape (n_experts,), all experts) are computed on
-    each rank's own tokens; sum the counts over ranks for global ones.
-    Dropless only: a ``capacity_factor`` would apply per rank.
+    (router gradients summed over ranks). Local batches may differ in size
+    and may be empty: a rank with no tokens still takes part in both
+    all-to-alls (it sends nothing, runs its experts on what it receives and
+    returns an empty output), so every rank must call ``forward`` and, on a
+    loss that involves ``output``, ``backward`` (the backward pass runs the
+    two all-to-alls again). Auxiliary losses and ``tokens_per_expert``
+    (shape (n_experts,), all experts) are computed on each rank's own
+    tokens (0 on an empty rank); sum the counts over ranks for global ones.
+    With auxiliary-loss-free balancing, :meth:`update_expert_bias`
+    all-reduces the loads (a sum of counts, so ranks weigh by their tokens)
+    and every rank applies the same update. Dropless only
+    (``capacity_factor`` None or inf): a capacity would apply per rank.
 
     Parameters
     ----------
@@ -45,7 +53,8 @@ class ExpertParallelMoE(MoELayer):
     RuntimeError
         If ``torch.distributed`` is not initialised.
     ValueError
-        If ``n_experts`` is not divisible by the group size.
+        If ``n_experts`` is not divisible by the group size, or the routing
+        is not dropless token choice.
     """
 
     def __init__(self, config: MoEConfig, group=None, *, dtype: Optional[torch.dtype] = None) -> None:

@@ -14,6 +14,11 @@ activation_dense_to_sparse    top-k of softmax(σ(Wx) / τ + b), σ of moelab.ac
 sigmoid                       top-k of sigmoid(Wx + b), optionally normalised
 expert_choice                 each expert takes its top-C tokens of softmax(Wx + b)
 ============================  =====================================================
+
+With ``MoEConfig(expert_bias_update_rate=γ)`` the token-choice routers select
+the top-k of ``scores + expert_bias`` and weight by the unbiased scores
+(auxiliary-loss-free balancing, DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2);
+:func:`expert_bias_update` is the update of the bias.
 """
 
 from __future__ import annotations
@@ -73,7 +78,22 @@ class Router(nn.Module):
     ----------
     config : MoEConfig
         Uses ``d_model``, ``n_experts``, ``top_k``, ``router_bias``,
-        ``noise``, ``noise_eps``, ``normalize_weights``.
+        ``noise``, ``noise_eps``, ``normalize_weights``,
+        ``expert_bias_update_rate``.
+
+    Attributes
+    ----------
+    weight : Parameter of shape (n_experts, d_model), float32
+    bias : Parameter of shape (n_experts,) or None
+        The learned intercept β₀ (``router_bias=True``); it enters the
+        logits, so it changes the weights too.
+    expert_bias : buffer of shape (n_experts,), float32, or None
+        Auxiliary-loss-free balancing bias (``expert_bias_update_rate``
+        set): added to the scores for the top-k selection only
+        (:meth:`biased`), updated by :meth:`MoELayer.update_expert_bias`.
+    expert_load : buffer of shape (n_experts,), int64, or None
+        Assignments per expert counted in training-mode forwards since the
+        last update (:meth:`count_load`).
     """
 
     def __init__(self, config: MoEConfig) -> None:

@@ -6,10 +6,6 @@ balancing over four steps. The launch is bounded by a timeout, so a hang (a rank
 collective) fails the tests instead of blocking them.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +13,12 @@ import torch
 import torch.distributed as dist
 
 WORKER = Path(__file__).with_name("ep_worker.py")
-ROOT = Path(__file__).resolve().parents[2]  # the checkout under test, not whichever moelab is installed
-WORLD = 2
-TIMEOUT_S = 120
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 2  # conftest.launch_ranks starts two ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_worker_module():
@@ -41,38 +30,7 @@ def load_worker_module():
     return module
 
 
-def launch(script, out_dir: Path, extra_args=(), env_extra=None, timeout=TIMEOUT_S):
-    """Run ``script`` as WORLD ranks on 127.0.0.1; fail (never hang) if any rank errs or outlives ``timeout``."""
-    port = free_port()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
-           "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(WORLD),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           **(env_extra or {})}
-    procs = [
-        subprocess.Popen([sys.executable, str(script), *[a.format(rank=r, world=WORLD, port=port, out=out_dir)
-                                                          for a in extra_args]],
-                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            try:
-                out, _ = p.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank of {script.name} still running after {timeout} s (a hang in a collective?)")
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    return logs
-
-
-def test_workers_import_this_checkout(tmp_path):
+def test_workers_import_this_checkout(tmp_path, launch):
     """The ranks must run the moelab under test (an installed copy elsewhere would make these tests vacuous)."""
     script = tmp_path / "where.py"
     script.write_text("import moelab, sys; print(moelab.__file__)\n")
@@ -81,7 +39,7 @@ def test_workers_import_this_checkout(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, launch):
     """Results of every scenario, per rank: {scenario: [rank 0, rank 1]}."""
     out_dir = tmp_path_factory.mktemp("ep")
     launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
