@@ -32,7 +32,7 @@ class ExpertParallelMoE(MoELayer):
     all-to-alls (it sends nothing, runs its experts on what it receives and
     returns an empty output), so every rank must call ``forward`` and, on a
     loss that involves ``output``, ``backward`` (the backward pass runs the
-    two all-to-alls again). Auxiliary losses and ``tokens_per_expert``
+    two all-to-alls again, also on a rank whose input needs no gradient). Auxiliary losses and ``tokens_per_expert``
     (shape (n_experts,), all experts) are computed on each rank's own
     tokens (0 on an empty rank); sum the counts over ranks for global ones.
     With auxiliary-loss-free balancing, :meth:`update_expert_bias`
@@ -117,6 +117,10 @@ class ExpertParallelMoE(MoELayer):
             perm = torch.argsort(labels, stable=True)
             local_counts = recv_counts.sum(0).tolist()
         x_send = x.index_select(0, dispatch.token_idx)  # sorted by expert = grouped by destination rank
+        if torch.is_grad_enabled() and not x_send.requires_grad:
+            # the backward of this all-to-all is a collective too: join it even when this rank's x
+            # needs no gradient (e.g. an empty batch that is a plain tensor), or the peers would hang
+            x_send = x_send.detach().requires_grad_(True)
         x_recv = dist_fn.all_to_all_single(
             x.new_empty(sum(recv_splits), x.shape[1]), x_send, recv_splits, send_splits, group=self.group
         )

@@ -69,9 +69,9 @@ def bias_problem():
     return layer, steps
 
 
-def run(ep, x, dy):
+def run(ep, x, dy, input_grad=True):
     """Forward + backward of one rank's batch; what the test compares."""
-    xl = x.clone().requires_grad_(True)
+    xl = x.clone().requires_grad_(input_grad)
     ep.zero_grad(set_to_none=True)
     out = ep(xl)
     (out.output * dy).sum().backward()
@@ -113,6 +113,10 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
             layer, x, dy, rows = uneven_problem(sizes)
             ep = ExpertParallelMoE.from_layer(layer)
             torch.save(run(ep, x[rows[rank]], dy[rows[rank]]), out_dir / f"{name}.rank{rank}.pt")
+        # 2b. the empty rank's input needs no gradient (a plain tensor), the other's does
+        layer, x, dy, rows = uneven_problem((10, 0))
+        ep = ExpertParallelMoE.from_layer(layer)
+        torch.save(run(ep, x[rows[rank]], dy[rows[rank]], input_grad=rank == 0), out_dir / f"mixed_grad.rank{rank}.pt")
         # 3. aux-loss-free balancing: loads all-reduced, the same bias on every rank
         layer, steps = bias_problem()
         ep = ExpertParallelMoE.from_layer(layer).train()

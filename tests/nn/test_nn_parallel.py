@@ -44,7 +44,7 @@ def ranks(tmp_path_factory, launch):
     out_dir = tmp_path_factory.mktemp("ep")
     launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
     worker = load_worker_module()
-    names = ["padded", "bias", *worker.UNEVEN]
+    names = ["padded", "bias", "mixed_grad", *worker.UNEVEN]
     return {n: [torch.load(out_dir / f"{n}.rank{r}.pt") for r in range(WORLD)] for n in names}
 
 
@@ -98,6 +98,19 @@ def test_empty_and_uneven_local_batches_match_single_process(ranks, worker, name
         empty = [r for r, s in enumerate(sizes) if s == 0]
         for r in empty:
             assert got[r]["grads"]["experts.w_in"].abs().sum() > 0
+
+
+def test_rank_whose_input_needs_no_gradient_still_joins_the_backward(ranks, worker):
+    """Rank 1 (empty, a plain tensor) must still run the backward all-to-all that rank 0 waits for."""
+    layer, x, dy, _ = worker.uneven_problem((10, 0))
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out.output * dy).sum().backward()
+    got = ranks["mixed_grad"]
+    assert got[1]["x_grad"] is None
+    torch.testing.assert_close(got[0]["x_grad"], x.grad)
+    got = [got[0], {**got[1], "x_grad": x.grad[:0]}]
+    assert_matches_single_process(got, layer, out, x.grad)
 
 
 def test_expert_bias_under_expert_parallelism(ranks, worker):
