@@ -115,8 +115,9 @@ def sort_by_expert(
             kept = torch.clamp(counts, max=capacity)
             n_dropped = int((counts - kept).sum())
             counts = kept
-        sorted_tokens = token_idx[order]
-    return Dispatch(sorted_tokens, weight[order], counts, counts.tolist(), n_assigned, n_dropped)
+        sorted_tokens = token_idx.index_select(0, order)
+    # index_select, not weight[order]: its backward is an index_add, cheaper than advanced indexing's index_put
+    return Dispatch(sorted_tokens, weight.index_select(0, order), counts, counts.tolist(), n_assigned, n_dropped)
 
 
 def combine(y_sorted: torch.Tensor, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:

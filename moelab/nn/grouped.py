@@ -27,10 +27,14 @@ def _swiglu(h: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _swiglu_backward(h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_ff: int) -> torch.Tensor:
-    """dL/dh for a = silu(g) * u with h = [g, u]: [silu'(g) u da, silu(g) da] (3 element-wise passes)."""
+    """dL/dh for a = silu(g) * u with h = [g, u]: [silu'(g) u da, silu(g) da] (3 element-wise passes).
+
+    ``da`` (a fresh buffer of the caller's) is overwritten with ``da * u``: no temporary is allocated.
+    """
     dh = torch.empty_like(h)
     torch.mul(da, silu_g, out=dh[:, d_ff:])
-    torch.ops.aten.silu_backward.grad_input(da * h[:, d_ff:], h[:, :d_ff], grad_input=dh[:, :d_ff])
+    da.mul_(h[:, d_ff:])
+    torch.ops.aten.silu_backward.grad_input(da, h[:, :d_ff], grad_input=dh[:, :d_ff])
     return dh
 
 

@@ -204,6 +204,16 @@ def test_nan_input_is_reported_and_not_changed(layer):
     assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x[~x.isnan()], before[~before.isnan()])
 
 
+def test_finite_input_whose_sum_overflows_is_accepted(layer):
+    """The NaN/inf check sums x first; an overflowing sum of finite values falls back to the exact check."""
+    x = torch.full((4, 6), 3e38)
+    assert not torch.isfinite(x.sum())
+    layer(x)  # no error: every value is finite
+    x[2, 3] = float("-inf")
+    with pytest.raises(ValueError, match=r"x contains 1 NaN/inf values"):
+        layer(x)
+
+
 def test_nan_check_can_be_switched_off():
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(**BASE, validate_inputs=False))
