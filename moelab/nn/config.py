@@ -96,6 +96,16 @@ class MoEConfig:
         then exactly dropless (as ``None``; :attr:`dropless` is True).
         Expert-choice routing uses it as its capacity multiplier (``None``
         means 1.0) and needs it finite.
+    noise : {None, "gumbel", "jitter"}, default None
+        Router noise, applied in training mode only: Gumbel(0, 1) noise added
+        to the logits (after the temperature, for the dense-to-sparse
+        routers), or multiplicative jitter ``x * U(1-eps, 1+eps)`` of the
+        router input (Switch Transformer).
+    noise_eps : float, default 1e-2
+        Jitter half-width ``eps`` in ``(0, 1)``.
+    validate_inputs : bool, default True
+        Check inputs for NaN/inf in ``forward`` (shape and dtype are always
+        checked).
     expert_bias_update_rate : float or None, default None
         γ of auxiliary-loss-free load balancing (DeepSeek-V3, Liu et al.
         2024, arXiv 2412.19437, Sec. 2.1.2; 1e-3 there). ``None`` turns it
@@ -108,22 +118,18 @@ class MoEConfig:
         assignments counted in training-mode forwards since the last
         update. Token-choice routers only (expert choice is balanced by
         construction).
-    noise : {None, "gumbel", "jitter"}, default None
-        Router noise, applied in training mode only: Gumbel(0, 1) noise added
-        to the logits (after the temperature, for the dense-to-sparse
-        routers), or multiplicative jitter ``x * U(1-eps, 1+eps)`` of the
-        router input (Switch Transformer).
-    noise_eps : float, default 1e-2
-        Jitter half-width ``eps`` in ``(0, 1)``.
-    validate_inputs : bool, default True
-        Check inputs for NaN/inf in ``forward`` (shape and dtype are always
-        checked).
+    reuse_buffers : bool, default True
+        Keep the routed experts' intermediates saved for backward in memory
+        reused from call to call (:class:`moelab.nn.grouped.Workspace`): on
+        CPU this avoids page-faulting ~100 MB of fresh memory per call, at
+        the cost of keeping one forward's intermediates allocated between
+        calls. ``False`` allocates them afresh every time.
 
     Raises
     ------
     TypeError
         ``capacity_factor`` or ``expert_bias_update_rate`` not a real number
-        (a bool or a string, say).
+        (a bool or a string, say); ``reuse_buffers`` not a bool.
     ValueError
         For any value outside the ranges above, with the fix in the message.
     """
@@ -146,10 +152,11 @@ class MoEConfig:
     n_shared_experts: int = 0
     d_ff_shared: Optional[int] = None
     capacity_factor: Optional[float] = None
-    expert_bias_update_rate: Optional[float] = None
     noise: Optional[str] = None
     noise_eps: float = 1e-2
     validate_inputs: bool = True
+    expert_bias_update_rate: Optional[float] = None
+    reuse_buffers: bool = True
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "n_experts", "top_k", "schedule_steps"):
@@ -216,6 +223,8 @@ class MoEConfig:
             raise ValueError(f"n_shared_experts must be an int >= 0, got {self.n_shared_experts!r}")
         if self.d_ff_shared is not None and (not isinstance(self.d_ff_shared, int) or self.d_ff_shared < 1):
             raise ValueError(f"d_ff_shared must be a positive int or None, got {self.d_ff_shared!r}")
+        if not isinstance(self.reuse_buffers, bool):
+            raise TypeError(f"reuse_buffers must be True or False, got {self.reuse_buffers!r}")
         if not (0.0 < self.noise_eps < 1.0):
             raise ValueError(f"noise_eps must be in (0, 1), got {self.noise_eps!r}")
         resolve_activation(self.gate_activation)
