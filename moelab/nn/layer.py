@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed
 from torch import nn
 
 from moelab.nn.config import MoEConfig
@@ -110,7 +111,7 @@ class MoELayer(nn.Module):
         """The auxiliary-loss-free balancing bias, shape (n_experts,), float32; None when disabled."""
         return self.router.expert_bias
 
-    def update_expert_bias(self) -> torch.Tensor:
+    def update_expert_bias(self, group=None) -> torch.Tensor:
         """One step of auxiliary-loss-free load balancing; call it once per optimiser step.
 
         ``b ← b + Δb`` with ``Δb_e = γ sign(mean(load) - load_e)`` recentred
@@ -120,8 +121,16 @@ class MoELayer(nn.Module):
         capacity drops) in the training-mode forwards since the last call
         — all micro-batches of a gradient-accumulation step count. The
         counter is then reset. Under :class:`ExpertParallelMoE` the loads are
-        summed over the process group first, so every rank applies the same
-        update: every rank must call it (it is a collective).
+        summed over the expert-parallel group first, so every rank applies
+        the same update: every rank must call it (it is a collective).
+
+        Parameters
+        ----------
+        group : ProcessGroup, optional
+            Also sum the loads over this ``torch.distributed`` group (an
+            all-reduce every member must join) — the data-parallel group
+            when the layer is replicated (DDP), so the replicas keep one
+            bias computed from all their tokens instead of drifting apart.
 
         Returns
         -------
@@ -141,6 +150,8 @@ class MoELayer(nn.Module):
             )
         with torch.no_grad():
             load = self.global_expert_load(router.expert_load.clone())
+            if group is not None:
+                torch.distributed.all_reduce(load, group=group)
             router.expert_bias += expert_bias_update(load, self.config.expert_bias_update_rate)
             router.expert_load.zero_()
         return load

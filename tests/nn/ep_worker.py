@@ -127,6 +127,16 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
             result["bias"] = ep.expert_bias.clone()
             record.append(result)
         torch.save(record, out_dir / f"bias.rank{rank}.pt")
+        # 4. data parallelism: replicated layers, loads summed over the group -> one bias for all replicas
+        layer, steps = bias_problem()
+        layer.train()
+        record = []
+        for x, dy, rows in steps:
+            result = run(layer, x[rows[rank]], dy[rows[rank]])
+            result["load"] = layer.update_expert_bias(group=dist.group.WORLD)
+            result["bias"] = layer.expert_bias.clone()
+            record.append(result)
+        torch.save(record, out_dir / f"dp_bias.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -44,7 +44,7 @@ def ranks(tmp_path_factory, launch):
     out_dir = tmp_path_factory.mktemp("ep")
     launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
     worker = load_worker_module()
-    names = ["padded", "bias", "mixed_grad", *worker.UNEVEN]
+    names = ["padded", "bias", "dp_bias", "mixed_grad", *worker.UNEVEN]
     return {n: [torch.load(out_dir / f"{n}.rank{r}.pt") for r in range(WORLD)] for n in names}
 
 
@@ -137,3 +137,18 @@ def test_expert_bias_under_expert_parallelism(ranks, worker):
     plain.load_state_dict({**layer.state_dict(), "router.expert_bias": torch.zeros(4)})
     x = steps[-1][0]
     assert not torch.equal(plain(x).tokens_per_expert, layer(x).tokens_per_expert)
+
+
+def test_expert_bias_under_data_parallelism(ranks, worker):
+    """Replicated layers with update_expert_bias(group=...) keep one bias, that of one process on all tokens."""
+    layer, steps = worker.bias_problem()
+    layer.train()
+    got = ranks["dp_bias"]
+    for i, (x, dy, rows) in enumerate(steps):
+        out = layer(x).output.detach()  # routed with the bias of the previous steps
+        torch.testing.assert_close(torch.cat([got[r][i]["output"] for r in range(WORLD)]), out)
+        load = layer.update_expert_bias()
+        for r in range(WORLD):
+            assert torch.equal(got[r][i]["load"], load)
+            assert torch.equal(got[r][i]["bias"], layer.expert_bias)
+    assert layer.expert_bias.abs().sum() > 0
