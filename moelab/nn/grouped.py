@@ -98,6 +98,21 @@ def _swiglu_backward(h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_
 
 
 
+def _add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[index] += rows`` in place, for distinct ``index`` (one expert's tokens).
+
+    Each element receives exactly one addition, so both kernels below give the same bits. With
+    several intra-op threads ``index_put_(accumulate=True)`` runs as one parallel region, where
+    ``index_add_`` (a ``scatter_add_`` on CPU) takes several; on a busy machine each region waits
+    for a preempted thread (measured on 2 loaded cores, 4096 × 512: 104 ms against 12 ms; at one
+    thread index_add_ is the faster, 0.18 ms against 0.30 ms).
+    """
+    if torch.get_num_threads() > 1:
+        out.index_put_((index,), rows, accumulate=True)
+    else:
+        out.index_add_(0, index, rows)
+
+
 def _zero_unused_experts(bounds, n_experts, *grads):
     """Zero the weight-gradient rows of experts that received no tokens (in place on fresh buffers)."""
     used = {e for e, _, _ in bounds}
@@ -246,7 +261,7 @@ class _FusedMoEFFN(torch.autograd.Function):
             else:
                 act_h, silu_g = act(h), h.new_empty(0)
             ye = torch.mm(act_h, w_out[e].t(), out=block(c, d_out))
-            out.index_add_(0, token_idx[a:b], ye * w[a:b, None])
+            _add_rows(out, token_idx[a:b], ye * w[a:b, None])
             bounds.append((e, a, b))
             saved += [xe, h, act_h, silu_g, ye]
         ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
@@ -293,7 +308,7 @@ class _FusedMoEFFN(torch.autograd.Function):
             if dw_in is not None:
                 torch.mm(dh.t(), xe, out=dw_in[e])
             if dx is not None:
-                dx.index_add_(0, tok, torch.mm(dh, w_in[e]))
+                _add_rows(dx, tok, torch.mm(dh, w_in[e]))
         if dweight is not None:
             dweight = dweight.to(ctx.weight_dtype)
         if ctx.release is not None:
