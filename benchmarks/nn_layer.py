@@ -13,6 +13,7 @@ Run::
 
     python benchmarks/nn_layer.py            # table
     python benchmarks/nn_layer.py --json     # JSON with ratio_vs_hf_eager_1thread
+    python benchmarks/nn_layer.py --profile  # where moelab's time goes (torch.profiler), per category
 
 ``ratio_vs_hf_eager_Nthread`` = HF time / moelab time (> 1: moelab faster);
 ``ratio_vs_floor_Nthread`` = moelab time / floor time (1.0 is the floor).
@@ -153,12 +154,68 @@ def fwd_bwd(module_fn, params, x, dy):
     return run
 
 
+EXPERT_NODES = ("_FusedMoEFFN", "_GroupedFFN")  # the autograd Functions of moelab/nn/grouped.py
+GATHER_SCATTER = ("aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::index_add")
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm")
+ROUTER = ("aten::linear", "aten::softmax", "aten::_softmax", "aten::topk", "aten::gather", "aten::sigmoid",
+          "aten::exponential_", "aten::uniform_", "aten::div", "aten::index_add")
+DISPATCH = ("aten::argsort", "aten::sort", "aten::bincount", "aten::repeat", "aten::repeat_interleave",
+            "aten::arange", "aten::cumsum", "aten::index_select", "aten::index", "aten::clamp")
+LOSSES = ("aten::logsumexp", "aten::mean", "aten::dot", "aten::square", "aten::pow")
+CHECKS = ("aten::isfinite", "aten::sum")
+
+
+def categorise(top: str, name: str) -> str:
+    """Category of an op with self time, from the top-level event it runs under and its own name."""
+    if any(node in top for node in EXPERT_NODES):
+        if name in MATMUL:
+            return "experts: matmuls"
+        if name in GATHER_SCATTER:
+            return "experts: gather / weighted scatter-add"
+        if any(node in name for node in EXPERT_NODES):
+            return "experts: Python of the autograd Function"
+        return "experts: SwiGLU, weights, zeros (element-wise)"
+    if top.startswith("autograd::engine::evaluate_function"):
+        return "router & combine-weight backward" if "AccumulateGrad" not in top else "gradient accumulation"
+    if name in ROUTER or top in ROUTER:
+        return "router forward"
+    if name in DISPATCH or top in DISPATCH:
+        return "dispatch (sort, counts)"
+    if name in LOSSES or top in LOSSES:
+        return "auxiliary losses"
+    if name in CHECKS or top in CHECKS:
+        return "input check, other reductions"
+    return "other"
+
+
+def profile_breakdown(fn, iterations: int = 3) -> dict:
+    """Self CPU time per category (ms per call) of ``fn`` under torch.profiler, and the total."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iterations):
+            fn()
+    totals = defaultdict(float)
+    for event in prof.events():
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        totals[categorise(root.name, event.name)] += event.self_cpu_time_total / 1e3 / iterations
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile moelab and the floor (torch.profiler) instead of timing; per category")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
 
@@ -183,6 +240,26 @@ def main(argv=None) -> int:
     }
     if hf is not None:
         contenders["hf_mixtral_eager"] = fwd_bwd(lambda t: hf_forward(hf, t), list(hf.parameters()), x, dy)
+
+    if args.profile:
+        report = {"command": command, "load_average_1min_at_start": os.getloadavg()[0], "profile_ms": {}}
+        for n in args.threads:
+            torch.set_num_threads(n)
+            ours = profile_breakdown(contenders["moelab"])
+            floor = profile_breakdown(contenders["compute_floor"])
+            report["profile_ms"][f"{n}thread"] = {"moelab": ours, "compute_floor_total": sum(floor.values())}
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print(f"command: {command}   (1-min load average at start: {report['load_average_1min_at_start']:.2f})")
+        for n in args.threads:
+            r = report["profile_ms"][f"{n}thread"]
+            total = sum(r["moelab"].values())
+            print(f"\n{n} thread(s): moelab {total:.1f} ms per forward+backward under the profiler, "
+                  f"floor {r['compute_floor_total']:.1f} ms")
+            for cat, ms in r["moelab"].items():
+                print(f"  {cat:<48} {ms:8.1f} ms  {100 * ms / total:5.1f} %")
+        return 0
 
     result = {
         "command": command,

@@ -22,6 +22,7 @@ from moelab.nn.routers import (
     SigmoidRouter,
     TopKSoftmaxRouter,
     build_router,
+    expert_bias_update,
 )
 from moelab.nn.schedules import TemperatureSchedule
 
@@ -40,6 +41,7 @@ __all__ = [
     "SigmoidRouter",
     "ExpertChoiceRouter",
     "build_router",
+    "expert_bias_update",
     "TemperatureSchedule",
     "Dispatch",
     "sort_by_expert",

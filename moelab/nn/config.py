@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -9,7 +11,7 @@ import torch
 
 from moelab.activations import resolve_activation
 
-__all__ = ["MoEConfig", "ROUTERS", "EXPERT_KINDS", "NOISE_KINDS", "SCHEDULES"]
+__all__ = ["MoEConfig", "ROUTERS", "ROUTER_ALIASES", "EXPERT_KINDS", "NOISE_KINDS", "SCHEDULES"]
 
 ROUTERS = (
     "topk_softmax",
@@ -18,6 +20,12 @@ ROUTERS = (
     "sigmoid",
     "expert_choice",
 )
+# names of moelab's statistical gates (moelab.gates.GATES) that are the same gate as a layer router
+ROUTER_ALIASES = {
+    "topk": "topk_softmax",
+    "temperature": "dense_to_sparse",
+    "activation": "activation_dense_to_sparse",
+}
 EXPERT_KINDS = ("swiglu", "mlp")
 NOISE_KINDS = (None, "gumbel", "jitter")
 SCHEDULES = ("constant", "linear", "exponential", "cosine")
@@ -42,7 +50,13 @@ class MoEConfig:
     router : str, default "topk_softmax"
         One of ``"topk_softmax"``, ``"dense_to_sparse"`` (temperature softmax,
         logits ``Wx/τ + b``), ``"activation_dense_to_sparse"`` (logits
-        ``σ(Wx)/τ + b``), ``"sigmoid"`` and ``"expert_choice"``.
+        ``σ(Wx)/τ + b``), ``"sigmoid"`` and ``"expert_choice"``. The names of
+        the statistical gates (:data:`moelab.gates.GATES`) are accepted for
+        the same gate: ``"topk"`` (→ ``"topk_softmax"``), ``"temperature"``
+        (→ ``"dense_to_sparse"``), ``"activation"`` (→
+        ``"activation_dense_to_sparse"``); ``config.router`` then holds the
+        layer's name (:data:`ROUTER_ALIASES`). The dense statistical
+        ``"softmax"`` gate is ``router="topk_softmax", top_k=n_experts``.
     normalize_weights : bool, default False
         Renormalise the selected weights of a token to sum to one (Mixtral
         does this for top-k softmax; for the sigmoid router it normalises over
@@ -74,10 +88,14 @@ class MoEConfig:
     d_ff_shared : int or None, default None
         Hidden width of each shared expert; ``None`` means ``d_ff``.
     capacity_factor : float or None, default None
-        ``None`` is dropless (token-choice routers). Otherwise each expert
-        takes at most ``ceil(capacity_factor * n_tokens * top_k / n_experts)``
-        assignments and the rest are dropped and counted. Expert-choice
-        routing uses it as its capacity multiplier (``None`` means 1.0).
+        ``None`` is dropless (token-choice routers). Otherwise a real number
+        ``> 0``: each expert takes at most
+        ``ceil(capacity_factor * n_tokens * top_k / n_experts)`` assignments
+        and the rest are dropped and counted (Fedus et al. 2022, Sec. 2.2).
+        ``math.inf`` is the limit of no capacity: token-choice routing is
+        then exactly dropless (as ``None``; :attr:`dropless` is True).
+        Expert-choice routing uses it as its capacity multiplier (``None``
+        means 1.0) and needs it finite.
     noise : {None, "gumbel", "jitter"}, default None
         Router noise, applied in training mode only: Gumbel(0, 1) noise added
         to the logits (after the temperature, for the dense-to-sparse
@@ -88,9 +106,30 @@ class MoEConfig:
     validate_inputs : bool, default True
         Check inputs for NaN/inf in ``forward`` (shape and dtype are always
         checked).
+    expert_bias_update_rate : float or None, default None
+        γ of auxiliary-loss-free load balancing (DeepSeek-V3, Liu et al.
+        2024, arXiv 2412.19437, Sec. 2.1.2; 1e-3 there). ``None`` turns it
+        off. When set, the router holds a per-expert bias ``b`` (buffer
+        ``router.expert_bias``, zero at start, saved in the state dict) that
+        is added to the routing scores for the *selection* of the top-k
+        experts only (the combination weights are the unbiased scores), and
+        :meth:`MoELayer.update_expert_bias` moves it by
+        ``γ · sign(mean_load - load_e)``, recentred to zero mean, from the
+        assignments counted in training-mode forwards since the last
+        update. Token-choice routers only (expert choice is balanced by
+        construction).
+    reuse_buffers : bool, default True
+        Keep the routed experts' intermediates saved for backward in memory
+        reused from call to call (:class:`moelab.nn.grouped.Workspace`): on
+        CPU this avoids page-faulting ~100 MB of fresh memory per call, at
+        the cost of keeping one forward's intermediates allocated between
+        calls. ``False`` allocates them afresh every time.
 
     Raises
     ------
+    TypeError
+        ``capacity_factor`` or ``expert_bias_update_rate`` not a real number
+        (a bool or a string, say); ``reuse_buffers`` not a bool.
     ValueError
         For any value outside the ranges above, with the fix in the message.
     """
@@ -116,6 +155,8 @@ class MoEConfig:
     noise: Optional[str] = None
     noise_eps: float = 1e-2
     validate_inputs: bool = True
+    expert_bias_update_rate: Optional[float] = None
+    reuse_buffers: bool = True
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "n_experts", "top_k", "schedule_steps"):
@@ -127,8 +168,18 @@ class MoEConfig:
                 f"top_k={self.top_k} is larger than n_experts={self.n_experts}; "
                 f"choose top_k <= n_experts (moelab never lowers it for you)"
             )
+        if isinstance(self.router, str) and self.router in ROUTER_ALIASES:
+            object.__setattr__(self, "router", ROUTER_ALIASES[self.router])  # a documented alias, not a fix
+        if self.router == "softmax":
+            raise ValueError(
+                "router 'softmax' (the dense statistical gate) has no sparse layer router of that name; "
+                "use router='topk_softmax' with top_k=n_experts for the dense softmax gate, or a smaller top_k"
+            )
         if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+            raise ValueError(
+                f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)} "
+                f"(or a statistical gate name: {', '.join(ROUTER_ALIASES)})"
+            )
         if self.expert not in EXPERT_KINDS:
             raise ValueError(f"unknown expert {self.expert!r}; choose one of {', '.join(EXPERT_KINDS)}")
         if self.schedule not in SCHEDULES:
@@ -166,16 +217,66 @@ class MoEConfig:
             )
         if self.normalize_weights and self.router == "expert_choice":
             raise ValueError("normalize_weights is not defined for expert_choice routing; set it to False")
-        if self.capacity_factor is not None and not (self.capacity_factor > 0):
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor!r}")
+        self._check_capacity_factor()
+        self._check_expert_bias_update_rate()
         if isinstance(self.n_shared_experts, bool) or not isinstance(self.n_shared_experts, int) or self.n_shared_experts < 0:
             raise ValueError(f"n_shared_experts must be an int >= 0, got {self.n_shared_experts!r}")
         if self.d_ff_shared is not None and (not isinstance(self.d_ff_shared, int) or self.d_ff_shared < 1):
             raise ValueError(f"d_ff_shared must be a positive int or None, got {self.d_ff_shared!r}")
+        if not isinstance(self.reuse_buffers, bool):
+            raise TypeError(f"reuse_buffers must be True or False, got {self.reuse_buffers!r}")
         if not (0.0 < self.noise_eps < 1.0):
             raise ValueError(f"noise_eps must be in (0, 1), got {self.noise_eps!r}")
         resolve_activation(self.gate_activation)
         resolve_activation(self.expert_activation)
+
+    def _check_capacity_factor(self) -> None:
+        cf = self.capacity_factor
+        if cf is None:
+            return
+        if isinstance(cf, bool) or not isinstance(cf, numbers.Real):
+            raise TypeError(
+                f"capacity_factor must be a real number > 0 or None (dropless), got {cf!r} "
+                f"of type {type(cf).__name__}; pass a float such as capacity_factor=1.25"
+            )
+        if math.isnan(cf) or not (cf > 0):
+            raise ValueError(
+                f"capacity_factor must be > 0 or None (dropless), got {cf!r}; "
+                f"use a value such as 1.25, or None / math.inf for no capacity limit"
+            )
+        if math.isinf(cf) and self.router == "expert_choice":
+            raise ValueError(
+                "capacity_factor=inf is not defined for expert_choice routing (it is the capacity multiplier "
+                "C = capacity_factor * n * top_k / n_experts); use a finite value, e.g. "
+                "capacity_factor=n_experts/top_k lets every expert take every token"
+            )
+
+    def _check_expert_bias_update_rate(self) -> None:
+        rate = self.expert_bias_update_rate
+        if rate is None:
+            return
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise TypeError(
+                f"expert_bias_update_rate must be a real number > 0 or None (off), got {rate!r} "
+                f"of type {type(rate).__name__}; DeepSeek-V3 uses 1e-3"
+            )
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(
+                f"expert_bias_update_rate must be a finite number > 0 or None (off), got {rate!r}; "
+                f"DeepSeek-V3 uses 1e-3"
+            )
+        if self.router == "expert_choice":
+            raise ValueError(
+                "expert_bias_update_rate applies to token-choice routers; expert_choice routing is balanced "
+                "by construction: set expert_bias_update_rate=None or choose a token-choice router"
+            )
+
+    @property
+    def dropless(self) -> bool:
+        """True when no token-choice assignment can be dropped (``capacity_factor`` None or inf)."""
+        if self.router == "expert_choice":
+            return False
+        return self.capacity_factor is None or math.isinf(self.capacity_factor)
 
     @property
     def is_causal(self) -> bool:

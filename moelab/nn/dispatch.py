@@ -48,10 +48,35 @@ def token_capacity(capacity_factor: Optional[float], n_tokens: int, top_k: int, 
 
     Source: Fedus et al. 2022 (Switch Transformer), Sec. 2.2, "expert
     capacity", generalised to top-k.
+
+    Parameters
+    ----------
+    capacity_factor : float or None
+        ``> 0``; ``None`` or ``math.inf`` mean no limit (dropless).
+    n_tokens, top_k, n_experts : int
+        Real tokens, experts per token, experts.
+
+    Returns
+    -------
+    int or None
+        None when dropless. A factor so large that the capacity is at least
+        ``n_tokens`` (no expert can receive more, each token choosing an
+        expert at most once) gives ``n_tokens``, so no float overflows.
+
+    Raises
+    ------
+    ValueError
+        If ``capacity_factor`` is NaN or ``<= 0`` (:class:`MoEConfig` checks
+        this when the layer is built).
     """
-    if capacity_factor is None:
+    if capacity_factor is None or capacity_factor == math.inf:
         return None
-    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    if not (capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be > 0, inf or None (dropless), got {capacity_factor!r}")
+    capacity = capacity_factor * n_tokens * top_k / n_experts
+    if capacity >= n_tokens:
+        return n_tokens
+    return math.ceil(capacity)
 
 
 def sort_by_expert(
@@ -90,8 +115,9 @@ def sort_by_expert(
             kept = torch.clamp(counts, max=capacity)
             n_dropped = int((counts - kept).sum())
             counts = kept
-        sorted_tokens = token_idx[order]
-    return Dispatch(sorted_tokens, weight[order], counts, counts.tolist(), n_assigned, n_dropped)
+        sorted_tokens = token_idx.index_select(0, order)
+    # index_select, not weight[order]: its backward is an index_add, cheaper than advanced indexing's index_put
+    return Dispatch(sorted_tokens, weight.index_select(0, order), counts, counts.tolist(), n_assigned, n_dropped)
 
 
 def combine(y_sorted: torch.Tensor, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:

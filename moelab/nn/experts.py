@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.activations import resolve_activation
-from moelab.nn.grouped import fused_moe_ffn, grouped_ffn
+from moelab.nn.grouped import Workspace, fused_moe_ffn, grouped_ffn
 
 __all__ = ["Experts"]
 
@@ -33,11 +33,16 @@ class Experts(nn.Module):
     activation : str or callable, default "gelu"
         Activation of ``"mlp"`` experts (:func:`moelab.activations.resolve_activation`).
     dtype : torch.dtype, optional
+    reuse_buffers : bool, default True
+        Keep the intermediates :meth:`routed` saves for backward in a :class:`~moelab.nn.grouped.Workspace`
+        reused from call to call (no page faults on CPU; costs one forward's intermediates of memory).
 
     Attributes
     ----------
     w_in : Parameter of shape (n, 2 * d_ff, d_model) for swiglu, (n, d_ff, d_model) for mlp
     w_out : Parameter of shape (n, d_model, d_ff)
+    workspace : Workspace or None
+        None when ``reuse_buffers=False``.
     """
 
     def __init__(
@@ -48,8 +53,10 @@ class Experts(nn.Module):
         kind: str = "swiglu",
         activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "gelu",
         dtype: Optional[torch.dtype] = None,
+        reuse_buffers: bool = True,
     ) -> None:
         super().__init__()
+        self.workspace = Workspace() if reuse_buffers else None
         if kind not in ("swiglu", "mlp"):
             raise ValueError(f"unknown expert kind {kind!r}; choose 'swiglu' or 'mlp'")
         self.n, self.d_model, self.d_ff, self.kind = n, d_model, d_ff, kind
@@ -103,7 +110,7 @@ class Experts(nn.Module):
         Tensor of shape (n_tokens, d_model): ``Σ_a weight[a] f_{e(a)}(x[token_idx[a]])``
         accumulated at ``token_idx[a]`` (:func:`moelab.nn.grouped.fused_moe_ffn`).
         """
-        return fused_moe_ffn(x, token_idx, weight, self.w_in, self.w_out, counts, self.kind, self.act)
+        return fused_moe_ffn(x, token_idx, weight, self.w_in, self.w_out, counts, self.kind, self.act, self.workspace)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of all experts applied to every token (shared experts).
@@ -117,6 +124,6 @@ class Experts(nn.Module):
         Tensor of shape (n_tokens, d_model): ``Σ_e f_e(x)``.
         """
         h = F.linear(x, self.w_in.reshape(-1, self.d_model))  # [T, n * h_in]
-        a = self.hidden(h.view(x.shape[0], self.n, -1))  # [T, n, d_ff]
+        a = self.hidden(h.view(x.shape[0], self.n, self.w_in.shape[1]))  # [T, n, d_ff]; explicit sizes: T may be 0
         w_out = self.w_out.permute(1, 0, 2).reshape(self.d_model, self.n * self.d_ff)
-        return F.linear(a.reshape(x.shape[0], -1), w_out)
+        return F.linear(a.reshape(x.shape[0], self.n * self.d_ff), w_out)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed
 from torch import nn
 
 from moelab.nn.config import MoEConfig
 from moelab.nn.dispatch import Dispatch, sort_by_expert, token_capacity
 from moelab.nn.experts import Experts
 from moelab.nn.losses import load_balancing_loss, router_z_loss
-from moelab.nn.routers import DenseToSparseRouter, RouterOutput, build_router
+from moelab.nn.routers import DenseToSparseRouter, RouterOutput, build_router, expert_bias_update
 
 __all__ = ["MoELayer", "MoEOutput"]
 
@@ -87,7 +88,8 @@ class MoELayer(nn.Module):
 
     def build_experts(self, config: MoEConfig, dtype: Optional[torch.dtype]) -> Experts:
         """The routed experts (all ``n_experts`` here; a slice of them in :class:`ExpertParallelMoE`)."""
-        return Experts(config.n_experts, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype)
+        return Experts(config.n_experts, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype,
+                       reuse_buffers=config.reuse_buffers)
 
     @property
     def is_causal(self) -> bool:
@@ -104,6 +106,60 @@ class MoELayer(nn.Module):
         if isinstance(self.router, DenseToSparseRouter):
             self.router.advance(n)
 
+    @property
+    def expert_bias(self) -> Optional[torch.Tensor]:
+        """The auxiliary-loss-free balancing bias, shape (n_experts,), float32; None when disabled."""
+        return self.router.expert_bias
+
+    def update_expert_bias(self, group=None) -> torch.Tensor:
+        """One step of auxiliary-loss-free load balancing; call it once per optimiser step.
+
+        ``b ← b + Δb`` with ``Δb_e = γ sign(mean(load) - load_e)`` recentred
+        to zero mean (:func:`moelab.nn.expert_bias_update`; DeepSeek-V3,
+        arXiv 2412.19437, Sec. 2.1.2), where ``load_e`` is the number of
+        assignments the router gave expert ``e`` (real tokens, before
+        capacity drops) in the training-mode forwards since the last call
+        — all micro-batches of a gradient-accumulation step count. The
+        counter is then reset. Under :class:`ExpertParallelMoE` the loads are
+        summed over the expert-parallel group first, so every rank applies
+        the same update: every rank must call it (it is a collective).
+
+        Parameters
+        ----------
+        group : ProcessGroup, optional
+            Also sum the loads over this ``torch.distributed`` group (an
+            all-reduce every member must join) — the data-parallel group
+            when the layer is replicated (DDP), so the replicas keep one
+            bias computed from all their tokens instead of drifting apart.
+
+        Returns
+        -------
+        LongTensor of shape (n_experts,)
+            The load used (global under expert parallelism).
+
+        Raises
+        ------
+        RuntimeError
+            If the layer was built without ``MoEConfig(expert_bias_update_rate=γ)``.
+        """
+        router = self.router
+        if router.expert_bias is None:
+            raise RuntimeError(
+                "update_expert_bias needs auxiliary-loss-free balancing: build the layer with "
+                "MoEConfig(expert_bias_update_rate=1e-3) (γ of DeepSeek-V3), or do not call it"
+            )
+        with torch.no_grad():
+            load = self.global_expert_load(router.expert_load.clone())
+            if group is not None:
+                torch.distributed.all_reduce(load, group=group)
+            router.expert_bias += expert_bias_update(load, self.config.expert_bias_update_rate)
+            router.expert_load.zero_()
+        return load
+
+    def global_expert_load(self, load: torch.Tensor) -> torch.Tensor:
+        """The per-expert load over every process holding a replica of the router (here: ``load`` itself)."""
+        return load
+
     def check_input(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Raise a clear error for a bad ``x`` or ``mask``; never modifies them.
 
@@ -113,7 +169,7 @@ class MoELayer(nn.Module):
             ``x`` not a floating tensor, or a dtype different from the experts';
             ``mask`` not bool.
         ValueError
-            ``x`` not of shape (..., d_model) with at least one token;
+            ``x`` not of shape (..., d_model) (zero tokens are allowed);
             ``mask`` not of shape ``x.shape[:-1]``; NaN/inf in ``x`` (when
             ``config.validate_inputs``).
         """
@@ -127,8 +183,6 @@ class MoELayer(nn.Module):
                 f"x must have shape (..., d_model={d_model}) with at least one leading dim, "
                 f"got {tuple(x.shape)}; reshape it or build the layer with d_model={x.shape[-1] if x.dim() else '?'}"
             )
-        if x.numel() == 0:
-            raise ValueError(f"x has no tokens (shape {tuple(x.shape)})")
         expected = self.experts.w_in.dtype
         if x.dtype != expected:
             raise TypeError(
@@ -142,7 +196,8 @@ class MoELayer(nn.Module):
                 raise ValueError(
                     f"mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(mask.shape)}"
                 )
-        if self.config.validate_inputs:
+        # a sum is finite iff no element is NaN/inf, unless finite values overflow it: then count exactly
+        if self.config.validate_inputs and not bool(torch.isfinite(x.sum())):
             bad = ~torch.isfinite(x)
             if bool(bad.any()):
                 raise ValueError(
@@ -167,7 +222,11 @@ class MoELayer(nn.Module):
         Parameters
         ----------
         x : Tensor of shape (..., d_model)
-            Floating, same dtype as the expert weights. Not modified.
+            Floating, same dtype as the expert weights. Not modified. It may
+            hold zero tokens (e.g. shape (0, d_model)): the output is then
+            empty of the same shape, the losses are 0 (still part of the
+            autograd graph), ``tokens_per_expert`` is all zeros. Under expert
+            parallelism such a rank still takes part in both all-to-alls.
         mask : BoolTensor of shape x.shape[:-1], optional
             True for real tokens, False for padding. Padding tokens are not
             routed, get output 0 and are ignored by the losses.

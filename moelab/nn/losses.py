@@ -40,7 +40,8 @@ def load_balancing_loss(
     Returns
     -------
     Tensor of shape ()
-        0 when there are no real tokens.
+        0 when there are no real tokens (an empty sum of ``router_probs``,
+        so it stays in the autograd graph with a zero gradient).
 
     Raises
     ------
@@ -55,7 +56,7 @@ def load_balancing_loss(
             raise ValueError(f"mask must have shape ({router_probs.shape[0]},), got {tuple(mask.shape)}")
         router_probs = router_probs[mask]
     if router_probs.shape[0] == 0 or expert_idx.numel() == 0:
-        return router_probs.new_zeros(())
+        return router_probs[:0].sum()  # exactly 0, differentiable (zero gradient), never NaN
     counts = torch.bincount(expert_idx, minlength=n_experts).to(router_probs.dtype)
     f = counts / counts.sum()
     p = router_probs.mean(dim=0)
@@ -77,7 +78,8 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
     Returns
     -------
     Tensor of shape ()
-        0 when there are no real tokens.
+        0 when there are no real tokens (an empty sum of ``logits``, so it
+        stays in the autograd graph with a zero gradient).
 
     Raises
     ------
@@ -91,5 +93,5 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
             raise ValueError(f"mask must have shape ({logits.shape[0]},), got {tuple(mask.shape)}")
         logits = logits[mask]
     if logits.shape[0] == 0:
-        return logits.new_zeros(())
+        return logits[:0].sum()  # exactly 0, differentiable (zero gradient), never NaN
     return torch.logsumexp(logits, dim=-1).square().mean()

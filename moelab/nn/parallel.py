@@ -27,10 +27,18 @@ class ExpertParallelMoE(MoELayer):
     Sec. 2.2), runs its local experts on tokens grouped by expert, and sends
     the results back with a second all-to-all. Outputs and gradients equal
     those of a single-process :class:`MoELayer` on the concatenated batch
-    (router gradients summed over ranks). Auxiliary losses and
-    ``tokens_per_expert`` (shape (n_experts,), all experts) are computed on
-    each rank's own tokens; sum the counts over ranks for global ones.
-    Dropless only: a ``capacity_factor`` would apply per rank.
+    (router gradients summed over ranks). Local batches may differ in size
+    and may be empty: a rank with no tokens still takes part in both
+    all-to-alls (it sends nothing, runs its experts on what it receives and
+    returns an empty output), so every rank must call ``forward`` and, on a
+    loss that involves ``output``, ``backward`` (the backward pass runs the
+    two all-to-alls again, also on a rank whose input needs no gradient). Auxiliary losses and ``tokens_per_expert``
+    (shape (n_experts,), all experts) are computed on each rank's own
+    tokens (0 on an empty rank); sum the counts over ranks for global ones.
+    With auxiliary-loss-free balancing, :meth:`update_expert_bias`
+    all-reduces the loads (a sum of counts, so ranks weigh by their tokens)
+    and every rank applies the same update. Dropless only
+    (``capacity_factor`` None or inf): a capacity would apply per rank.
 
     Parameters
     ----------
@@ -45,7 +53,8 @@ class ExpertParallelMoE(MoELayer):
     RuntimeError
         If ``torch.distributed`` is not initialised.
     ValueError
-        If ``n_experts`` is not divisible by the group size.
+        If ``n_experts`` is not divisible by the group size, or the routing
+        is not dropless token choice.
     """
 
     def __init__(self, config: MoEConfig, group=None, *, dtype: Optional[torch.dtype] = None) -> None:
@@ -61,10 +70,10 @@ class ExpertParallelMoE(MoELayer):
                 f"n_experts={config.n_experts} is not divisible by the {self.world} processes; "
                 f"choose a multiple of the group size"
             )
-        if config.router == "expert_choice" or config.capacity_factor is not None:
+        if not config.dropless:
             raise ValueError(
                 "ExpertParallelMoE is dropless token-choice routing only (expert choice and capacity limits "
-                "would act per rank, not globally); set capacity_factor=None and a token-choice router"
+                "would act per rank, not globally); set capacity_factor=None (or inf) and a token-choice router"
             )
         self.n_local = config.n_experts // self.world
         super().__init__(config, dtype=dtype)
@@ -88,6 +97,11 @@ class ExpertParallelMoE(MoELayer):
                 ep.shared_experts.load_state_dict(layer.shared_experts.state_dict())
         return ep
 
+    def global_expert_load(self, load: torch.Tensor) -> torch.Tensor:
+        """``load`` summed over the process group (an all-reduce: every rank must call it)."""
+        dist.all_reduce(load, group=self.group)
+        return load
+
     def apply_experts(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """All-to-all tokens to their experts' ranks, run local experts, all-to-all back, combine."""
         world, n_local = self.world, self.n_local
@@ -103,6 +117,10 @@ class ExpertParallelMoE(MoELayer):
             perm = torch.argsort(labels, stable=True)
             local_counts = recv_counts.sum(0).tolist()
         x_send = x.index_select(0, dispatch.token_idx)  # sorted by expert = grouped by destination rank
+        if torch.is_grad_enabled() and not x_send.requires_grad:
+            # the backward of this all-to-all is a collective too: join it even when this rank's x
+            # needs no gradient (e.g. an empty batch that is a plain tensor), or the peers would hang
+            x_send = x_send.detach().requires_grad_(True)
         x_recv = dist_fn.all_to_all_single(
             x.new_empty(sum(recv_splits), x.shape[1]), x_send, recv_splits, send_splits, group=self.group
         )

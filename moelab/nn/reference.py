@@ -56,7 +56,10 @@ def _token_choices(layer, x: torch.Tensor) -> list:
     else:
         e = torch.exp(logits - logits.max())
         scores = e / e.sum()
-    ranked = sorted(range(cfg.n_experts), key=lambda i: -float(scores[i].detach()))[: cfg.top_k]
+    select = scores.detach()
+    if getattr(router, "expert_bias", None) is not None:  # DeepSeek-V3 Eq. (16): bias for selection only
+        select = select + router.expert_bias
+    ranked = sorted(range(cfg.n_experts), key=lambda i: -float(select[i]))[: cfg.top_k]
     choices = [(i, scores[i]) for i in ranked]
     if cfg.prune_threshold is not None:
         choices = [c for r, c in enumerate(choices) if r == 0 or float(c[1].detach()) >= cfg.prune_threshold]
@@ -136,4 +139,5 @@ def reference_forward(layer, x: torch.Tensor, mask: Optional[torch.Tensor] = Non
         for t in real:
             for s in range(sh.n):
                 rows[t] = rows[t] + _expert(sh.w_in[s], sh.w_out[s], cfg.expert, act, xf[t])
-    return ReferenceOutput(torch.stack(rows).view(x.shape), used, n_dropped)
+    out = torch.stack(rows) if rows else xf.new_zeros(0, cfg.d_model)
+    return ReferenceOutput(out.view(x.shape), used, n_dropped)

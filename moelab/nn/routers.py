@@ -14,6 +14,11 @@ activation_dense_to_sparse    top-k of softmax(σ(Wx) / τ + b), σ of moelab.ac
 sigmoid                       top-k of sigmoid(Wx + b), optionally normalised
 expert_choice                 each expert takes its top-C tokens of softmax(Wx + b)
 ============================  =====================================================
+
+With ``MoEConfig(expert_bias_update_rate=γ)`` the token-choice routers select
+the top-k of ``scores + expert_bias`` and weight by the unbiased scores
+(auxiliary-loss-free balancing, DeepSeek-V3, arXiv 2412.19437, Sec. 2.1.2);
+:func:`expert_bias_update` is the update of the bias.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "SigmoidRouter",
     "ExpertChoiceRouter",
     "build_router",
+    "expert_bias_update",
 ]
 
 
@@ -72,7 +78,22 @@ class Router(nn.Module):
     ----------
     config : MoEConfig
         Uses ``d_model``, ``n_experts``, ``top_k``, ``router_bias``,
-        ``noise``, ``noise_eps``, ``normalize_weights``.
+        ``noise``, ``noise_eps``, ``normalize_weights``,
+        ``expert_bias_update_rate``.
+
+    Attributes
+    ----------
+    weight : Parameter of shape (n_experts, d_model), float32
+    bias : Parameter of shape (n_experts,) or None
+        The learned intercept β₀ (``router_bias=True``); it enters the
+        logits, so it changes the weights too.
+    expert_bias : buffer of shape (n_experts,), float32, or None
+        Auxiliary-loss-free balancing bias (``expert_bias_update_rate``
+        set): added to the scores for the top-k selection only
+        (:meth:`biased`), updated by :meth:`MoELayer.update_expert_bias`.
+    expert_load : buffer of shape (n_experts,), int64, or None
+        Assignments per expert counted in training-mode forwards since the
+        last update (:meth:`count_load`).
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -85,6 +106,39 @@ class Router(nn.Module):
             nn.Parameter(torch.zeros(config.n_experts, dtype=torch.float32)) if config.router_bias else None
         )
         nn.init.normal_(self.weight, std=config.d_model**-0.5)
+        # auxiliary-loss-free balancing (DeepSeek-V3): selection bias and the load counted since its last update
+        balanced = config.expert_bias_update_rate is not None
+        self.register_buffer("expert_bias", torch.zeros(config.n_experts, dtype=torch.float32) if balanced else None)
+        self.register_buffer("expert_load", torch.zeros(config.n_experts, dtype=torch.long) if balanced else None)
+
+    def biased(self, scores: torch.Tensor) -> torch.Tensor:
+        """Selection scores ``s + b`` with the expert bias ``b`` (when enabled), else ``scores``.
+
+        DeepSeek-V3 (arXiv 2412.19437), Sec. 2.1.2, Eq. (16): the bias
+        enters the top-k *selection* only; the combination weights are
+        gathered from the unbiased scores.
+
+        Parameters
+        ----------
+        scores : Tensor of shape (n_tokens, n_experts)
+
+        Returns
+        -------
+        Tensor of shape (n_tokens, n_experts)
+        """
+        return scores if self.expert_bias is None else scores + self.expert_bias
+
+    def count_load(self, expert: torch.Tensor) -> None:
+        """Add the assignments of a training-mode forward to ``expert_load`` (when the expert bias is enabled).
+
+        Parameters
+        ----------
+        expert : LongTensor of shape (n_assign,)
+            Expert of every assignment of a real token, before capacity drops.
+        """
+        if self.expert_load is not None and self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(expert, minlength=self.n_experts)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x Wᵀ`` in float32, with jitter noise on ``x`` in training; shape (n_tokens, n_experts)."""
@@ -155,6 +209,44 @@ def _normalise_per_token(weight: torch.Tensor, token: torch.Tensor, n_tokens: in
     return weight / total[token]
 
 
+def expert_bias_update(load: torch.Tensor, rate: float) -> torch.Tensor:
+    """Update of the auxiliary-loss-free balancing bias: ``Δb_e = γ sign(mean(load) - load_e)``, recentred.
+
+    DeepSeek-V3 (Liu et al. 2024, arXiv 2412.19437), Sec. 2.1.2: after each
+    step, the bias of an overloaded expert is decreased by γ and that of an
+    underloaded expert increased by γ. The update is then recentred to zero
+    mean (as torchtitan does), which leaves the top-k selection unchanged
+    (it is invariant to adding a constant to every expert's score) and keeps
+    the bias bounded. The sign is computed exactly in integers, as
+    ``sign(Σ_j load_j - E load_e)``.
+
+    Parameters
+    ----------
+    load : LongTensor of shape (n_experts,)
+        Assignments per expert since the last update (summed over ranks
+        under expert parallelism).
+    rate : float
+        γ > 0 (``MoEConfig.expert_bias_update_rate``).
+
+    Returns
+    -------
+    Tensor of shape (n_experts,), float32
+        ``Δb``, with zero mean; all zeros when every expert has the mean load
+        (or no token was counted).
+
+    Raises
+    ------
+    ValueError
+        If ``load`` is not a 1-D integer tensor or ``rate`` is not > 0.
+    """
+    if load.dim() != 1 or load.is_floating_point() or load.is_complex():
+        raise ValueError(f"load must be a 1-D integer tensor of counts per expert, got {load.dtype} {tuple(load.shape)}")
+    if not (rate > 0):
+        raise ValueError(f"rate must be > 0, got {rate!r}")
+    delta = rate * torch.sign(load.sum() - load.numel() * load).to(torch.float32)
+    return delta - delta.mean()
+
+
 class TopKSoftmaxRouter(Router):
     """Top-k softmax gate: weights are the k largest of ``softmax(Wx + b)``.
 
@@ -170,10 +262,11 @@ class TopKSoftmaxRouter(Router):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> RouterOutput:
         logits = self.add_bias(self.linear(x))
         probs = torch.softmax(self.noisy(logits), dim=-1)
-        _, token, expert, weight = self.select_top_k(probs, probs)
+        _, token, expert, weight = self.select_top_k(self.biased(probs), probs)
         if self.config.normalize_weights:
             weight = _normalise_per_token(weight, token, x.shape[0])
         token, expert, weight = self.drop_padding(mask, token, expert, weight, token=token)
+        self.count_load(expert)
         return RouterOutput(logits, probs, token, expert, weight)
 
 
@@ -223,7 +316,7 @@ class DenseToSparseRouter(Router):
             pre = self.activation(pre)
         logits = self.add_bias(pre / self.temperature)
         probs = torch.softmax(self.noisy(logits), dim=-1)
-        rank, token, expert, weight = self.select_top_k(probs, probs)
+        rank, token, expert, weight = self.select_top_k(self.biased(probs), probs)
         threshold = self.config.prune_threshold
         if threshold is not None:
             keep = (rank == 0) | (weight >= threshold)
@@ -231,6 +324,7 @@ class DenseToSparseRouter(Router):
         if self.config.normalize_weights:
             weight = _normalise_per_token(weight, token, x.shape[0])
         token, expert, weight = self.drop_padding(mask, token, expert, weight, token=token)
+        self.count_load(expert)
         return RouterOutput(logits, probs, token, expert, weight)
 
 
@@ -247,10 +341,15 @@ class SigmoidRouter(Router):
         logits = self.add_bias(self.linear(x))
         scores = torch.sigmoid(logits)
         probs = scores / scores.sum(dim=-1, keepdim=True)
-        _, token, expert, weight = self.select_top_k(self.noisy(logits), scores)
+        # ranking by the (noisy) logits is ranking by their sigmoid; with the expert bias the
+        # bias is added to the sigmoid scores, as in DeepSeek-V3 Eq. (16)
+        noisy = self.noisy(logits)
+        select = noisy if self.expert_bias is None else self.biased(torch.sigmoid(noisy))
+        _, token, expert, weight = self.select_top_k(select, scores)
         if self.config.normalize_weights:
             weight = _normalise_per_token(weight, token, x.shape[0])
         token, expert, weight = self.drop_padding(mask, token, expert, weight, token=token)
+        self.count_load(expert)
         return RouterOutput(logits, probs, token, expert, weight)
 
 
@@ -270,7 +369,8 @@ class ExpertChoiceRouter(Router):
     def capacity(self, n_real: int) -> int:
         """Tokens per expert ``C`` for ``n_real`` real tokens (formula in the class docstring)."""
         factor = 1.0 if self.config.capacity_factor is None else self.config.capacity_factor
-        return max(1, min(n_real, math.floor(factor * n_real * self.top_k / self.n_experts)))
+        c = factor * n_real * self.top_k / self.n_experts
+        return n_real if c >= n_real else max(1, math.floor(c))  # compared first: a huge factor never overflows
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> RouterOutput:
         logits = self.add_bias(self.linear(x))

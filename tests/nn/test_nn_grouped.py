@@ -68,3 +68,21 @@ def test_fused_weight_gradient_keeps_router_dtype():
     w_out = torch.randn(1, 2, 4, generator=g, dtype=torch.float64)
     fused_moe_ffn(x, torch.arange(3), weight, w_in, w_out, [3], "swiglu", None).sum().backward()
     assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
+
+
+def test_multi_thread_scatter_path_gives_the_same_values(make_layer, grads):
+    """With > 1 intra-op thread the row scatter-adds use index_put_(accumulate=True): same outputs and grads
+    (to rounding: a multi-threaded BLAS may sum in another order)."""
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        layer = make_layer(n_experts=4, top_k=2)
+        x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+        y = layer(x).output
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)).sum().backward()
+        results.append((y.detach(), grads(layer, x)))
+    torch.set_num_threads(1)
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-14)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-12, atol=1e-14, msg=name)
