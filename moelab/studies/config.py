@@ -478,14 +478,20 @@ def parse_study(data: dict, *, quick: bool = False) -> Study:
     data : dict
         The TOML document.
     quick : bool, default False
-        Apply the ``[quick]`` overrides (n grid, replicates, max_iter, tol).
+        Apply the ``[quick]`` overrides (n grids, replicates, max_iter, tol,
+        per-setting n and tries).
 
     Raises
     ------
     StudyError
         Unknown keys, wrong types, a truth with the wrong number of
-        parameters, non-positive variances or temperature, an empty n grid,
-        duplicate fit names, ``quick`` without a ``[quick]`` table.
+        parameters, non-positive variances or temperature, an empty or
+        malformed n grid (linspace tables included), duplicate fit names,
+        ``quick`` without a ``[quick]`` table; a fixed design with d > 1;
+        ``[fit.start]`` together with ``perturbation`` or with another init,
+        a start table missing a group or with a negative sd or unknown rule;
+        ``tries`` > 1 or ``convergence`` with an estimator or init that has
+        no such notion; ``[quick.fit.NAME]`` naming no setting.
     """
     _check_keys(data, ("study", "truth", "fit", "quick"), "<top level>")
     for k in ("study", "truth", "fit"):

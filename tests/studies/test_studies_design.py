@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moelab import fit_em
-from moelab.studies import StudyError, load_preset, parse_study, run_study
+from moelab.studies import StudyError, load_preset, merge_results, parse_study, run_study
 from moelab.studies import runner as runner_mod
 from moelab.studies.simulate import simulate_cells, true_model, truth_perturbed, x_points
 from moelab.studies.starts import assign_atoms
@@ -278,3 +278,16 @@ def test_the_paper_preset():
         assert min(quick.grid(q)) == min(full.grid(f)) and max(quick.grid(q)) == max(full.grid(f))
         assert len(quick.grid(q)) < len(full.grid(f)) and q.tries == f.tries
     assert quick.replicates < full.replicates
+
+
+def test_shards_of_per_setting_grids_merge_to_the_full_run(tmp_path):
+    d = paper_like()
+    d["study"]["replicates"] = 2
+    s, full = _run(d, tmp_path / "full")
+    for i in range(3):
+        run_study(s, tmp_path / f"s{i}", shard=(i, 3), progress=False)
+    merged = merge_results([tmp_path / f"s{i}" for i in range(3)], tmp_path / "merged")
+    key = ["setting", "n", "replicate"]
+    full = full.sort_values(key).reset_index(drop=True)
+    assert merged[key].values.tolist() == full[key].values.tolist()
+    assert np.allclose(merged["loglik"], full["loglik"], rtol=1e-10, atol=0)
