@@ -5,7 +5,7 @@ fixed x, their near-truth starts, best of 5 tries) at a few n, once with the
 authors' rule (relative log-likelihood change < 1e-6) and once with moelab's
 softmax-2023 rule (change of the mean log-likelihood < 1e-10); at most 2000
 EM iterations either way. Every fit uses the fused kernel (``compile=True``),
-which gives the eager loop's fits to rounding. About 8 minutes on 2 cores::
+which gives the eager loop's fits to rounding. About 6-7 minutes on 2 cores::
 
     python benchmarks/paper_stopping_ablation.py --out /tmp/ablate
 """
