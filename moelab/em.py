@@ -12,7 +12,8 @@ as a single batch of B·S problems:
    log-likelihood never decreases.
 
 Convergence: the change of the *mean* log-likelihood per sample below ``tol``
-(so ``tol`` does not depend on n). Problems that converge leave the batch.
+(so ``tol`` does not depend on n), or with ``convergence="relative"`` its
+relative change (meteorits' rule). Problems that converge leave the batch.
 
 Start strategy (``init="auto"``): ``n_init`` starts (default 160) run to
 convergence in one batch: plain starts from k-means on (x, y), random lines,
@@ -54,7 +55,10 @@ from .model import GaussianMoE
 from . import _fused
 from .mstep import expert_m_step, gate_newton_step, outer_design, softmax_gate_newton_step
 
-__all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy"]
+__all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
+
+#: fit_em's stopping rules (``convergence``): change of the mean log-likelihood, or relative change
+CONVERGENCE_RULES = ("mean", "relative")
 
 
 class ConvergenceWarning(UserWarning):
@@ -211,13 +215,17 @@ def _m_step(state, x, x1, y, resp, var_floor, gate_steps, xx):
     return _State(gate, theta, var)
 
 
-def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, fused: bool = False, sizes=None):
+def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, fused: bool = False, sizes=None,
+            ll_offset=None):
     """Iterate EM on all R problems until each converges or max_iter M-steps.
 
     history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
     loglik (R,), M-steps done (R,), converged (R,). ``fused=True`` runs each iteration as the
     compiled one-pass kernel of :mod:`moelab._fused` (linear-logit gates, one gate step);
     then ``sizes`` (R, K), if given, receives the effective expert sizes Σ_n r_nk at the final state.
+
+    Stopping: |Δℓ| / n < tol (``ll_offset`` None), or, with ``ll_offset`` (R,) = ℓ_scaled − ℓ_original,
+    the relative rule |Δℓ| < tol · |ℓ_prev − ll_offset| on the log-likelihood in the original units of y.
     """
     R, n = y.shape
     dev = y.device
@@ -256,7 +264,11 @@ def _run_em(state: _State, x, x1, y, max_iter, tol, var_floor, gate_steps, histo
         ll[active] = lla
         history[active, it] = lla
         if prev is not None:
-            done = (lla - prev).abs() / n < tol
+            if ll_offset is None:
+                done = (lla - prev).abs() / n < tol
+            else:  # relative change of the log-likelihood in the original units of y
+                off = ll_offset if active.numel() == R else ll_offset[active]
+                done = (lla - prev).abs() < tol * (prev - off).abs()
             done |= ~torch.isfinite(lla)
             converged[active] = done
         else:
@@ -467,15 +479,20 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidat
         m0 = init_model.to(dtype=dtype, device=dev)
         mb = tuple(m0.batch_shape)
         if mb == ():
-            expand = lambda t: t.expand(B, *t.shape).clone()  # noqa: E731
-        elif mb == prob.batch:
-            expand = lambda t: t.reshape(B, *t.shape[len(mb):])  # noqa: E731
+            expand = lambda t: t.expand(B * S, *t.shape).clone()  # noqa: E731
+        elif mb == prob.batch + (S,) or (S == 1 and mb == prob.batch):
+            expand = lambda t: t.reshape(B * S, *t.shape[len(mb):])  # noqa: E731
         else:
-            raise ValueError(f"init_model batch shape {mb} does not match the data's batch shape {prob.batch}")
-        m0 = prob.scaling.model_to_scaled(GaussianMoE(m0.gate.map_tensors(expand), m0.experts.map_tensors(expand)))
+            raise ValueError(f"init_model batch shape {mb} does not match the data's batch shape {prob.batch} "
+                             f"(one start per problem) or {prob.batch + (S,)} ({S} starts per problem)")
+        scaling = prob.scaling if S == 1 else prob.scaling.expand(S)
+        m0 = scaling.model_to_scaled(GaussianMoE(m0.gate.map_tensors(expand), m0.experts.map_tensors(expand)))
         theta = torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1)
         state = _State(m0.gate, theta, m0.experts.variance.clamp_min(var_floor))
-        return state, prob.xs, _design(prob.xs), prob.ys
+        if S == 1:
+            return state, prob.xs, _design(prob.xs), prob.ys
+        xr, yr = prob.xs.repeat_interleave(S, 0), prob.ys.repeat_interleave(S, 0)  # problem-major
+        return state, xr, _design(xr), yr
     plan = _start_plan(init, S, n_candidates, n)
     states, xrs, x1rs, yrs = [], [], [], []
     for method, n_cand, n_keep in plan:
@@ -565,6 +582,7 @@ def fit_em(
     device=None,
     warn: bool = True,
     compile="auto",
+    convergence: str = "mean",
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by EM, batched over problems and restarts.
 
@@ -589,8 +607,11 @@ def fit_em(
         fit, 35% plain segment starts, 15% k-means on (x, y), 10% random lines,
         10% random soft responsibilities.
     init_model : GaussianMoE, optional
-        User starting values (batch shape () or the problems' batch shape);
-        overrides ``init`` and runs that single start. For ``gate="topk"``
+        User starting values; overrides ``init``. Batch shape () or the
+        problems' batch shape B: that single start per problem. Batch shape
+        B + (S,): S user starts per problem, all run in one batch, and the
+        best valid one is returned as for ``n_init`` starts (``start_loglik``
+        holds all S; ``n_init`` is ignored). For ``gate="topk"``
         without it, the dense softmax model is fitted first (with these start
         settings) and its top-K sparsification is the start: EM keeps each
         sample's routing set, so the start decides it.
@@ -602,8 +623,16 @@ def fit_em(
     max_iter : int, default 2000
         Maximum EM iterations per start.
     tol : float, default 1e-8
-        Stop when |Δ mean log-likelihood per sample| < tol; 0 disables early
+        Stopping threshold of the ``convergence`` rule; 0 disables early
         stopping (exactly ``max_iter`` iterations, e.g. for benchmarks).
+    convergence : {"mean", "relative"}, default "mean"
+        "mean": stop when |Δ mean log-likelihood per sample| < tol (does not
+        depend on n). "relative": stop when |Δℓ| < tol·|ℓ_prev|, the relative
+        change of the total log-likelihood ℓ in the original units of y (the
+        rule of the R packages meteorits/meteoritsSim, ``threshold``); it
+        depends on the units of y, since rescaling y by c shifts ℓ by −n log c.
+        Either way each EM step is the same and ℓ never decreases; only where
+        the iterations stop changes.
     reg_variance : float, default 1e-6
         Variance floor as a fraction of var(y).
     min_expert_size : float or "auto", default "auto"
@@ -650,6 +679,9 @@ def fit_em(
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
     if not (tol >= 0):
         raise ValueError(f"tol must be >= 0 (0 runs exactly max_iter iterations), got {tol!r}")
+    if not (isinstance(convergence, str) and convergence in CONVERGENCE_RULES):
+        raise ValueError(f"convergence must be one of {', '.join(map(repr, CONVERGENCE_RULES))} (the stopping rule "
+                         f"on the change of the log-likelihood), got {convergence!r}")
     if not (reg_variance > 0):
         raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
     if init not in ("auto",) + INIT_METHODS:
@@ -661,7 +693,7 @@ def fit_em(
         dense = fit_em(x, y, n_experts, gate="softmax", n_init=n_init, init=init, n_candidates=n_candidates,
                        max_iter=max_iter, tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size,
                        min_expert_sd=min_expert_sd, gate_steps=gate_steps, random_state=random_state, dtype=dtype,
-                       device=device, warn=False, compile=compile)
+                       device=device, warn=False, compile=compile, convergence=convergence)
         top_k = (gate_options or {}).get("top_k")
         sparse_gate = TopKGate(dense.model.gate.slope, dense.model.gate.intercept, top_k=top_k) if top_k is not None else None
         if sparse_gate is not None:
@@ -671,17 +703,29 @@ def fit_em(
         raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
     var_floor = reg_variance
     with _threads_for(prob):
-        n_keep = 1 if init_model is not None else n_init
+        n_keep = n_init if init_model is None else _user_starts(init_model, prob.batch)
         state, xr, x1r, yr = _starts(prob, n_keep, init, init_model, var_floor, n_candidates)
         R = xr.shape[0]
         history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
         fused = _use_fused(compile, state.gate, R, prob.n, gate_steps, prob.dtype, xr.device, max_iter)
         sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused, sizes)
-    settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init, init=init if init_model is None else "user",
-                    n_candidates=n_candidates, max_iter=max_iter, tol=tol, estimator="em", compiled=fused)
+        # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
+        offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if convergence == "relative" else None
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused, sizes,
+                                      ll_offset=offset)
+    settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_keep if init_model is not None else n_init,
+                    init=init if init_model is None else "user", n_candidates=n_candidates, max_iter=max_iter, tol=tol,
+                    convergence=convergence, estimator="em", compiled=fused)
     return _finish(state, xr, x1r, yr, conv, it, history, prob.batch, n_keep, prob.scaling, prob.min_size,
                    min_expert_sd, settings, t0, warn, max_iter, tol, final=(sizes, ll) if fused else None)
+
+
+def _user_starts(init_model, batch) -> int:
+    """Starts per problem given by ``init_model``: S when its batch shape is batch + (S,), else 1."""
+    mb = tuple(getattr(init_model, "batch_shape", ()))
+    if len(mb) == len(batch) + 1 and mb[:-1] == tuple(batch):
+        return int(mb[-1])
+    return 1
 
 
 def _finish(state, xr, x1r, yr, conv, iters, history, batch, n_keep, scaling, min_size, min_expert_sd,
@@ -742,7 +786,8 @@ def _finish(state, xr, x1r, yr, conv, iters, history, batch, n_keep, scaling, mi
         if not bool(conv_sel.all()):
             warnings.warn(
                 f"{settings.get('estimator', 'EM').upper()} did not converge in {max_iter} iterations for {int((~conv_sel).sum())} of {B} problem(s) "
-                f"(tol={tol:g} on the mean log-likelihood); raise max_iter or tol.",
+                f"(tol={tol:g} on the {'relative change of the' if settings.get('convergence') == 'relative' else 'mean'} "
+                "log-likelihood); raise max_iter or tol.",
                 ConvergenceWarning,
                 stacklevel=3,
             )

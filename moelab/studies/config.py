@@ -8,11 +8,18 @@ Schema (every key listed; anything else is rejected)::
     replicates = 40                # int >= 1
     n = [100, 1000, 10000]         # list of ints >= 2, or
     # n = { min = 100, max = 100000, num = 10 }   (log-spaced, rounded)
+    # n = [{ linspace = [100, 900, 5] }, { linspace = [1000, 100000, 195] }, 250000]
+    #     (a list may mix integers and linspace tables: numpy.linspace(low, high, num)
+    #      rounded to the nearest integer; the union is de-duplicated and sorted)
+    # optional when every [[fit]] has its own n
     batch_size = 0                 # replicates fitted per call (0: all)
     x_points = 64                  # points representing the x distribution in density distances
 
     [truth]
     x = { distribution = "uniform", low = 0.0, high = 1.0 }   # or "normal", mean, sd
+    # x = { design = "linspace", low = 0.0, high = 1.0 }      fixed design: x = linspace(low, high, n)
+    #     in every replicate (d = 1; only y is random); density distances average x over
+    #     Uniform(low, high), the design's limit
     [truth.gate]
     family = "softmax"             # softmax | temperature | activation
     slope = [[25.0], [0.0]]        # (K*, d); last row = reference expert
@@ -36,15 +43,45 @@ Schema (every key listed; anything else is rejected)::
     loss = "auto"                  # auto (D1 if n_experts == K*, else D2) | D1 | D2
     max_iter = 500
     tol = 1e-8
+    convergence = "mean"           # stopping rule (estimator em): "mean": |Δ mean loglik| < tol;
+                                   # "relative": |Δℓ| < tol·|ℓ| (meteorits' rule; fit_em's convergence)
+    n = { linspace = [1000, 100000, 20] }   # this setting's own n grid (same forms as [study].n)
+    tries = 1                      # truth-perturbed starts per replicate (estimator em), fitted in one
+                                   # batch; the fit with the highest log-likelihood is kept (collapsed
+                                   # fits only if every try collapsed, as fit_em's n_init)
+
+    [fit.start]                    # optional, truth-perturbed only: the start in full (replaces perturbation)
+    assign = "cover"               # which true expert each fitted one starts from:
+                                   # "cover": every true expert once, the extra ones drawn uniformly;
+                                   # "resample": all K drawn uniformly with the last fixed to the true
+                                   #   reference, redrawn until every true expert is drawn
+    mass = "split"                 # "split": copies of a true expert share its gate mass exp(β0) equally;
+                                   # "copy": every copy keeps the true gate logit
+    draw = "independent"           # "independent": one draw per coefficient; "shared": one draw per
+                                   #   expert and group, added to all its coefficients in that group
+    gate = { sd = 0.005, n_power = -0.083 }      # N(0, (sd·n^n_power)²) on the non-reference gate rows
+    experts = { sd = 0.05, n_power = -0.083 }    # on expert slopes and intercepts
+    variance = { sd = 0.005, n_power = -0.25, mode = "additive-abs" }
+                                   # mode "additive-abs": ν + |N(0, s²)|; "multiplicative": ν·exp(N(0, s²))
+    temperature = { sd = 0.0, n_power = 0.0 }    # estimated τ only: τ·exp(N(0, s²)); default 0
+
     [fit.theory]                   # optional: the theory's rate per rates.csv quantity (moelab.studies.theory)
     loss_D1 = { slope = -0.5, source = "NeurIPS 2023, exact-specified" }   # slope <= 0, or
     err_temperature = { rate = "slower-than-polynomial", source = "ICML 2024, abstract" }  # or "polynomial"
 
     [quick]                        # optional overrides for --quick
-    n = [100, 1000]
+    n = [100, 1000]                # replaces [study].n and every setting's own n
     replicates = 4
     max_iter = 200
     tol = 1e-6
+    fit = { exact = { n = [100, 1000], tries = 1 } }   # per setting (by name): n and tries
+
+Without ``[fit.start]`` a truth-perturbed start is moelab's: ``assign =
+"cover"``, ``mass = "split"``, N(0, perturbation²) on every gate row (then
+re-referenced to the last expert), expert slope and intercept, and ν·exp(N(0,
+perturbation²)). With ``[fit.start]`` the gate noise goes to the K−1
+non-reference rows only (the free parameters; the last row stays 0), and
+every group must be given.
 
 Errors are :class:`StudyError` (a ``ValueError``) naming the key and the fix.
 """
@@ -65,6 +102,12 @@ INITS = ("truth-perturbed", "kmeans", "random", "segments", "lines", "auto")
 ESTIMATORS = ("em", "mle")
 LOSSES = ("auto", "D1", "D2")
 ACTIVATIONS = ("tanh", "sigmoid", "gelu", "softplus", "relu", "identity")
+DESIGNS = ("linspace",)
+CONVERGENCE = ("mean", "relative")
+START_ASSIGN = ("cover", "resample")
+START_MASS = ("split", "copy")
+START_DRAW = ("independent", "shared")
+VARIANCE_MODES = ("multiplicative", "additive-abs")
 
 
 class StudyError(ValueError):
@@ -101,11 +144,15 @@ class FitSpec:
     estimator: str = "em"
     init: str = "truth-perturbed"
     n_init: int = 1
-    perturbation: float = 0.1
+    perturbation: Optional[float] = 0.1
     loss: str = "auto"
     max_iter: int = 500
     tol: float = 1e-8
     theory: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    convergence: str = "mean"
+    n: Optional[List[int]] = None
+    tries: int = 1
+    start: Optional[Dict[str, Any]] = None
 
     def loss_name(self, n_true: int) -> str:
         if self.loss != "auto":
@@ -124,8 +171,23 @@ class Study:
     batch_size: int = 0
     x_points: int = 64
 
+    def grid(self, fit: FitSpec) -> List[int]:
+        """The sample sizes of setting ``fit``: its own ``n``, else ``[study].n``."""
+        return list(fit.n) if fit.n is not None else list(self.n)
+
+    def all_n(self) -> List[int]:
+        """Sorted union of every setting's sample sizes (the cells of the run, with the replicates)."""
+        return sorted({n for f in self.fits for n in self.grid(f)})
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain-dict form; setting keys added after the first schema are left out at their
+        defaults, so study files that do not use them keep their earlier ``study.json``."""
+        d = asdict(self)
+        for f in d["fits"]:
+            for k, v in _LATER_FIT_DEFAULTS.items():
+                if f.get(k) == v:
+                    del f[k]
+        return d
 
     def to_json(self) -> str:
         """The study as canonical JSON (what ``study.json`` holds; theory claims included)."""
@@ -148,6 +210,10 @@ def study_from_json(study_json: str) -> "Study":
     """Rebuild a :class:`Study` from a ``study.json`` text."""
     data = json.loads(study_json)
     return Study(**{**data, "truth": TruthSpec(**data["truth"]), "fits": [FitSpec(**f) for f in data["fits"]]})
+
+
+#: FitSpec keys added after the first schema, with their defaults (omitted from study.json there)
+_LATER_FIT_DEFAULTS = {"convergence": "mean", "n": None, "tries": 1, "start": None}
 
 
 # ------------------------------------------------------------------ helpers
@@ -213,7 +279,26 @@ def _matrix(v, key, rows=None) -> List[List[float]]:
     return out
 
 
+def _linspace(v, key) -> List[int]:
+    """{ linspace = [low, high, num] } → numpy.linspace(low, high, num) rounded to integers."""
+    _check_keys(v, ("linspace",), key)
+    spec = v["linspace"]
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise _err(f"{key}.linspace", f"must be [low, high, num], e.g. [1000, 100000, 195]; got {spec!r}")
+    lo, hi = _num(spec[0], f"{key}.linspace[0]"), _num(spec[1], f"{key}.linspace[1]")
+    num = _int(spec[2], f"{key}.linspace[2]", 1)
+    if lo < 2:
+        raise _err(f"{key}.linspace[0]", f"must be >= 2 (a sample size), got {spec[0]!r}")
+    if hi < lo:
+        raise _err(f"{key}.linspace", f"high ({spec[1]!r}) must be >= low ({spec[0]!r})")
+    import numpy as np
+
+    return [int(v) for v in np.rint(np.linspace(lo, hi, num))]
+
+
 def _n_grid(v, key) -> List[int]:
+    if isinstance(v, dict) and "linspace" in v:
+        return sorted(set(_linspace(v, key)))
     if isinstance(v, dict):
         _check_keys(v, ("min", "max", "num"), key)
         for k in ("min", "max", "num"):
@@ -226,9 +311,13 @@ def _n_grid(v, key) -> List[int]:
     elif isinstance(v, list):
         if not v:
             raise _err(key, "is empty; give at least one sample size, e.g. n = [100, 1000, 10000]")
-        grid = sorted({_int(e, f"{key}[{i}]", 2) for i, e in enumerate(v)})
+        grid = set()
+        for i, e in enumerate(v):
+            grid.update(_linspace(e, f"{key}[{i}]") if isinstance(e, dict) else [_int(e, f"{key}[{i}]", 2)])
+        grid = sorted(grid)
     else:
-        raise _err(key, f"must be a list of integers or a table {{min, max, num}}, got {v!r}")
+        raise _err(key, f"must be a list of integers and {{ linspace = [low, high, num] }} tables, or a table "
+                        f"{{min, max, num}} (log-spaced); got {v!r}")
     return grid
 
 
@@ -278,7 +367,19 @@ def _truth(t: dict) -> TruthSpec:
     else:
         var = _vector(e["variance"], "truth.experts.variance", K, positive=True)
     xd = t.get("x", {"distribution": "uniform", "low": 0.0, "high": 1.0})
-    _check_keys(xd, ("distribution", "low", "high", "mean", "sd"), "truth.x")
+    _check_keys(xd, ("distribution", "design", "low", "high", "mean", "sd"), "truth.x")
+    if "design" in xd:
+        if "distribution" in xd:
+            raise _err("truth.x.design", "give either distribution (random x) or design (fixed x), not both")
+        _str(xd["design"], "truth.x.design", DESIGNS)
+        _check_keys(xd, ("design", "low", "high"), "truth.x")
+        lo, hi = _num(xd.get("low", 0.0), "truth.x.low"), _num(xd.get("high", 1.0), "truth.x.high")
+        if not hi > lo:
+            raise _err("truth.x.high", f"must be > truth.x.low ({lo}), got {hi}")
+        if len(gs[0]) != 1:
+            raise _err("truth.x.design", f"a linspace design has one feature but the truth has {len(gs[0])} "
+                                         "(truth.gate.slope rows); use a distribution for d > 1")
+        return TruthSpec(fam, gs, gi, temp, act, es, ei, var, {"design": "linspace", "low": lo, "high": hi})
     dist = _str(xd.get("distribution", "uniform"), "truth.x.distribution", ("uniform", "normal"))
     if dist == "uniform":
         _check_keys(xd, ("distribution", "low", "high"), "truth.x")
@@ -322,10 +423,45 @@ def _theory(t, where: str, loss_name: str) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _noise(v, key, modes=None) -> Dict[str, Any]:
+    """{ sd, n_power[, mode] } of one parameter group of [fit.start]."""
+    allowed = ("sd", "n_power") + (("mode",) if modes else ())
+    if not isinstance(v, dict):
+        raise _err(key, f"must be a table {{ sd = ..., n_power = ... }} (noise sd = sd·n^n_power), got {v!r}")
+    _check_keys(v, allowed, key)
+    if "sd" not in v:
+        raise _err(f"{key}.sd", "missing; the noise sd at n = 1 (sd·n^n_power at sample size n), e.g. sd = 0.05")
+    out = {"sd": _num(v["sd"], f"{key}.sd"), "n_power": _num(v.get("n_power", 0.0), f"{key}.n_power")}
+    if out["sd"] < 0:
+        raise _err(f"{key}.sd", f"must be >= 0, got {v['sd']!r}")
+    if modes:
+        out["mode"] = _str(v.get("mode", modes[0]), f"{key}.mode", modes)
+    return out
+
+
+def _start(v, where: str) -> Dict[str, Any]:
+    """Validate a [fit.start] table into its complete form (see the module docstring)."""
+    key = f"{where}.start"
+    _check_keys(v, ("assign", "mass", "draw", "gate", "experts", "variance", "temperature"), key)
+    for g in ("gate", "experts", "variance"):
+        if g not in v:
+            raise _err(f"{key}.{g}", "missing; [fit.start] gives every group's noise, e.g. "
+                                     f"{g} = {{ sd = 0.05, n_power = -0.083 }} (sd = 0 for none)")
+    return {
+        "assign": _str(v.get("assign", "cover"), f"{key}.assign", START_ASSIGN),
+        "mass": _str(v.get("mass", "split"), f"{key}.mass", START_MASS),
+        "draw": _str(v.get("draw", "independent"), f"{key}.draw", START_DRAW),
+        "gate": _noise(v["gate"], f"{key}.gate"),
+        "experts": _noise(v["experts"], f"{key}.experts"),
+        "variance": _noise(v["variance"], f"{key}.variance", VARIANCE_MODES),
+        "temperature": _noise(v.get("temperature", {"sd": 0.0}), f"{key}.temperature"),
+    }
+
+
 def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     where = f"fit[{i}]"
-    allowed = ("name", "n_experts", "gate", "gate_options", "estimator", "init", "n_init", "perturbation", "loss", "max_iter",
-               "tol", "theory")
+    allowed = ("name", "n_experts", "gate", "gate_options", "estimator", "init", "n_init", "perturbation", "loss",
+               "max_iter", "tol", "convergence", "n", "tries", "start", "theory")
     _check_keys(f, allowed, where)
     if "n_experts" not in f:
         raise _err(f"{where}.n_experts", "missing; how many experts does the fitted model have?")
@@ -361,9 +497,28 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
         loss=_str(f.get("loss", "auto"), f"{where}.loss", LOSSES),
         max_iter=_int(f.get("max_iter", 500), f"{where}.max_iter", 1),
         tol=_num(f.get("tol", 1e-8), f"{where}.tol", positive=True),
+        convergence=_str(f.get("convergence", "mean"), f"{where}.convergence", CONVERGENCE),
+        n=_n_grid(f["n"], f"{where}.n") if "n" in f else None,
+        tries=_int(f.get("tries", 1), f"{where}.tries", 1),
     )
     if spec.perturbation < 0:
         raise _err(f"{where}.perturbation", f"must be >= 0, got {spec.perturbation}")
+    if "start" in f:
+        if init != "truth-perturbed":
+            raise _err(f"{where}.start", f"only init = \"truth-perturbed\" takes a start table (init is {init!r})")
+        if "perturbation" in f:
+            raise _err(f"{where}.start", "give either perturbation (moelab's start: N(0, p²) noise everywhere) or a "
+                                         "[fit.start] table, not both")
+        spec.start = _start(f["start"], where)
+        spec.perturbation = None
+    if spec.estimator != "em":
+        if spec.convergence != "mean":
+            raise _err(f"{where}.convergence", f"is an EM stopping rule; estimator {spec.estimator!r} uses tol on "
+                                               "its own objective: remove convergence or use estimator = \"em\"")
+        if spec.tries > 1:
+            raise _err(f"{where}.tries", f"needs estimator = \"em\" (got {spec.estimator!r}); use tries = 1")
+    if spec.tries > 1 and init != "truth-perturbed":
+        raise _err(f"{where}.tries", f"counts truth-perturbed starts; for init = {init!r} use n_init (starts per replicate)")
     spec.theory = _theory(f.get("theory", {}), f"{where}.theory", spec.loss_name(truth.n_experts))
     return spec
 
@@ -376,14 +531,20 @@ def parse_study(data: dict, *, quick: bool = False) -> Study:
     data : dict
         The TOML document.
     quick : bool, default False
-        Apply the ``[quick]`` overrides (n grid, replicates, max_iter, tol).
+        Apply the ``[quick]`` overrides (n grids, replicates, max_iter, tol,
+        per-setting n and tries).
 
     Raises
     ------
     StudyError
         Unknown keys, wrong types, a truth with the wrong number of
-        parameters, non-positive variances or temperature, an empty n grid,
-        duplicate fit names, ``quick`` without a ``[quick]`` table.
+        parameters, non-positive variances or temperature, an empty or
+        malformed n grid (linspace tables included), duplicate fit names,
+        ``quick`` without a ``[quick]`` table; a fixed design with d > 1;
+        ``[fit.start]`` together with ``perturbation`` or with another init,
+        a start table missing a group or with a negative sd or unknown rule;
+        ``tries`` > 1 or ``convergence`` with an estimator or init that has
+        no such notion; ``[quick.fit.NAME]`` naming no setting.
     """
     _check_keys(data, ("study", "truth", "fit", "quick"), "<top level>")
     for k in ("study", "truth", "fit"):
@@ -391,8 +552,6 @@ def parse_study(data: dict, *, quick: bool = False) -> Study:
             raise _err(k, f"missing; a study needs [study], [truth] and at least one [[fit]] table")
     s = data["study"]
     _check_keys(s, ("name", "seed", "replicates", "n", "batch_size", "x_points"), "study")
-    if "n" not in s:
-        raise _err("study.n", "missing; give the sample sizes, e.g. n = [100, 1000, 10000]")
     truth = _truth(data["truth"])
     fits_raw = data["fit"]
     if not isinstance(fits_raw, list) or not fits_raw:
@@ -402,39 +561,74 @@ def parse_study(data: dict, *, quick: bool = False) -> Study:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise _err("fit.name", f"duplicate setting name(s) {dup}; give every [[fit]] a unique name")
+    if "n" not in s and any(f.n is None for f in fits):
+        raise _err("study.n", "missing; give the sample sizes, e.g. n = [100, 1000, 10000] (or an n in every [[fit]])")
     study = Study(
         name=_str(s.get("name", "study"), "study.name"),
         seed=_int(s.get("seed", 0), "study.seed", 0),
         replicates=_int(s.get("replicates", 10), "study.replicates", 1),
-        n=_n_grid(s["n"], "study.n"),
+        n=_n_grid(s["n"], "study.n") if "n" in s else [],
         truth=truth,
         fits=fits,
         batch_size=_int(s.get("batch_size", 0), "study.batch_size", 0),
         x_points=_int(s.get("x_points", 64), "study.x_points", 1),
     )
-    if quick:
-        q = data.get("quick")
-        if q is None:
-            raise _err("quick", "this study has no [quick] table; run without --quick or add one")
-        _check_keys(q, ("n", "replicates", "max_iter", "tol"), "quick")
-        if "n" in q:
-            study.n = _n_grid(q["n"], "quick.n")
-        if "replicates" in q:
-            study.replicates = _int(q["replicates"], "quick.replicates", 1)
-        for f in study.fits:
-            if "max_iter" in q:
-                f.max_iter = min(f.max_iter, _int(q["max_iter"], "quick.max_iter", 1))
-            if "tol" in q:
-                f.tol = max(f.tol, _num(q["tol"], "quick.tol", positive=True))
-    elif "quick" in data:
-        q = data["quick"]
-        _check_keys(q, ("n", "replicates", "max_iter", "tol"), "quick")
-    for n in study.n:
-        for f in study.fits:
-            n_params = (f.n_experts - 1) * (truth.n_features + 1) + f.n_experts * (truth.n_features + 2)
-            if n < n_params:
-                raise _err("study.n", f"n = {n} is fewer than the {n_params} free parameters of setting {f.name!r}; raise the smallest n")
+    if quick and data.get("quick") is None:
+        raise _err("quick", "this study has no [quick] table; run without --quick or add one")
+    if "quick" in data:  # validated whether or not --quick is given
+        _quick(data["quick"], study, apply=quick)
+    for f in study.fits:
+        key = "study.n" if f.n is None else f"fit[{names.index(f.name)}].n"
+        n_params = (f.n_experts - 1) * (truth.n_features + 1) + f.n_experts * (truth.n_features + 2)
+        if min(study.grid(f)) < n_params:
+            raise _err(key, f"n = {min(study.grid(f))} is fewer than the {n_params} free parameters of setting "
+                            f"{f.name!r}; raise the smallest n")
     return study
+
+
+def _quick(q, study: Study, apply: bool) -> None:
+    """Validate the [quick] table and, if ``apply``, apply it to ``study`` in place.
+
+    Precedence of a setting's n under --quick: quick.fit.NAME.n, then quick.n
+    (which replaces [study].n and every setting's own n), then the setting's own n.
+    """
+    _check_keys(q, ("n", "replicates", "max_iter", "tol", "fit"), "quick")
+    n = _n_grid(q["n"], "quick.n") if "n" in q else None
+    reps = _int(q["replicates"], "quick.replicates", 1) if "replicates" in q else None
+    max_iter = _int(q["max_iter"], "quick.max_iter", 1) if "max_iter" in q else None
+    tol = _num(q["tol"], "quick.tol", positive=True) if "tol" in q else None
+    per_fit = q.get("fit", {})
+    if not isinstance(per_fit, dict):
+        raise _err("quick.fit", f"must be a table of settings by name, e.g. fit = {{ exact = {{ n = [100, 1000] }} }}; got {per_fit!r}")
+    names = [f.name for f in study.fits]
+    overrides = {}
+    for name, t in per_fit.items():
+        key = f"quick.fit.{name}"
+        if name not in names:
+            raise _err(key, f"no [[fit]] is named {name!r}; the settings are {names}")
+        _check_keys(t, ("n", "tries"), key)
+        overrides[name] = {k: (_n_grid(v, f"{key}.n") if k == "n" else _int(v, f"{key}.tries", 1)) for k, v in t.items()}
+        if overrides[name].get("tries", 1) > 1 and study.fits[names.index(name)].init != "truth-perturbed":
+            raise _err(f"{key}.tries", "counts truth-perturbed starts; this setting has init = "
+                                       f"{study.fits[names.index(name)].init!r} (use tries = 1)")
+    if not apply:
+        return
+    if n is not None:
+        study.n = n
+    if reps is not None:
+        study.replicates = reps
+    for f in study.fits:
+        if n is not None:
+            f.n = None
+        if max_iter is not None:
+            f.max_iter = min(f.max_iter, max_iter)
+        if tol is not None:
+            f.tol = max(f.tol, tol)
+        o = overrides.get(f.name, {})
+        if "n" in o:
+            f.n = o["n"]
+        if "tries" in o:
+            f.tries = o["tries"]
 
 
 def load_study(path, *, quick: bool = False) -> Study:

@@ -8,7 +8,15 @@ name                 study files
 ===================  ===========================================================
 softmax-2023         ``softmax-2023.toml`` — Nguyen, Nguyen & Ho (NeurIPS 2023):
                      softmax Gaussian MoE, exact (K=2) and over-specified
-                     (K=3, 4) fits, losses D1/D2 and density distances.
+                     (K=3, 4) fits, losses D1/D2 and density distances, in
+                     moelab's simplified design (x ~ U(0, 1), 10 log-spaced n,
+                     N(0, 0.1²) start noise, one start).
+softmax-2023-paper   ``softmax-2023-paper.toml`` — the same study in the
+                     authors' design (their code, CRPE-SGaME): fixed
+                     x = linspace(0, 1, n), 200 linearly spaced n per setting
+                     (K=2 from 100, K=3/4 from 10⁴, to 10⁵), near-truth
+                     starts with n-dependent noise, best of 5 tries for K=3/4,
+                     EM stopped at a relative log-likelihood change of 1e-6.
 temperature-2024     ``temperature-2024-{temperature,tanh,sigmoid,identity}.toml``
                      — Nguyen, Akbarian & Ho (ICML 2024): estimated temperature
                      (a), activation gates tanh and sigmoid (b), identity
@@ -30,6 +38,7 @@ __all__ = ["PRESETS", "preset_paths", "load_preset", "reproduce"]
 
 PRESETS = {
     "softmax-2023": ("softmax-2023.toml",),
+    "softmax-2023-paper": ("softmax-2023-paper.toml",),
     "temperature-2024": (
         "temperature-2024-temperature.toml",
         "temperature-2024-tanh.toml",

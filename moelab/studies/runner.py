@@ -10,7 +10,9 @@ it). A fit that raises or does not converge is recorded with its ``status``
 (``ok``, ``not_converged``, ``degenerate``, ``failed``) and never dropped.
 
 Sharding: ``shard=(I, N)`` runs the (n, replicate) cells ``I, I+N, I+2N, …``
-of the list ordered by n then replicate, into ``results-shard-I-of-N.csv``;
+of the list ordered by n then replicate (n over the union of the settings'
+grids; a setting fits only the cells of its own grid), into
+``results-shard-I-of-N.csv``;
 :func:`merge_results` combines shards (any directories) into one table and
 writes the report.
 """
@@ -35,7 +37,7 @@ from ..mle import fit_mle
 from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
 from .simulate import cell_seed, simulate_cells, true_model, truth_perturbed, x_points
 
-__all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results"]
+__all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
 
 METRIC_COLUMNS = (
     "loss", "loss_D1", "loss_D2", "hellinger", "tv",
@@ -108,15 +110,36 @@ def _check_out(out: Path, study: Study) -> None:
     meta.write_text(study.to_json())  # theory claims may be updated without invalidating finished fits
 
 
+def start_seeds(study: Study, fi: int, n: int, r: int, tries: int) -> List[int]:
+    """Seeds of the ``tries`` truth-perturbed starts of cell (setting fi, n, replicate r).
+
+    Try 0 has the seed a single-try study uses, so a study with more tries
+    contains its one-try start; the others are keyed by the try index too.
+    None depends on batching or sharding.
+    """
+    return [cell_seed(study.seed, n, r, fi, 2) if t == 0 else cell_seed(study.seed, n, r, fi, 2, t) for t in range(tries)]
+
+
+def _starts(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int]):
+    """Truth-perturbed starts of the replicates ``reps``: batch shape (R,), or (R, tries) with several tries."""
+    seeds = [s for r in reps for s in start_seeds(study, fi, n, r, fit.tries)]
+    model = truth_perturbed(truth, fit, seeds, n)
+    if fit.tries == 1:
+        return model
+    shape = lambda t: t.reshape(len(reps), fit.tries, *t.shape[1:])  # noqa: E731  replicate-major
+    return type(model)(model.gate.map_tensors(shape), model.experts.map_tensors(shape))
+
+
 def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int], xpts) -> List[dict]:
     """Fit replicates ``reps`` at sample size n as one batched problem; one row per replicate."""
     x, y = simulate_cells(study, truth, n, reps)
     K = fit.n_experts
     kwargs = dict(gate=fit.gate, gate_options=fit.gate_options or None, max_iter=fit.max_iter, tol=fit.tol,
                   warn=False, random_state=cell_seed(study.seed, n, reps[0], fi, 1))
+    if fit.estimator == "em":
+        kwargs["convergence"] = fit.convergence
     if fit.init == "truth-perturbed":
-        seeds = [cell_seed(study.seed, n, r, fi, 2) for r in reps]
-        kwargs["init_model"] = truth_perturbed(truth, fit, seeds)
+        kwargs["init_model"] = _starts(study, fi, fit, truth, n, reps)
     else:
         kwargs.update(init=fit.init, n_init=fit.n_init)
         if fit.estimator == "em" and fit.init != "auto":
@@ -193,13 +216,16 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
     _repair_tail(path)
     done_df = read_results(path)
     done = set(zip(done_df["setting"], done_df["n"].astype(int), done_df["replicate"].astype(int)))
-    cells = [(n, r) for n in study.n for r in range(study.replicates)][i::N]
+    cells = [(n, r) for n in study.all_n() for r in range(study.replicates)][i::N]
     truth = true_model(study.truth)
     d = truth.n_features
     xpts = x_points(study.truth.x, study.x_points, d, seed=study.seed)
     todo = []
-    for n in study.n:
+    grids = [set(study.grid(f)) for f in study.fits]
+    for n in study.all_n():
         for fi, fit in enumerate(study.fits):
+            if n not in grids[fi]:
+                continue
             reps = [r for (nn, r) in cells if nn == n and (fit.name, n, r) not in done]
             bs = study.batch_size or len(reps) or 1
             for s in range(0, len(reps), bs):

@@ -2,12 +2,14 @@
 
 Reproducibility: the data of cell (n, replicate) come from a generator seeded
 by ``numpy.random.SeedSequence([seed, n, replicate])``, so they do not depend
-on the order, batching or sharding of the run.
+on the order, batching or sharding of the run. With a fixed design
+(``x = { design = "linspace" }``) x is linspace(low, high, n) in every
+replicate and only y is drawn.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from ..experts import GaussianExperts
 from ..gates import ActivationGate, SoftmaxGate, TemperatureGate
 from ..model import GaussianMoE
 from .config import FitSpec, Study, TruthSpec
+from .starts import table_start
 
 __all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", "truth_perturbed"]
 
@@ -44,7 +47,12 @@ def cell_seed(*keys: int) -> int:
 
 
 def sample_x(xspec: dict, n: int, d: int, generator: torch.Generator) -> torch.Tensor:
-    """n draws from the study's x distribution: shape (n, d)."""
+    """n draws from the study's x distribution, or its fixed design: shape (n, d).
+
+    A ``linspace`` design (d = 1) gives x = linspace(low, high, n) and draws nothing from ``generator``.
+    """
+    if xspec.get("design") == "linspace":
+        return torch.linspace(xspec["low"], xspec["high"], n, dtype=DTYPE).unsqueeze(-1).expand(n, d).clone()
     if xspec["distribution"] == "uniform":
         u = torch.rand(n, d, generator=generator, dtype=DTYPE)
         return xspec["low"] + (xspec["high"] - xspec["low"]) * u
@@ -54,10 +62,11 @@ def sample_x(xspec: dict, n: int, d: int, generator: torch.Generator) -> torch.T
 def x_points(xspec: dict, m: int, d: int, seed: int = 0) -> torch.Tensor:
     """Points representing the x distribution for density distances: shape (m, d).
 
-    Uniform with d = 1: midpoints of m equal bins (midpoint rule); otherwise a
-    fixed-seed Monte Carlo sample.
+    Uniform with d = 1, or a linspace design (whose empirical distribution
+    tends to Uniform(low, high)): midpoints of m equal bins (midpoint rule);
+    otherwise a fixed-seed Monte Carlo sample.
     """
-    if xspec["distribution"] == "uniform" and d == 1:
+    if xspec.get("design") == "linspace" or (xspec["distribution"] == "uniform" and d == 1):
         u = (torch.arange(m, dtype=DTYPE) + 0.5) / m
         return (xspec["low"] + (xspec["high"] - xspec["low"]) * u).unsqueeze(-1)
     return sample_x(xspec, m, d, torch.Generator().manual_seed(seed))
@@ -75,24 +84,40 @@ def simulate_cells(study: Study, truth: GaussianMoE, n: int, replicates: Sequenc
     return torch.stack(xs), torch.stack(ys)
 
 
-def truth_perturbed(truth: GaussianMoE, fit: FitSpec, seeds: Sequence[int]) -> GaussianMoE:
-    """Starting values near the truth, as in the papers' simulations (batch shape (R,)).
+def truth_perturbed(truth: GaussianMoE, fit: FitSpec, seeds: Sequence[int], n: Optional[int] = None) -> GaussianMoE:
+    """Starting values near the truth, as in the papers' simulations (batch shape (len(seeds),)).
 
-    With K fitted experts and K* ≤ K true ones, each replicate duplicates
-    randomly chosen true experts until there are K atoms (a duplicated
-    expert's gate mass exp(β_0) is split equally between its copies), then
-    adds N(0, perturbation²) noise to the gate slope, gate intercept, expert
-    slope and intercept, and multiplies variances (and an estimated τ) by
-    exp(N(0, perturbation²)). The true reference expert's copy is put last and
-    the gate re-expressed so that the last expert has zero slope and
-    intercept, as the estimators require.
+    One start per seed. Without ``fit.start`` (moelab's start): with K
+    fitted experts and K* ≤ K true ones, each start duplicates randomly
+    chosen true experts until there are K atoms (a duplicated expert's gate
+    mass exp(β_0) is split equally between its copies), then adds N(0,
+    perturbation²) noise to the gate slope, gate intercept, expert slope and
+    intercept, and multiplies variances (and an estimated τ) by exp(N(0,
+    perturbation²)). The true reference expert's copy is put last and the
+    gate re-expressed so that the last expert has zero slope and intercept,
+    as the estimators require. With ``fit.start`` (a [fit.start] table) the
+    start is :func:`moelab.studies.starts.table_start` at sample size ``n``.
+
+    Raises
+    ------
+    ValueError
+        ``fit.start`` is given without ``n``.
     """
     g, e = truth.gate, truth.experts
     Kt, K, d = truth.n_experts, fit.n_experts, truth.n_features
     p = fit.perturbation
+    if fit.start is not None and n is None:
+        raise ValueError(f"setting {fit.name!r} has a [fit.start] table, whose noise depends on n; pass n")
     sl, ic, es, ei, ev, tau = [], [], [], [], [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
+        if fit.start is not None:
+            parts = table_start(truth, fit, gen, n)
+            for acc, v in zip((sl, ic, es, ei, ev), parts[:5]):
+                acc.append(v)
+            if parts[5] is not None:
+                tau.append(parts[5])
+            continue
         extra = torch.randint(Kt, (K - Kt,), generator=gen).tolist()
         atoms = list(range(Kt)) + extra
         counts = torch.bincount(torch.tensor(atoms, dtype=torch.long), minlength=Kt).to(DTYPE)
