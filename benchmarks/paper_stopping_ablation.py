@@ -46,7 +46,7 @@ def main(argv=None):
         print(pd.DataFrame({"iterations": g.n_iter.mean(), "D2 median": g.loss.median(), "hellinger median": g.hellinger.median(),
                             "err_gate_slope median": g.err_gate_slope.median()}).to_string(float_format=lambda v: f"{v:.3g}"))
         rates = pd.read_csv(out / "rates.csv")
-        print(rates[["quantity", "slope", "ci_low", "ci_high"]].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        print(rates[["quantity", "aggregate", "slope", "ci_low", "ci_high"]].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
 
 
 if __name__ == "__main__":
