@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
@@ -61,8 +62,13 @@ __all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "
 CONVERGENCE_RULES = ("mean", "relative")
 
 
-class ConvergenceWarning(UserWarning):
-    """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled."""
+class ConvergenceWarning(_SklearnConvergenceWarning):
+    """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled.
+
+    A subclass of scikit-learn's ``sklearn.exceptions.ConvergenceWarning``, so
+    ``warnings.filterwarnings(..., category=sklearn.exceptions.ConvergenceWarning)``
+    covers moelab's fits too.
+    """
 
 
 class DegenerateFitWarning(UserWarning):

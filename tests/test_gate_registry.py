@@ -147,3 +147,21 @@ def test_estimated_temperature_counts_only_where_identified(activation, counted)
         == base + counted
     assert TemperatureGate(slope, intercept, learn_temperature=True).n_free_parameters() == base
     assert ActivationGate(slope, intercept, activation=activation).n_free_parameters() == base
+
+
+def test_convergence_warning_is_sklearns():
+    """Issue 10: filtering scikit-learn's ConvergenceWarning also filters moelab's."""
+    import sklearn.exceptions
+
+    import moelab
+
+    assert issubclass(moelab.ConvergenceWarning, sklearn.exceptions.ConvergenceWarning)
+    x = torch.linspace(0, 1, 60, dtype=D)
+    y = torch.sin(6 * x) + 0.1 * torch.randn(60, generator=torch.Generator().manual_seed(0), dtype=D)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=sklearn.exceptions.ConvergenceWarning)
+        fit_em(x, y, 2, n_init=2, n_candidates=4, max_iter=2, random_state=0)
+    assert not [w for w in caught if issubclass(w.category, sklearn.exceptions.ConvergenceWarning)]
+    with pytest.warns(sklearn.exceptions.ConvergenceWarning, match="did not converge in 2 iterations"):
+        fit_em(x, y, 2, n_init=2, n_candidates=4, max_iter=2, random_state=0)
