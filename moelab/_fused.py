@@ -60,8 +60,9 @@ def n_sums(K: int, d: int) -> int:
 
 
 def supported(gate, K: int, d: int) -> bool:
-    """True for linear-logit gates (softmax, temperature) with a small enough model."""
-    return bool(getattr(gate, "linear_logits", False)) and K >= 2 and n_sums(K, d) <= MAX_SUMS
+    """True for gate families that declare this kernel (``"fused" in Gate.kernels``: linear logits
+    through ``logit_coefficients``) with a small enough model."""
+    return "fused" in getattr(type(gate), "kernels", ()) and K >= 2 and n_sums(K, d) <= MAX_SUMS
 
 
 # ------------------------------------------------------------------ kernels (traced by torch.compile)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .experts import GaussianExperts
-from .gates import ActivationGate, Gate, TemperatureGate
+from .gates import Gate
 from .model import GaussianMoE
 
 __all__ = ["Scaling"]
@@ -59,28 +59,12 @@ class Scaling:
 
     # ------------------------------------------------------------ parameters
     def gate_to_original(self, gate: Gate) -> Gate:
-        """Gate fitted on x' → the same function of x."""
-        s = self.x_scale.unsqueeze(-2)  # [B, 1, d]
-        slope = gate.slope / s
-        shift = (gate.slope * (self.x_loc / self.x_scale).unsqueeze(-2)).sum(-1)  # β1'ᵀ m/s  [B, K]
-        if isinstance(gate, ActivationGate):
-            if bool((self.x_loc != 0).any()):  # pragma: no cover - guarded by center_x=False
-                raise RuntimeError("activation gates must be fitted on uncentred x")
-            return gate.replace(slope=slope)
-        if isinstance(gate, TemperatureGate):
-            shift = shift / gate.temperature.unsqueeze(-1)
-        return gate.replace(slope=slope, intercept=gate.intercept - shift)
+        """Gate fitted on x' → the same function of x (the gate's own map, :meth:`Gate.to_original`)."""
+        return gate.to_original(self.x_loc, self.x_scale)
 
     def gate_to_scaled(self, gate: Gate) -> Gate:
         """Inverse of :meth:`gate_to_original`."""
-        s = self.x_scale.unsqueeze(-2)
-        slope = gate.slope * s
-        if isinstance(gate, ActivationGate):
-            return gate.replace(slope=slope)
-        shift = (gate.slope * self.x_loc.unsqueeze(-2)).sum(-1)
-        if isinstance(gate, TemperatureGate):
-            shift = shift / gate.temperature.unsqueeze(-1)
-        return gate.replace(slope=slope, intercept=gate.intercept + shift)
+        return gate.to_scaled(self.x_loc, self.x_scale)
 
     def experts_to_original(self, experts: GaussianExperts) -> GaussianExperts:
         sy = self.y_scale.unsqueeze(-1)  # [B, 1]

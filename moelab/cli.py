@@ -101,10 +101,22 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------- fit
-_GATE_HELP = (
-    "softmax: softmax(b1'x + b0); temperature: softmax(b1'x/tau + b0); "
-    "activation: softmax(act(b1'x)/tau + b0); topk: softmax over the --top-k largest logits"
-)
+#: gate option -> its ``moelab fit`` flag
+_OPTION_FLAGS = {"temperature": "--temperature", "learn_temperature": "--learn-temperature",
+                 "activation": "--activation", "top_k": "--top-k"}
+
+
+def _gate_help() -> str:
+    """One clause per registered gate family, from the registry's descriptions."""
+    from .gates import GATES
+
+    return "; ".join(f"{name}: {cls.description}" for name, cls in GATES.items() if cls.description)
+
+
+def _gates_taking(option: str) -> str:
+    from .gates import families_taking
+
+    return " or ".join(f"--gate {g}" for g in families_taking(option))
 
 
 def register_fit(sub) -> None:
@@ -124,7 +136,7 @@ def register_fit(sub) -> None:
                    help="input column(s), comma-separated (repeatable)")
     p.add_argument("--y", required=True, metavar="COL", help="response column")
     p.add_argument("--experts", required=True, type=int, metavar="K", help="number of experts K >= 1")
-    p.add_argument("--gate", default="softmax", choices=list(GATES), help=f"gate family (default softmax). {_GATE_HELP}")
+    p.add_argument("--gate", default="softmax", choices=list(GATES), help=f"gate family (default softmax). {_gate_help()}")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
                    help="activation for --gate activation (default tanh)")
     tau = p.add_mutually_exclusive_group()
@@ -141,8 +153,9 @@ def register_fit(sub) -> None:
     p.add_argument("--max-iter", type=int, metavar="N", help="maximum iterations per start (default 2000 EM, 500 MLE)")
     p.add_argument("--tol", type=float, metavar="T",
                    help="convergence tolerance (default 1e-8 on the mean log-likelihood change per sample for EM)")
+    fused = "/".join(n for n, c in GATES.items() if "fused" in c.kernels)
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
-                   help="EM: run iterations as one fused pass compiled by torch.compile (softmax/temperature gates; "
+                   help=f"EM: run iterations as one fused pass compiled by torch.compile ({fused} gates; "
                         "auto = for large fits, default)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write DIR/params.json and DIR/fit.png (created if needed)")
@@ -158,17 +171,18 @@ def _check_fit_flags(args) -> dict:
         raise CLIError(f"--experts must be >= 1, got {args.experts}")
     if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise CLIError(f"--temperature must be a number > 0, got {args.temperature}")
-    if args.temperature is not None and gate not in ("temperature", "activation"):
-        raise CLIError(f"--temperature needs --gate temperature or --gate activation (got --gate {gate})")
-    if args.learn_temperature and gate not in ("temperature", "activation"):
-        raise CLIError(f"--learn-temperature needs --gate temperature or --gate activation (got --gate {gate})")
-    if args.activation is not None and gate != "activation":
-        raise CLIError(f"--activation needs --gate activation (got --gate {gate})")
-    if args.top_k is not None and gate != "topk":
-        raise CLIError(f"--top-k needs --gate topk (got --gate {gate})")
-    if gate == "topk" and args.top_k is None:
-        raise CLIError("--gate topk needs --top-k K' (experts kept per input, 1 <= K' <= --experts)")
-    if gate == "topk" and not 1 <= args.top_k <= args.experts:
+    from .gates import gate_family
+
+    family = gate_family(gate)
+    takes = {o.name for o in family.options}
+    for option, flag in _OPTION_FLAGS.items():
+        value = getattr(args, option)
+        if (value is not None and value is not False) and option not in takes:
+            raise CLIError(f"{flag} needs {_gates_taking(option)} (got --gate {gate})")
+    for o in family.options:
+        if o.required and getattr(args, o.name, None) is None:
+            raise CLIError(f"--gate {gate} needs {_OPTION_FLAGS.get(o.name, o.name)} ({o.help})")
+    if args.top_k is not None and not 1 <= args.top_k <= args.experts:
         raise CLIError(f"--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}")
     for flag, v in (("--n-init", args.n_init), ("--n-candidates", args.n_candidates), ("--max-iter", args.max_iter)):
         if v is not None and v < 1:
@@ -179,8 +193,11 @@ def _check_fit_flags(args) -> dict:
         raise CLIError(f"--tol must be a number >= 0, got {args.tol}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
-    if args.compile == "on" and gate not in ("softmax", "temperature"):
-        raise CLIError(f"--compile on needs --gate softmax or temperature (got --gate {gate}); use --compile auto")
+    if args.compile == "on" and "fused" not in family.kernels:
+        from .gates import GATES
+
+        fams = " or ".join(n for n, c in GATES.items() if "fused" in c.kernels)
+        raise CLIError(f"--compile on needs --gate {fams} (got --gate {gate}); use --compile auto")
     return dict(activation=args.activation, temperature=args.temperature,
                 learn_temperature=args.learn_temperature, top_k=args.top_k)
 

@@ -44,11 +44,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
 from .experts import GaussianExperts
-from .gates import Gate, TemperatureGate, TopKGate, make_gate
+from .gates import GATES, Gate, GateSpec, gate_spec
 from .gates.identifiability import warn_if_temperature_not_identified
 from .init import INIT_METHODS, init_responsibilities
 from .model import GaussianMoE
@@ -61,8 +62,13 @@ __all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "
 CONVERGENCE_RULES = ("mean", "relative")
 
 
-class ConvergenceWarning(UserWarning):
-    """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled."""
+class ConvergenceWarning(_SklearnConvergenceWarning):
+    """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled.
+
+    A subclass of scikit-learn's ``sklearn.exceptions.ConvergenceWarning``, so
+    ``warnings.filterwarnings(..., category=sklearn.exceptions.ConvergenceWarning)``
+    covers moelab's fits too.
+    """
 
 
 class DegenerateFitWarning(UserWarning):
@@ -131,18 +137,12 @@ def prepare_xy(x, y, dtype=torch.float64, device=None):
 
 
 def _gate_theta(gate: Gate) -> torch.Tensor:
-    """Linear-logit gate → logit coefficients θ (R, K, d+1) on [x, 1]."""
-    slope = gate.slope
-    if isinstance(gate, TemperatureGate):
-        slope = slope / gate.temperature[..., None, None]
-    return torch.cat([slope, gate.intercept.unsqueeze(-1)], -1)
+    """Linear-logit gate → logit coefficients θ (R, K, d+1) on [x, 1] (the gate's own map)."""
+    return gate.logit_coefficients()
 
 
 def _theta_gate(gate: Gate, theta: torch.Tensor) -> Gate:
-    slope = theta[..., :-1]
-    if isinstance(gate, TemperatureGate):
-        slope = slope * gate.temperature[..., None, None]
-    return gate.replace(slope=slope, intercept=theta[..., -1])
+    return gate.with_logit_coefficients(theta)
 
 
 def _gate_step(gate: Gate, x, x1, resp, n_steps, xx=None):
@@ -310,14 +310,16 @@ _AUTO_COMPILE_MIN = 1_000_000
 _AUTO_COMPILE_WORK = 1_000_000_000
 
 
-def _check_compile(compile, gate=None, gate_steps: int = 1, dtype=torch.float64) -> None:
-    """Validate fit_em's ``compile``; for compile=True also that the fused kernel covers the fit."""
+def _check_compile(compile, gate: Optional[GateSpec] = None, gate_steps: int = 1, dtype=torch.float64) -> None:
+    """Validate fit_em's ``compile``; for compile=True also that the fused kernel covers the fit
+    (the gate family declares it: ``"fused" in Gate.kernels``)."""
     if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
-    if compile is True:
+    if compile is True and gate is not None:
         why = None
-        if gate not in ("softmax", "temperature"):
-            why = f"a softmax or temperature gate (got gate={gate!r})"
+        if not gate.supports("fused"):
+            fams = " or ".join(n for n, c in GATES.items() if "fused" in c.kernels)
+            why = f"a {fams} gate (got gate={gate.name!r})"
         elif gate_steps != 1:
             why = f"gate_steps=1 (got {gate_steps})"
         elif dtype != torch.float64:
@@ -351,7 +353,7 @@ def _init_state(gate_template: Gate, resp, x, x1, y, var_floor) -> _State:
     K = resp.shape[-2]
     resp = 0.95 * resp + 0.05 / K  # soften hard starts so no expert starts empty
     theta, var = expert_m_step(x1, y, resp, var_floor)
-    if isinstance(gate_template, TopKGate):
+    if gate_template.sparse_routing:
         # A top-K gate at its all-equal start would give every expert positive
         # responsibility, and every sparse move would then make Q_gate = -inf:
         # start from the dense softmax fit of the same linear logits instead.
@@ -362,10 +364,8 @@ def _init_state(gate_template: Gate, resp, x, x1, y, var_floor) -> _State:
     return _State(gate, theta, var)
 
 
-def _template(gate, K, d, R, dtype, device, gate_options) -> Gate:
-    if isinstance(gate, Gate):
-        raise TypeError("pass the gate family by name (e.g. 'softmax') and starting values through init_model")
-    return make_gate(gate, K, d, (R,), dtype=dtype, device=device, **(gate_options or {}))
+def _template(spec: GateSpec, K, d, R, dtype, device) -> Gate:
+    return spec.template(K, d, (R,), dtype=dtype, device=device)
 
 
 def _collapsed(resp_sizes, var, min_size, min_sd):
@@ -384,8 +384,7 @@ class _Problem:
     batch: tuple
     scaling: Scaling
     n_experts: int
-    gate: str
-    gate_options: Optional[dict]
+    gate: GateSpec
     min_size: float
     generator: torch.Generator
     dtype: torch.dtype
@@ -403,15 +402,22 @@ class _Problem:
         return self.x.shape[2]
 
 
-def _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device) -> _Problem:
-    """Validate inputs and settings; standardise the data."""
+def check_n_experts(n_experts) -> int:
+    """n_experts as an int; ValueError unless it is an integer >= 1 (bool rejected)."""
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
         raise ValueError(f"n_experts must be an integer >= 1, got {n_experts!r}")
-    K = n_experts
+    return n_experts
+
+
+def _setup(x, y, n_experts, gate: GateSpec, min_expert_size, random_state, dtype, device) -> _Problem:
+    """Validate the data and the data-dependent settings; standardise the data.
+
+    ``gate`` is the validated gate family of the fit (:func:`moelab.gates.gate_spec`).
+    """
+    K = check_n_experts(n_experts)
     x, y, batch = prepare_xy(x, y, dtype=dtype, device=device)
     B, n, d = x.shape
-    template1 = _template(gate, K, d, 1, dtype, x.device, gate_options)
-    n_params = template1.n_free_parameters() + K * (d + 2)
+    n_params = gate.n_free_parameters(K, d) + K * (d + 2)
     if n < n_params:
         raise ValueError(
             f"{n} samples are fewer than the {n_params} free parameters of a {K}-expert model with "
@@ -431,9 +437,9 @@ def _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, d
     else:
         seed = int(random_state) if random_state is not None else int(torch.randint(2**31 - 1, (1,)))
         gen = torch.Generator(device="cpu").manual_seed(seed)
-    scaling = Scaling.fit(x, y, center_x=template1.affine_invariant)
+    scaling = Scaling.fit(x, y, center_x=gate.family.affine_invariant)
     xs, ys = scaling.transform(x, y)
-    return _Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, gate_options, min_size, gen, dtype)
+    return _Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, min_size, gen, dtype)
 
 
 @contextlib.contextmanager
@@ -474,8 +480,8 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidat
                 f"init_model has {init_model.n_experts} experts and {init_model.n_features} features; "
                 f"expected {K} and {d}"
             )
-        if init_model.gate.name != prob.gate:
-            raise ValueError(f"init_model has a {init_model.gate.name!r} gate but gate={prob.gate!r}")
+        if init_model.gate.name != prob.gate.name:
+            raise ValueError(f"init_model has a {init_model.gate.name!r} gate but gate={prob.gate.name!r}")
         m0 = init_model.to(dtype=dtype, device=dev)
         mb = tuple(m0.batch_shape)
         if mb == ():
@@ -501,7 +507,7 @@ def _starts(prob: _Problem, S: int, init: str, init_model, var_floor, n_candidat
         xr = prob.xs.repeat_interleave(n_cand, 0)
         yr = prob.ys.repeat_interleave(n_cand, 0)
         x1r = _design(xr)
-        template = _template(prob.gate, K, d, B * n_cand, dtype, dev, prob.gate_options)
+        template = _template(prob.gate, K, d, B * n_cand, dtype, dev)
         state = _init_state(template, resp0, xr, x1r, yr, var_floor)
         if n_keep < n_cand:
             # screen by the likelihood of the initial fit (for segment starts this is the
@@ -673,7 +679,7 @@ def fit_em(
         compile=True and torch.compile fails.
     """
     t0 = time.perf_counter()
-    _check_compile(compile, gate, gate_steps, dtype)
+    _check_compile(compile)
     for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("gate_steps", gate_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm == "max_iter" else 1):
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
@@ -686,7 +692,9 @@ def fit_em(
         raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
     if init not in ("auto",) + INIT_METHODS:
         raise ValueError(f"unknown init {init!r}; choose one of auto, {', '.join(INIT_METHODS)}, or pass init_model")
-    if gate == "topk" and init_model is None:
+    spec = gate_spec(gate, gate_options, n_experts=check_n_experts(n_experts))
+    _check_compile(compile, spec, gate_steps, dtype)
+    if spec.family.sparse_routing and init_model is None:
         # EM cannot change which experts a sample is routed to (dropping an expert with
         # positive responsibility makes Q = -inf), so a top-K fit is only as good as its
         # routing at the start: fit the dense softmax model first, then sparsify it.
@@ -694,11 +702,8 @@ def fit_em(
                        max_iter=max_iter, tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size,
                        min_expert_sd=min_expert_sd, gate_steps=gate_steps, random_state=random_state, dtype=dtype,
                        device=device, warn=False, compile=compile, convergence=convergence)
-        top_k = (gate_options or {}).get("top_k")
-        sparse_gate = TopKGate(dense.model.gate.slope, dense.model.gate.intercept, top_k=top_k) if top_k is not None else None
-        if sparse_gate is not None:
-            init_model = GaussianMoE(sparse_gate, dense.model.experts)
-    prob = _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device)
+        init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
+    prob = _setup(x, y, n_experts, spec, min_expert_size, random_state, dtype, device)
     if n_candidates is not None and int(n_candidates) < 1:
         raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
     var_floor = reg_variance

@@ -22,25 +22,23 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .em import fit_em
+from .gates import gate_spec
 from .mle import fit_mle
 
 __all__ = ["MixtureOfExpertsRegressor", "gate_options_from"]
 
-_GATES = ("softmax", "temperature", "activation", "topk")
-_TAKES = {
-    "softmax": (),
-    "temperature": ("temperature", "learn_temperature"),
-    "activation": ("temperature", "learn_temperature", "activation"),
-    "topk": ("top_k",),
-}
 
-
-def gate_options_from(gate, *, activation=None, temperature=None, learn_temperature=False, top_k=None) -> dict:
+def gate_options_from(gate, *, activation=None, temperature=None, learn_temperature=False, top_k=None,
+                      gate_options=None, n_experts=None) -> dict:
     """Validate gate hyper-parameters and build ``gate_options`` for :func:`moelab.fit_em`.
+
+    The family and its options are validated by the gate registry
+    (:func:`moelab.gates.gate_spec`), as in ``fit_em`` and the study files.
 
     Parameters
     ----------
-    gate : {"softmax", "temperature", "activation", "topk"}
+    gate : str
+        A registered gate family (:data:`moelab.gates.GATES`).
     activation : str or callable, optional
         Only for ``gate="activation"`` (default there: ``"tanh"``).
     temperature : float, optional
@@ -50,39 +48,37 @@ def gate_options_from(gate, *, activation=None, temperature=None, learn_temperat
         together with ``temperature``.
     top_k : int, optional
         Experts kept per input; required for (and only for) ``gate="topk"``.
+    gate_options : dict, optional
+        Options of any registered family by name (e.g. of a family added with
+        :func:`moelab.gates.register_gate`); not together with the same option
+        given as a keyword.
+    n_experts : int, optional
+        For options bounded by the number of experts (``top_k``).
 
     Returns
     -------
     dict
-        Only the options that were set.
+        Only the options that were set, validated.
 
     Raises
     ------
     ValueError
-        Unknown gate, an option the gate does not take, τ ≤ 0 or not finite,
-        ``temperature`` together with ``learn_temperature``, or ``topk``
-        without ``top_k``.
+        Unknown gate, an option the gate does not take or outside its
+        constraint (τ ≤ 0 or not finite), ``temperature`` together with
+        ``learn_temperature``, a required option missing (``topk`` without
+        ``top_k``), or an option given twice.
     """
-    if not isinstance(gate, str) or gate not in _GATES:
-        raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(_GATES)}")
     given = {"activation": activation, "temperature": temperature, "top_k": top_k,
              "learn_temperature": learn_temperature or None}
-    opts = {k: v for k, v in given.items() if v is not None}
-    extra = sorted(set(opts) - set(_TAKES[gate]))
-    if extra:
-        takes = ", ".join(_TAKES[gate]) or "no options"
-        raise ValueError(f"gate {gate!r} does not take {', '.join(extra)} (it takes {takes})")
-    if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
-            math.isfinite(temperature) and temperature > 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if learn_temperature:
-            raise ValueError("give either a fixed temperature or learn_temperature=True, not both")
-        opts["temperature"] = float(temperature)
-    if gate == "topk" and top_k is None:
-        raise ValueError("gate 'topk' needs top_k, the number of experts kept per input (1 <= top_k <= n_experts)")
-    return opts
+    opts = dict(gate_options or {})
+    twice = sorted(k for k, v in given.items() if v is not None and opts.get(k) is not None)
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given both as a parameter and in gate_options; give it once")
+    opts.update({k: v for k, v in given.items() if v is not None})
+    spec = gate_spec(gate, opts, n_experts=n_experts)
+    if spec.options.get("temperature") is not None and spec.options.get("learn_temperature"):
+        raise ValueError("give either a fixed temperature or learn_temperature=True, not both")
+    return dict(spec.options)
 
 
 class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
@@ -92,8 +88,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     ----------
     n_experts : int, default 2
         Number of experts K ≥ 1.
-    gate : {"softmax", "temperature", "activation", "topk"}, default "softmax"
-        Gate family (see :mod:`moelab.gates`): softmax(β_1ᵀx + β_0);
+    gate : str, default "softmax"
+        A registered gate family (see :mod:`moelab.gates`), built in:: softmax(β_1ᵀx + β_0);
         softmax(β_1ᵀx/τ + β_0); softmax(σ(β_1ᵀx)/τ + β_0); top-k sparse softmax.
     activation : str or callable, optional
         σ for ``gate="activation"``: "tanh" (default), "sigmoid", "gelu",
@@ -105,6 +101,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         identifiable — only β_1/τ is.
     top_k : int, optional
         Experts kept per input for ``gate="topk"`` (required there).
+    gate_options : dict, optional
+        Options of the gate family by name, for any registered family
+        (:func:`moelab.gates.register_gate`); the keywords above are shortcuts.
     estimator : {"em", "mle"}, default "em"
         EM (:func:`moelab.fit_em`) or L-BFGS on the log-likelihood
         (:func:`moelab.fit_mle`).
@@ -173,7 +172,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
-                 top_k=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
+                 top_k=None, gate_options=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
                  random_state=None, compile="auto"):
         self.n_experts = n_experts
         self.gate = gate
@@ -181,6 +180,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.temperature = temperature
         self.learn_temperature = learn_temperature
         self.top_k = top_k
+        self.gate_options = gate_options
         self.estimator = estimator
         self.n_init = n_init
         self.n_candidates = n_candidates
@@ -205,7 +205,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         kw = dict(
             gate=self.gate,
             gate_options=gate_options_from(self.gate, activation=self.activation, temperature=self.temperature,
-                                           learn_temperature=self.learn_temperature, top_k=self.top_k),
+                                           learn_temperature=self.learn_temperature, top_k=self.top_k,
+                                           gate_options=self.gate_options, n_experts=int(self.n_experts)),
             init=self.init,
         )
         if self.n_init is not None:

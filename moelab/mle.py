@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .em import EMResult, _e_step, _finish, _setup, _starts, _State
+from .em import EMResult, _e_step, _finish, _setup, _starts, _State, check_n_experts
+from .gates import gate_spec
 from .model import GaussianMoE
 
 __all__ = ["fit_mle"]
@@ -66,7 +67,10 @@ def fit_mle(
             raise ValueError(f"{nm} must be a positive integer, got {v!r}")
     if not (tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    prob = _setup(x, y, n_experts, gate, gate_options, min_expert_size, random_state, dtype, device)
+    if not (reg_variance > 0):
+        raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
+    spec = gate_spec(gate, gate_options, n_experts=check_n_experts(n_experts))
+    prob = _setup(x, y, n_experts, spec, min_expert_size, random_state, dtype, device)
     S = 1 if init_model is not None else n_init
     state, xr, x1r, yr = _starts(prob, S, init, init_model, reg_variance)
     K, d, n = prob.n_experts, prob.d, prob.n

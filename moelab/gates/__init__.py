@@ -21,18 +21,18 @@ import torch
 from .activation import ActivationGate
 from .base import Gate
 from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, temperature_identified
+from .registry import (GATES, GateOption, GateSpec, families_taking, gate_family, gate_spec, register_gate,
+                       unregister_gate)
 from .softmax import SoftmaxGate, TemperatureGate
 from .topk import TopKGate
 
 __all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "GATES", "make_gate",
+           "GateOption", "GateSpec", "gate_spec", "gate_family", "register_gate", "unregister_gate", "families_taking",
            "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified"]
 
-GATES = {
-    "softmax": SoftmaxGate,
-    "temperature": TemperatureGate,
-    "activation": ActivationGate,
-    "topk": TopKGate,
-}
+for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate):
+    register_gate(_cls)
+del _cls
 
 
 def make_gate(
@@ -49,38 +49,29 @@ def make_gate(
 
     Parameters
     ----------
-    name : {"softmax", "temperature", "activation", "topk"}
+    name : str
+        A registered family (:data:`GATES`): "softmax", "temperature",
+        "activation", "topk", or one added with :func:`register_gate`.
     n_experts, n_features : int
     batch_shape : tuple of int
         Leading batch dimensions of the parameters.
     **options
-        Hyper-parameters of the family: ``temperature``, ``learn_temperature``
-        (temperature, activation), ``activation`` (activation), ``top_k`` (topk).
+        Hyper-parameters of the family, as it declares them (``Gate.options``):
+        ``temperature``, ``learn_temperature`` (temperature, activation),
+        ``activation`` (activation), ``top_k`` (topk). None means "not set".
+
+    Returns
+    -------
+    Gate
+        Parameters of shape batch_shape + (n_experts, n_features) and batch_shape + (n_experts,).
 
     Raises
     ------
     ValueError
-        Unknown gate name, or an option the family does not take.
+        Unknown gate name, an option the family does not take or outside its
+        constraint, a missing required option, n_experts not a positive integer.
     """
-    if name not in GATES:
-        raise ValueError(f"unknown gate {name!r}; choose one of {', '.join(GATES)}")
-    allowed = {
-        "softmax": set(),
-        "temperature": {"temperature", "learn_temperature"},
-        "activation": {"temperature", "learn_temperature", "activation"},
-        "topk": {"top_k"},
-    }[name]
-    extra = set(k for k, v in options.items() if v is not None) - allowed
-    if extra:
-        raise ValueError(
-            f"gate {name!r} does not take option(s) {sorted(extra)}; it takes {sorted(allowed) or 'no options'}"
-        )
-    if not isinstance(n_experts, int) or n_experts < 1:
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
         raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
-    shape = tuple(batch_shape)
-    slope = torch.zeros(*shape, n_experts, n_features, dtype=dtype, device=device)
-    intercept = torch.zeros(*shape, n_experts, dtype=dtype, device=device)
-    opts = {k: v for k, v in options.items() if v is not None}
-    if name == "topk" and "top_k" not in opts:
-        raise ValueError("gate 'topk' needs top_k (the number of experts kept per input)")
-    return GATES[name](slope, intercept, **opts)
+    spec = gate_spec(name, options, n_experts=n_experts)
+    return spec.template(n_experts, n_features, batch_shape, dtype=dtype, device=device)

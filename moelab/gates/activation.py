@@ -16,6 +16,7 @@ import torch
 
 from ..activations import activation_name, resolve_activation
 from .base import Gate
+from .registry import GateOption, activation_function, boolean, positive_real
 
 __all__ = ["ActivationGate"]
 
@@ -48,6 +49,12 @@ class ActivationGate(Gate):
     """
 
     name: ClassVar[str] = "activation"
+    description: ClassVar[str] = "softmax(act(b1'x)/tau + b0)"
+    options: ClassVar[tuple] = (
+        GateOption("temperature", positive_real, 1.0, "fixed temperature tau > 0 (the start when estimated)"),
+        GateOption("learn_temperature", boolean, False, "estimate tau", of_estimation=True),
+        GateOption("activation", activation_function, "tanh", "the activation act applied to b1'x"),
+    )
     affine_invariant: ClassVar[bool] = False
     positive_params: ClassVar[tuple] = ("temperature",)
     batched_attrs: ClassVar[tuple] = ("slope", "intercept", "temperature")
@@ -70,9 +77,6 @@ class ActivationGate(Gate):
         if not self.learn_temperature:
             h["temperature"] = self.temperature
         return h
-
-    def n_free_parameters(self) -> int:
-        return super().n_free_parameters() + int(self.learn_temperature)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """σ(β_1ᵀx)/τ + β_0: x (..., n, d) → (..., n, K)."""

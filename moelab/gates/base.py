@@ -10,11 +10,12 @@ returns a new gate with new parameter values and the same hyper-parameters.
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
 from .._validation import as_tensor, check_finite, check_positive, check_shape
+from .registry import GateOption
 
 __all__ = ["Gate"]
 
@@ -38,9 +39,32 @@ class Gate:
     affine_invariant : bool
         True when centring x can be absorbed into the intercept (logits depend
         on x only through β_1ᵀx + β_0); the estimators then centre x.
+    description : str
+        One line for help texts, e.g. ``softmax(b1'x + b0)``.
+    options : tuple of GateOption
+        The family's hyper-parameters (constructor keywords) with their
+        constraints and defaults; :func:`moelab.gates.gate_spec` validates
+        user options against them.
+    kernels : frozenset of str
+        Fast kernels that cover the family: ``"fused"`` (the compiled one-pass
+        EM iteration of :mod:`moelab._fused`, which needs :meth:`logit_coefficients`).
+    sparse_routing : bool
+        True when the gate gives some experts weight exactly 0, so EM keeps
+        each sample's routing set: ``fit_em`` then fits the dense softmax
+        model first and starts from :meth:`from_dense`.
+    rate_studies : bool
+        Usable as the gate of a rate study (Voronoi losses of dense gates).
+
+    Register a subclass with :func:`moelab.gates.register_gate` to make it
+    usable by ``fit_em``, ``fit_mle``, the estimator and study files.
     """
 
     name: ClassVar[str] = "gate"
+    description: ClassVar[str] = ""
+    options: ClassVar[Tuple[GateOption, ...]] = ()
+    kernels: ClassVar[frozenset] = frozenset()
+    sparse_routing: ClassVar[bool] = False
+    rate_studies: ClassVar[bool] = True
     linear_logits: ClassVar[bool] = False
     affine_invariant: ClassVar[bool] = True
     #: parameters constrained to be positive (optimised on the log scale)
@@ -135,8 +159,81 @@ class Gate:
         return new
 
     def n_free_parameters(self) -> int:
-        """Free parameters per problem, reference expert excluded (for BIC/AIC)."""
-        return (self.n_experts - 1) * (self.n_features + 1)
+        """Free parameters per problem, reference expert excluded (for BIC/AIC).
+
+        The K−1 free slope rows and intercepts, plus every other estimated
+        parameter (:meth:`params`). The one rule for an estimated temperature:
+        it adds a parameter only where β_1 and τ are identified separately,
+        decided numerically from the gate family at generic parameter values
+        (:func:`~moelab.gates.identifiability.temperature_identified_generically`).
+        So the temperature gate counts as the softmax gate (only β_1/τ is
+        identified), a tanh activation gate counts τ, an identity or relu one does not.
+        """
+        n = (self.n_experts - 1) * (self.n_features + 1)
+        nb = len(self.batch_shape)
+        for k, t in self.params().items():
+            if k in ("slope", "intercept"):
+                continue
+            if k == "temperature":
+                from .identifiability import temperature_identified_generically
+
+                n += int(temperature_identified_generically(self))
+            else:
+                n += int(t[(0,) * nb].numel()) if nb else int(t.numel())
+        return n
+
+    # -------------------------------------------------- linear logits, units
+    def logit_coefficients(self) -> torch.Tensor:
+        """θ (..., K, d+1) with logits = θ_k·[x, 1], for gates whose logits are linear in x.
+
+        The EM gate step (exact Newton/IRLS, ``linear_logits``) and the fused
+        kernel work on θ. Default: [β_1, β_0].
+        """
+        return torch.cat([self.slope, self.intercept.unsqueeze(-1)], -1)
+
+    def with_logit_coefficients(self, theta: torch.Tensor) -> "Gate":
+        """Inverse of :meth:`logit_coefficients`: the gate whose logits have coefficients θ (..., K, d+1)."""
+        return self.replace(slope=theta[..., :-1], intercept=theta[..., -1])
+
+    def absorb_linear_shift(self, shift: torch.Tensor) -> torch.Tensor:
+        """The intercept change that absorbs a per-expert change ``shift`` (..., K) of β_1ᵀx.
+
+        Used to map affine-invariant gates between standardised and original
+        units. Default: ``shift`` itself (logits β_1ᵀx + β_0).
+        """
+        return shift
+
+    def to_original(self, x_loc: torch.Tensor, x_scale: torch.Tensor) -> "Gate":
+        """The gate fitted on x' = (x − x_loc)/x_scale as the same function of x.
+
+        x_loc, x_scale of shape batch_shape + (n_features,).
+
+        Raises
+        ------
+        RuntimeError
+            A gate that is not ``affine_invariant`` with a non-zero ``x_loc``
+            (such gates are fitted on rescaled, uncentred x).
+        """
+        slope = self.slope / x_scale.unsqueeze(-2)
+        if not self.affine_invariant:
+            if bool((x_loc != 0).any()):  # pragma: no cover - the estimators do not centre x for these gates
+                raise RuntimeError(f"{type(self).__name__} gates must be fitted on uncentred x")
+            return self.replace(slope=slope)
+        shift = (self.slope * (x_loc / x_scale).unsqueeze(-2)).sum(-1)  # β1'ᵀ m/s  [..., K]
+        return self.replace(slope=slope, intercept=self.intercept - self.absorb_linear_shift(shift))
+
+    def to_scaled(self, x_loc: torch.Tensor, x_scale: torch.Tensor) -> "Gate":
+        """Inverse of :meth:`to_original`: the gate in units x' = (x − x_loc)/x_scale."""
+        slope = self.slope * x_scale.unsqueeze(-2)
+        if not self.affine_invariant:
+            return self.replace(slope=slope)
+        shift = (self.slope * x_loc.unsqueeze(-2)).sum(-1)
+        return self.replace(slope=slope, intercept=self.intercept + self.absorb_linear_shift(shift))
+
+    @classmethod
+    def from_dense(cls, dense: "Gate", **options) -> "Gate":
+        """For ``sparse_routing`` families: the gate that sparsifies a fitted dense softmax gate."""
+        raise NotImplementedError(f"{cls.__name__} has no dense start (sparse_routing is False)")
 
     # ---------------------------------------------------------------- the map
     def _linear(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from .base import Gate
 
 __all__ = ["GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified",
-           "default_x", "warn_if_temperature_not_identified"]
+           "temperature_identified_generically", "default_x", "warn_if_temperature_not_identified"]
 
 
 class IdentifiabilityWarning(UserWarning):
@@ -170,6 +170,28 @@ def temperature_identified(gate: Gate, x: Optional[torch.Tensor] = None, *, atol
     inv = gate_invariances(gate, x, atol=atol)
     learn = bool(getattr(gate, "learn_temperature", False))
     return ~inv.scaling if learn else torch.ones_like(inv.scaling)
+
+
+def temperature_identified_generically(gate: Gate, *, atol: float = 1e-9) -> bool:
+    """Whether the family identifies an estimated τ at generic parameter values (for counting parameters).
+
+    The family's gate with the same hyper-parameters, slopes drawn N(0, 1)
+    with a fixed seed (reference row 0), zero intercepts and τ = 1, over
+    :func:`default_x`: the answer that holds for almost every parameter
+    value, decided from the gate itself (σ), not from where a fit ended
+    (whose units and slopes would make the answer depend on the data's
+    scale). False when τ is not estimated.
+    """
+    if not bool(getattr(gate, "learn_temperature", False)):
+        return False
+    nb = len(gate.batch_shape)
+    one = gate.map_tensors(lambda t: t[(0,) * nb] if nb else t)
+    gen = torch.Generator().manual_seed(0)
+    slope = torch.randn(one.n_experts, one.n_features, generator=gen, dtype=torch.float64)
+    slope[-1] = 0
+    generic = _with(one, slope=slope.to(one.slope), intercept=torch.zeros_like(one.intercept),
+                    temperature=torch.ones_like(one.temperature))
+    return bool(temperature_identified(generic, atol=atol).all())
 
 
 def warn_if_temperature_not_identified(gate: Gate, x: torch.Tensor, *, stacklevel: int = 3) -> None:

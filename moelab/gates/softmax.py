@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from .base import Gate
+from .registry import GateOption, boolean, positive_real
 
 __all__ = ["SoftmaxGate", "TemperatureGate"]
 
@@ -39,7 +40,9 @@ class SoftmaxGate(Gate):
     """
 
     name: ClassVar[str] = "softmax"
+    description: ClassVar[str] = "softmax(b1'x + b0)"
     linear_logits: ClassVar[bool] = True
+    kernels: ClassVar[frozenset] = frozenset({"fused"})
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """β_1ᵀx + β_0: x (..., n, d) → (..., n, K)."""
@@ -68,6 +71,12 @@ class TemperatureGate(Gate):
     """
 
     name: ClassVar[str] = "temperature"
+    description: ClassVar[str] = "softmax(b1'x/tau + b0)"
+    options: ClassVar[tuple] = (
+        GateOption("temperature", positive_real, 1.0, "fixed temperature tau > 0 (the start when estimated)"),
+        GateOption("learn_temperature", boolean, False, "estimate tau", of_estimation=True),
+    )
+    kernels: ClassVar[frozenset] = frozenset({"fused"})
     positive_params: ClassVar[tuple] = ("temperature",)
     batched_attrs: ClassVar[tuple] = ("slope", "intercept", "temperature")
 
@@ -95,10 +104,20 @@ class TemperatureGate(Gate):
             h["temperature"] = self.temperature
         return h
 
-    def n_free_parameters(self) -> int:
-        # An estimated τ adds no identifiable parameter: the model depends on
-        # (β_1, τ) only through β_1/τ, so BIC/AIC count the same as the softmax gate.
-        return super().n_free_parameters()
+    # n_free_parameters: an estimated τ adds no identifiable parameter (the model depends on
+    # (β_1, τ) only through β_1/τ), which the base rule finds numerically: BIC/AIC count as softmax.
+
+    def logit_coefficients(self) -> torch.Tensor:
+        """θ = [β_1/τ, β_0] (..., K, d+1)."""
+        return torch.cat([self.slope / self.temperature[..., None, None], self.intercept.unsqueeze(-1)], -1)
+
+    def with_logit_coefficients(self, theta: torch.Tensor) -> "TemperatureGate":
+        """The gate with β_1 = τ·θ[..., :-1], β_0 = θ[..., -1] (τ unchanged)."""
+        return self.replace(slope=theta[..., :-1] * self.temperature[..., None, None], intercept=theta[..., -1])
+
+    def absorb_linear_shift(self, shift: torch.Tensor) -> torch.Tensor:
+        """A change ``shift`` of β_1ᵀx moves the logits by shift/τ."""
+        return shift / self.temperature.unsqueeze(-1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(β_1ᵀx)/τ + β_0: x (..., n, d) → (..., n, K)."""

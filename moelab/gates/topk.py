@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from .base import Gate
+from .registry import GateOption, experts_kept
 
 __all__ = ["TopKGate"]
 
@@ -36,16 +37,21 @@ class TopKGate(Gate):
     """
 
     name: ClassVar[str] = "topk"
+    description: ClassVar[str] = "softmax over the top_k largest logits b1'x + b0"
+    options: ClassVar[tuple] = (
+        GateOption("top_k", experts_kept, None, "the number of experts kept per input", required=True),
+    )
+    sparse_routing: ClassVar[bool] = True
+    rate_studies: ClassVar[bool] = False
 
     def __init__(self, slope, intercept, top_k: int = 1):
         super().__init__(slope, intercept)
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise ValueError(f"top_k must be an integer, got {top_k!r}")
-        if not 1 <= top_k <= self.n_experts:
-            raise ValueError(
-                f"top_k={top_k} is outside [1, n_experts={self.n_experts}]; choose 1 <= top_k <= n_experts"
-            )
-        self.top_k = top_k
+        self.top_k = experts_kept.check(top_k, "top_k", self.n_experts)
+
+    @classmethod
+    def from_dense(cls, dense: Gate, *, top_k: int) -> "TopKGate":
+        """The top-``top_k`` sparsification of a dense softmax gate (same slope and intercept)."""
+        return cls(dense.slope, dense.intercept, top_k=top_k)
 
     def hyperparams(self) -> dict:
         return {"top_k": self.top_k}

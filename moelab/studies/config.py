@@ -97,17 +97,28 @@ from typing import Any, Dict, List, Optional
 
 __all__ = ["Study", "FitSpec", "TruthSpec", "StudyError", "load_study", "parse_study", "fingerprint_of", "study_from_json"]
 
-GATE_FAMILIES = ("softmax", "temperature", "activation")
 INITS = ("truth-perturbed", "kmeans", "random", "segments", "lines", "auto")
 ESTIMATORS = ("em", "mle")
 LOSSES = ("auto", "D1", "D2")
-ACTIVATIONS = ("tanh", "sigmoid", "gelu", "softplus", "relu", "identity")
 DESIGNS = ("linspace",)
 CONVERGENCE = ("mean", "relative")
 START_ASSIGN = ("cover", "resample")
 START_MASS = ("split", "copy")
 START_DRAW = ("independent", "shared")
 VARIANCE_MODES = ("multiplicative", "additive-abs")
+
+
+def _families():
+    """Gate families a study can use: the registered ones with ``rate_studies`` (moelab.gates.GATES)."""
+    from ..gates import GATES
+
+    return tuple(n for n, c in GATES.items() if c.rate_studies)
+
+
+def _activation_names():
+    from ..activations import ACTIVATIONS
+
+    return tuple(ACTIVATIONS)
 
 
 class StudyError(ValueError):
@@ -125,6 +136,8 @@ class TruthSpec:
     expert_intercept: List[float]
     variance: List[float]
     x: Dict[str, Any]
+    #: the true gate's other options (families registered beyond the built-in ones); omitted from study.json when empty
+    gate_options: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_experts(self) -> int:
@@ -183,6 +196,8 @@ class Study:
         """Plain-dict form; setting keys added after the first schema are left out at their
         defaults, so study files that do not use them keep their earlier ``study.json``."""
         d = asdict(self)
+        if not d["truth"].get("gate_options"):
+            del d["truth"]["gate_options"]
         for f in d["fits"]:
             for k, v in _LATER_FIT_DEFAULTS.items():
                 if f.get(k) == v:
@@ -327,8 +342,14 @@ def _truth(t: dict) -> TruthSpec:
         if k not in t:
             raise _err(f"truth.{k}", "missing; the true model needs [truth.gate] and [truth.experts]")
     g = t["gate"]
-    _check_keys(g, ("family", "slope", "intercept", "temperature", "activation"), "truth.gate")
-    fam = _str(g.get("family", "softmax"), "truth.gate.family", GATE_FAMILIES)
+    fam = _str(g.get("family", "softmax") if isinstance(g, dict) else "softmax", "truth.gate.family", _families())
+    from ..gates import gate_family
+
+    model_options = [o for o in gate_family(fam).options if not o.of_estimation]
+    _check_keys(g, ("family", "slope", "intercept", "temperature", "activation") + tuple(o.name for o in model_options),
+                "truth.gate")
+    if "activation" in g and fam != "activation":
+        raise _err("truth.gate.activation", f"only family = \"activation\" takes an activation (family is {fam!r})")
     for k in ("slope", "intercept"):
         if k not in g:
             raise _err(f"truth.gate.{k}", "missing")
@@ -338,19 +359,28 @@ def _truth(t: dict) -> TruthSpec:
     if any(v != 0 for v in gs[-1]) and fam == "activation":
         raise _err("truth.gate.slope", "the last (reference) expert's slope must be 0 for activation gates (σ(0) is the reference)")
     temp = None
+    has_temperature = any(o.name == "temperature" for o in model_options)
     if "temperature" in g:
-        if fam == "softmax":
-            raise _err("truth.gate.temperature", "the softmax gate has no temperature; use family = \"temperature\" or remove the key")
+        if not has_temperature:
+            raise _err("truth.gate.temperature", f"the {fam} gate has no temperature; use family = \"temperature\" or remove the key")
         temp = _num(g["temperature"], "truth.gate.temperature", positive=True)
-    elif fam != "softmax":
+    elif has_temperature:
         temp = 1.0
     act = None
     if "activation" in g:
         if fam != "activation":
             raise _err("truth.gate.activation", f"only family = \"activation\" takes an activation (family is {fam!r})")
-        act = _str(g["activation"], "truth.gate.activation", ACTIVATIONS)
+        act = _str(g["activation"], "truth.gate.activation", _activation_names())
     elif fam == "activation":
-        raise _err("truth.gate.activation", f"missing; choose one of {list(ACTIVATIONS)}")
+        raise _err("truth.gate.activation", f"missing; choose one of {list(_activation_names())}")
+    other = {}
+    for o in model_options:
+        if o.name in ("temperature", "activation"):
+            continue
+        if o.name in g:
+            other[o.name] = _option(o, g[o.name], f"truth.gate.{o.name}", K)
+        elif o.required:
+            raise _err(f"truth.gate.{o.name}", f"missing; the {fam!r} gate needs {o.name} ({o.help})")
     e = t["experts"]
     _check_keys(e, ("slope", "intercept", "sd", "variance"), "truth.experts")
     for k in ("slope", "intercept"):
@@ -379,7 +409,7 @@ def _truth(t: dict) -> TruthSpec:
         if len(gs[0]) != 1:
             raise _err("truth.x.design", f"a linspace design has one feature but the truth has {len(gs[0])} "
                                          "(truth.gate.slope rows); use a distribution for d > 1")
-        return TruthSpec(fam, gs, gi, temp, act, es, ei, var, {"design": "linspace", "low": lo, "high": hi})
+        return TruthSpec(fam, gs, gi, temp, act, es, ei, var, {"design": "linspace", "low": lo, "high": hi}, other)
     dist = _str(xd.get("distribution", "uniform"), "truth.x.distribution", ("uniform", "normal"))
     if dist == "uniform":
         _check_keys(xd, ("distribution", "low", "high"), "truth.x")
@@ -391,7 +421,15 @@ def _truth(t: dict) -> TruthSpec:
         _check_keys(xd, ("distribution", "mean", "sd"), "truth.x")
         x = {"distribution": "normal", "mean": _num(xd.get("mean", 0.0), "truth.x.mean"),
              "sd": _num(xd.get("sd", 1.0), "truth.x.sd", positive=True)}
-    return TruthSpec(fam, gs, gi, temp, act, es, ei, var, x)
+    return TruthSpec(fam, gs, gi, temp, act, es, ei, var, x, other)
+
+
+def _option(o, value, key, n_experts=None):
+    """One gate option validated by its registry constraint; StudyError naming ``key`` otherwise."""
+    try:
+        return o.constraint.check(value, o.name, n_experts)
+    except (ValueError, TypeError) as exc:
+        raise _err(key, str(exc)) from None
 
 
 def _theory(t, where: str, loss_name: str) -> Dict[str, Dict[str, Any]]:
@@ -466,19 +504,24 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     if "n_experts" not in f:
         raise _err(f"{where}.n_experts", "missing; how many experts does the fitted model have?")
     K = _int(f["n_experts"], f"{where}.n_experts", 1)
-    gate = _str(f.get("gate", truth.gate), f"{where}.gate", GATE_FAMILIES)
+    gate = _str(f.get("gate", truth.gate), f"{where}.gate", _families())
     if gate != truth.gate:
         raise _err(f"{where}.gate", f"is {gate!r} but the truth's gate family is {truth.gate!r}; Voronoi losses compare parameters of the same family")
+    from ..gates import gate_family
+
+    declared = {o.name: o for o in gate_family(gate).options}
     opts = f.get("gate_options", {})
-    allowed_opts = {"softmax": (), "temperature": ("temperature", "learn_temperature"), "activation": ("temperature", "learn_temperature", "activation")}[gate]
-    _check_keys(opts, allowed_opts, f"{where}.gate_options")
+    _check_keys(opts, tuple(declared), f"{where}.gate_options")
     opts = dict(opts)
     if "temperature" in opts:
         opts["temperature"] = _num(opts["temperature"], f"{where}.gate_options.temperature", positive=True)
     if "learn_temperature" in opts and not isinstance(opts["learn_temperature"], bool):
         raise _err(f"{where}.gate_options.learn_temperature", f"must be true or false, got {opts['learn_temperature']!r}")
+    for name, o in declared.items():
+        if name in opts and name != "activation":
+            opts[name] = _option(o, opts[name], f"{where}.gate_options.{name}", K)
     if gate == "activation":
-        act = _str(opts.get("activation", truth.activation), f"{where}.gate_options.activation", ACTIVATIONS)
+        act = _str(opts.get("activation", truth.activation), f"{where}.gate_options.activation", _activation_names())
         if act != truth.activation:
             raise _err(f"{where}.gate_options.activation", f"is {act!r} but the truth uses {truth.activation!r}")
         opts["activation"] = act
@@ -579,7 +622,11 @@ def parse_study(data: dict, *, quick: bool = False) -> Study:
         _quick(data["quick"], study, apply=quick)
     for f in study.fits:
         key = "study.n" if f.n is None else f"fit[{names.index(f.name)}].n"
-        n_params = (f.n_experts - 1) * (truth.n_features + 1) + f.n_experts * (truth.n_features + 2)
+        from ..gates import gate_spec
+
+        options = {**truth.gate_options, **f.gate_options}
+        n_params = gate_spec(f.gate, options, n_experts=f.n_experts).n_free_parameters(f.n_experts, truth.n_features) \
+            + f.n_experts * (truth.n_features + 2)
         if min(study.grid(f)) < n_params:
             raise _err(key, f"n = {min(study.grid(f))} is fewer than the {n_params} free parameters of setting "
                             f"{f.name!r}; raise the smallest n")

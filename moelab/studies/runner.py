@@ -54,7 +54,9 @@ def gate_label(fit: FitSpec) -> str:
     """Short description of a fitted gate, e.g. ``activation-tanh (tau estimated)``."""
     o = fit.gate_options
     name = fit.gate if fit.gate != "activation" else f"activation-{o.get('activation')}"
-    if fit.gate == "softmax":
+    from ..gates import gate_family
+
+    if not any(opt.name == "temperature" for opt in gate_family(fit.gate).options):
         return name
     if o.get("learn_temperature"):
         return f"{name} (tau estimated)"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..experts import GaussianExperts
-from ..gates import ActivationGate, SoftmaxGate, TemperatureGate
+from ..gates import gate_family
 from ..model import GaussianMoE
 from .config import FitSpec, Study, TruthSpec
 from .starts import table_start
@@ -29,13 +29,16 @@ def true_model(truth: TruthSpec, learn_temperature: bool = False) -> GaussianMoE
     """The true GaussianMoE (batch shape ()) of a study."""
     slope = torch.tensor(truth.gate_slope, dtype=DTYPE)
     icpt = torch.tensor(truth.gate_intercept, dtype=DTYPE)
-    if truth.gate == "softmax":
-        gate = SoftmaxGate(slope, icpt)
-    elif truth.gate == "temperature":
-        gate = TemperatureGate(slope, icpt, temperature=truth.temperature, learn_temperature=learn_temperature)
-    else:
-        gate = ActivationGate(slope, icpt, temperature=truth.temperature, activation=truth.activation,
-                              learn_temperature=learn_temperature)
+    family = gate_family(truth.gate)
+    takes = {o.name for o in family.options}
+    opts = dict(truth.gate_options)
+    if truth.temperature is not None:
+        opts["temperature"] = truth.temperature
+    if truth.activation is not None:
+        opts["activation"] = truth.activation
+    if "learn_temperature" in takes:
+        opts["learn_temperature"] = learn_temperature
+    gate = family(slope, icpt, **opts)
     experts = GaussianExperts(torch.tensor(truth.expert_slope, dtype=DTYPE), torch.tensor(truth.expert_intercept, dtype=DTYPE),
                               torch.tensor(truth.variance, dtype=DTYPE))
     return GaussianMoE(gate, experts)
@@ -127,7 +130,7 @@ def truth_perturbed(truth: GaussianMoE, fit: FitSpec, seeds: Sequence[int], n: O
         noise = lambda shape: p * torch.randn(shape, generator=gen, dtype=DTYPE)  # noqa: E731
         gs = g.slope[idx] + noise((K, d))
         gi = g.intercept[idx] - counts[idx].log() + noise((K,))
-        if g.name != "activation":
+        if g.affine_invariant:  # a common slope shift is absorbed (softmax, temperature gates)
             gs = gs - gs[-1]
         else:
             gs[-1] = 0.0
@@ -140,14 +143,13 @@ def truth_perturbed(truth: GaussianMoE, fit: FitSpec, seeds: Sequence[int], n: O
         if getattr(g, "temperature", None) is not None:
             tau.append(g.temperature * (noise(()).exp() if fit.gate_options.get("learn_temperature") else 1.0))
     S = lambda v: torch.stack(v)  # noqa: E731
-    opts = {k: v for k, v in fit.gate_options.items() if k not in ("temperature",)}
-    if g.name == "softmax":
-        gate = SoftmaxGate(S(sl), S(ic))
-    elif g.name == "temperature":
-        t = S(tau) if fit.gate_options.get("learn_temperature") else torch.full((len(seeds),), float(fit.gate_options.get("temperature", g.temperature)), dtype=DTYPE)
-        gate = TemperatureGate(S(sl), S(ic), temperature=t, learn_temperature=bool(opts.get("learn_temperature", False)))
-    else:
-        t = S(tau) if fit.gate_options.get("learn_temperature") else torch.full((len(seeds),), float(fit.gate_options.get("temperature", g.temperature)), dtype=DTYPE)
-        gate = ActivationGate(S(sl), S(ic), temperature=t, activation=opts.get("activation", g.activation),
-                              learn_temperature=bool(opts.get("learn_temperature", False)))
+    # the true gate's options, then the fitted setting's (temperature handled below)
+    takes = {o.name for o in type(g).options}
+    opts = {k: v for k, v in g.hyperparams().items() if k in takes and k not in ("temperature", "learn_temperature")}
+    opts.update({k: v for k, v in fit.gate_options.items() if k not in ("temperature",)})
+    if getattr(g, "temperature", None) is not None:
+        learn = bool(fit.gate_options.get("learn_temperature"))
+        opts["temperature"] = S(tau) if learn else torch.full((len(seeds),), float(fit.gate_options.get("temperature", g.temperature)), dtype=DTYPE)
+        opts["learn_temperature"] = learn
+    gate = type(g)(S(sl), S(ic), **opts)
     return GaussianMoE(gate, GaussianExperts(S(es), S(ei), S(ev)))

@@ -112,7 +112,7 @@ def table_start(truth, fit, generator: torch.Generator, n: int):
     if spec["mass"] == "split":
         counts = torch.bincount(idx, minlength=Kt).to(DTYPE)
         gi = gi - counts[idx].log()
-    if g.name != "activation":
+    if g.affine_invariant:  # a common slope shift is absorbed (softmax, temperature gates)
         gs = gs - gs[-1]
     gi = gi - gi[-1]
     shared = spec["draw"] == "shared"
