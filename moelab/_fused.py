@@ -39,7 +39,7 @@ import warnings
 
 import torch
 
-from .mstep import _backtrack, _cap_step, _negligible_gain
+from .mstep import backtrack, cap_step, negligible_gain
 
 __all__ = ["supported", "available", "em_sums", "unpack_sums", "em_statistics", "statistics", "gate_lse_sum", "logit_range", "expert_update",
            "gate_proposal", "gate_verify", "m_step"]
@@ -417,9 +417,9 @@ def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
         dl = dl.amax(-1)
     else:
         dl = range_fn(_full(step, K, p), x)
-    step = _cap_step(dl, step)
+    step = cap_step(dl, step)
     n = x.shape[-2]
-    skip = _negligible_gain(grad, step, H, q0, n, info == 0)
+    skip = negligible_gain(grad, step, H, q0, n, info == 0)
     cand = torch.where(skip[:, None], free, free + step)
     return _full(cand, K, p), dict(free=free, step=step, q0=q0, Sg=Sg, skip=skip, cand=cand)
 
@@ -446,7 +446,7 @@ def gate_verify(lse_gate, pending, x, compiled: bool = True):
         return (c * Sg[sub]).sum(-1) - lse_fn(_full(c, K, p).contiguous(), x[sub])
 
     new = cand.clone()
-    new[idx], _ = _backtrack(q_fn, free, step, q0, idx)
+    new[idx], _ = backtrack(q_fn, free, step, q0, idx)
     return _full(new, K, p), idx
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .em import EMResult, _e_step, _finish, _setup, _starts, _State, check_n_experts
+from .fitcore import EMResult, State, check_n_experts, e_step, finish, make_starts, setup_problem
 from .gates import gate_spec
 from .model import GaussianMoE
 
@@ -70,9 +70,9 @@ def fit_mle(
     if not (reg_variance > 0):
         raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
     spec = gate_spec(gate, gate_options, n_experts=check_n_experts(n_experts))
-    prob = _setup(x, y, n_experts, spec, min_expert_size, random_state, dtype, device)
+    prob = setup_problem(x, y, n_experts, spec, min_expert_size, random_state, dtype, device)
     S = 1 if init_model is not None else n_init
-    state, xr, x1r, yr = _starts(prob, S, init, init_model, reg_variance)
+    state, xr, x1r, yr = make_starts(prob, S, init, init_model, reg_variance)
     K, d, n = prob.n_experts, prob.d, prob.n
     R = xr.shape[0]
     gate0 = state.gate
@@ -101,7 +101,7 @@ def fit_mle(
                 gp[nm] = torch.cat([t, torch.zeros(R, 1, dtype=t.dtype, device=t.device)], -1)
             else:
                 gp[nm] = t.exp() if nm in positive else t
-        return _State(gate0.replace(**gp), free["theta"], reg_variance + free["u_var"].exp())
+        return State(gate0.replace(**gp), free["theta"], reg_variance + free["u_var"].exp())
 
     history = torch.full((R, 20 * max_iter + 2), math.nan, dtype=prob.dtype, device=xr.device)
     count = [0]
@@ -111,7 +111,7 @@ def fit_mle(
     def closure():
         opt.zero_grad()
         st = build()
-        _, ll = _e_step(st.gate, st.theta, st.var, xr, x1r, yr)
+        _, ll = e_step(st.gate, st.theta, st.var, xr, x1r, yr)
         if count[0] < history.shape[1]:
             history[:, count[0]] = ll.detach()
         count[0] += 1
@@ -123,10 +123,10 @@ def fit_mle(
     n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
     with torch.no_grad():
         final = build()
-        final = _State(final.gate.map_tensors(lambda t: t.detach()), final.theta.detach(), final.var.detach())
+        final = State(final.gate.map_tensors(lambda t: t.detach()), final.theta.detach(), final.var.detach())
     converged = torch.full((R,), n_iter < max_iter, dtype=torch.bool, device=xr.device)
     iters = torch.full((R,), n_iter, dtype=torch.long, device=xr.device)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init,
                     init=init if init_model is None else "user", max_iter=max_iter, tol=tol, estimator="mle")
-    return _finish(final, xr, x1r, yr, converged, iters, history[:, : count[0]], prob.batch, S, prob.scaling,
-                   prob.min_size, min_expert_sd, settings, t0, warn, max_iter, tol)
+    return finish(prob, final, xr, x1r, yr, converged, iters, history[:, : count[0]], S, min_expert_sd=min_expert_sd,
+                  settings=settings, t0=t0, warn=warn, max_iter=max_iter, tol=tol)

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-__all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "gate_q"]
+__all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "gate_q", "backtrack", "cap_step",
+           "negligible_gain"]
 
 #: step sizes tried (all at once) by the gate line search
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
@@ -93,7 +94,7 @@ def gate_q(log_weights: torch.Tensor, resp: torch.Tensor, finite: bool = False) 
     return torch.where(resp > 0, resp * log_weights, torch.zeros((), dtype=resp.dtype, device=resp.device)).sum((-1, -2))
 
 
-def _backtrack(q_fn, theta0, delta, q0, idx):
+def backtrack(q_fn, theta0, delta, q0, idx):
     """Best of the smaller steps for the problems ``idx`` whose full step failed.
 
     Returns (θ (r, P), Q (r,)): the best candidate θ0 + α·δ over α in
@@ -114,7 +115,7 @@ def _line_search(q_fn, theta0, delta, q0, skip=None):
 
     theta0, delta : (R, P); q_fn(θ, idx) maps candidates (A, r, P) for the problems
     ``idx`` (None = all) to Q values (A, r). ``skip`` (R,) bool: problems that
-    keep θ0 without a search (see :func:`_negligible_gain`).
+    keep θ0 without a search (see :func:`negligible_gain`).
     """
     full = theta0 + delta
     q1 = q_fn(full.unsqueeze(0), None).squeeze(0)
@@ -126,11 +127,11 @@ def _line_search(q_fn, theta0, delta, q0, skip=None):
     if not bool(failed.any()):
         return new, qnew
     idx = failed.nonzero().squeeze(-1)
-    new[idx], qnew[idx] = _backtrack(q_fn, theta0, delta, q0, idx)
+    new[idx], qnew[idx] = backtrack(q_fn, theta0, delta, q0, idx)
     return new, qnew
 
 
-def _negligible_gain(grad, delta, negH, q0, n, chol_ok):
+def negligible_gain(grad, delta, negH, q0, n, chol_ok):
     """(R,) bool: the step's predicted gain in Q is below what rounding can confirm.
 
     Predicted gain of the (capped) Newton step δ: gᵀδ − ½ δᵀ(−∇²Q)δ. Steps that
@@ -143,7 +144,7 @@ def _negligible_gain(grad, delta, negH, q0, n, chol_ok):
     return chol_ok & (gain <= _NEGLIGIBLE_GAIN * (q0.abs() + n))
 
 
-def _cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Scale each problem's step so no logit changes by more than _MAX_LOGIT_CHANGE."""
     factor = (_MAX_LOGIT_CHANGE / delta_logits_max.clamp_min(1e-300)).clamp(max=1.0)
     return delta * factor[:, None]
@@ -156,7 +157,7 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     with the last expert as reference (θ_K = 0). Each step solves the Newton
     system with a tiny ridge, caps the change of any logit, and keeps the best
     of several step sizes only if Q_gate increases (a generalised-EM step).
-    A step whose predicted gain is below rounding (:func:`_negligible_gain`) is
+    A step whose predicted gain is below rounding (:func:`negligible_gain`) is
     not taken.
 
     Parameters
@@ -210,8 +211,8 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
         delta = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
         delta = torch.where((info > 0)[:, None], grad, delta)  # gradient step if Cholesky failed
         dl = (delta.reshape(R, K - 1, p) @ x1t).abs().amax((-1, -2))
-        delta = _cap_step(dl, delta)
-        skip = _negligible_gain(grad, delta, H, q0, n, info == 0)
+        delta = cap_step(dl, delta)
+        skip = negligible_gain(grad, delta, H, q0, n, info == 0)
         free, _ = _line_search(q_fn, free, delta, q0, skip)
     return full(free)
 
@@ -313,7 +314,7 @@ def gate_newton_step(gate, x, resp, n_steps: int = 1):
         # cap the step: no logit (through the slope or intercept) may move by more than the cap
         xs = x.abs().amax(-2).amax(-1)  # [R]
         norm = delta.abs().amax(-1) * (1.0 + xs * d)
-        delta = _cap_step(norm, delta)
+        delta = cap_step(norm, delta)
         with torch.no_grad():
             theta, _ = _line_search(q_fn, theta, delta, q0)
     return gate.replace(**unflatten(theta))

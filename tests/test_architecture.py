@@ -1,0 +1,45 @@
+"""Structure checks (issue 10): no private names across modules, small estimator modules."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "moelab"
+
+
+def _module_exists(pkg: Path, name: str) -> bool:
+    return (pkg / f"{name}.py").exists() or (pkg / name / "__init__.py").exists()
+
+
+def private_imports(source: str, path: Path) -> list:
+    """`from .x import _y` (or `from moelab.x import _y`) in a moelab module whose ``_y`` is not a module."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0 and not (node.module or "").startswith("moelab"):
+            continue
+        base = ROOT.parent if node.level == 0 else path.parent
+        for _ in range(max(node.level - 1, 0)):
+            base = base.parent
+        target = base.joinpath(*node.module.split(".")) if node.module else base
+        for alias in node.names:
+            n = alias.name
+            if n.startswith("_") and not n.startswith("__") and not _module_exists(target, n):
+                found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} imports {n} from {node.module or '.'}")
+    return found
+
+
+def test_no_module_imports_a_private_name_from_another_module():
+    """Package-private *modules* (``from . import _fused``) are fine; private names are not."""
+    offenders = [o for p in sorted(ROOT.rglob("*.py")) for o in private_imports(p.read_text(), p)]
+    assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+def test_the_check_can_fail():
+    assert private_imports("from .em import _e_step\n", ROOT / "mle.py") == ["moelab/mle.py:1 imports _e_step from em"]
+    assert private_imports("from ..mstep import _x, y\n", ROOT / "studies" / "a.py") == ["moelab/studies/a.py:1 imports _x from mstep"]
+    assert private_imports("from . import _fused\nfrom ._scaling import Scaling\nfrom torch import _C\n", ROOT / "em.py") == []
+
+
+def test_em_module_is_small():
+    assert len((ROOT / "em.py").read_text().splitlines()) <= 400
