@@ -3,18 +3,37 @@
 Statistical side: :class:`GaussianMoE` with gates from :mod:`moelab.gates`,
 fitted by :func:`fit_em` (batched EM) or :func:`fit_mle` (L-BFGS).
 Neural side: :mod:`moelab.nn`.
+
+Names are imported on first use (PEP 562 module ``__getattr__``), so
+``import moelab.nn`` does not load pandas or scikit-learn and ``moelab
+--version`` does not load torch.
 """
 
-from . import gates, metrics
-from .datasets import DATASETS, load_dataset, read_table
-from .estimator import MixtureOfExpertsRegressor
-from .em import ConvergenceWarning, DegenerateFitWarning, EMResult, fit_em
-from .experts import GaussianExperts
-from .gates import ActivationGate, IdentifiabilityWarning, SoftmaxGate, TemperatureGate, TopKGate, make_gate
-from .mle import fit_mle
-from .model import GaussianMoE
+from importlib import import_module
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (re-exported)
+
+#: public name → the submodule that defines it
+_LAZY = {
+    "GaussianMoE": "model",
+    "GaussianExperts": "experts",
+    "MixtureOfExpertsRegressor": "estimator",
+    "SoftmaxGate": "gates",
+    "TemperatureGate": "gates",
+    "ActivationGate": "gates",
+    "TopKGate": "gates",
+    "make_gate": "gates",
+    "IdentifiabilityWarning": "gates",
+    "fit_em": "em",
+    "EMResult": "em",
+    "ConvergenceWarning": "em",
+    "DegenerateFitWarning": "em",
+    "fit_mle": "mle",
+    "DATASETS": "datasets",
+    "load_dataset": "datasets",
+    "read_table": "datasets",
+}
+_SUBMODULES = ("gates", "metrics")
 
 __all__ = [
     "GaussianMoE",
@@ -37,3 +56,17 @@ __all__ = [
     "load_dataset",
     "read_table",
 ]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # cache: later lookups are plain attribute reads
+        return value
+    raise AttributeError(f"module 'moelab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

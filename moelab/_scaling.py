@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import tiny
 from .experts import GaussianExperts
 from .gates import Gate
 from .model import GaussianMoE
@@ -34,14 +35,14 @@ class Scaling:
         """x (B, n, d), y (B, n) → scaling; raises ValueError on constant columns."""
         x_scale = x.std(-2)
         y_scale = y.std(-1)
-        const = x_scale <= 1e-12 * (x.abs().amax(-2) + 1e-300)
+        const = x_scale <= 1e-12 * (x.abs().amax(-2) + tiny(x.dtype))
         if bool(const.any()):
             cols = sorted(set(const.nonzero()[:, -1].tolist()))
             raise ValueError(
                 f"x column(s) {cols} are constant; drop them (the model already has an intercept) "
                 "or add variation"
             )
-        if bool((y_scale <= 1e-12 * (y.abs().amax(-1) + 1e-300)).any()):
+        if bool((y_scale <= 1e-12 * (y.abs().amax(-1) + tiny(y.dtype))).any()):
             raise ValueError("y is constant; there is nothing to model — check the response column")
         x_loc = x.mean(-2) if center_x else torch.zeros_like(x_scale)
         return cls(x_loc, x_scale, y.mean(-1), y_scale)

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["as_tensor", "check_finite", "check_positive", "check_xy"]
+__all__ = ["as_tensor", "check_finite", "check_positive", "check_xy", "tiny"]
 
 
 def as_tensor(value, name: str, dtype=None, device=None) -> torch.Tensor:
@@ -34,6 +34,12 @@ def as_tensor(value, name: str, dtype=None, device=None) -> torch.Tensor:
         raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
     target = dtype if dtype is not None else (t.dtype if t.is_floating_point() else torch.get_default_dtype())
     return t.to(dtype=target, device=device if device is not None else t.device)
+
+
+def tiny(dtype: torch.dtype) -> float:
+    """A positive floor for divisions and logs: 1e-300 in float64, the dtype's smallest normal number
+    (``torch.finfo(dtype).tiny``) where 1e-300 would underflow to 0 (float32, bfloat16, float16)."""
+    return max(1e-300, float(torch.finfo(dtype).tiny))
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:

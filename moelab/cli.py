@@ -62,7 +62,7 @@ def user_errors(what: str = ""):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``moelab`` parser with every subcommand of :data:`COMMANDS` registered."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="moelab", description="Mixture-of-experts models with any gating function."
@@ -88,6 +88,12 @@ def main(argv=None) -> int:
     int
         Exit status: 0 success, 2 usage or input error.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:  # answered before the subcommands are registered (they import torch)
+        from ._version import __version__
+
+        print(f"moelab {__version__}")
+        return 0
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -12,6 +12,8 @@ import torch
 
 __all__ = ["INIT_METHODS", "init_responsibilities"]
 
+from ._validation import tiny
+
 INIT_METHODS = ("kmeans", "random", "segments", "lines")
 
 
@@ -28,7 +30,7 @@ def kmeans_responsibilities(z, K, S, generator, n_iter: int = 15):
     centers[:, 0] = z[first]
     d2 = (z.unsqueeze(0) - centers[:, :1]).square().sum(-1)  # [S, n]
     for k in range(1, K):
-        probs = d2 / d2.sum(-1, keepdim=True).clamp_min(1e-300)
+        probs = d2 / d2.sum(-1, keepdim=True).clamp_min(tiny(d2.dtype))
         probs = torch.where(probs.sum(-1, keepdim=True) > 0, probs, torch.full_like(probs, 1.0 / n))
         idx = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         centers[:, k] = z[idx]
@@ -46,7 +48,7 @@ def kmeans_responsibilities(z, K, S, generator, n_iter: int = 15):
 
 def random_responsibilities(n, K, S, generator, dtype, device=None):
     """Soft random responsibilities: each row drawn from a flat Dirichlet (as flexmix's random start)."""
-    e = -torch.rand(S, n, K, generator=generator, dtype=dtype, device=device).clamp_min(1e-300).log()
+    e = -torch.rand(S, n, K, generator=generator, dtype=dtype, device=device).clamp_min(tiny(dtype)).log()
     return e / e.sum(-1, keepdim=True)
 
 
@@ -63,7 +65,7 @@ def segment_responsibilities(x, K, S, generator):
         direction = direction.abs()
     proj = x @ direction.T  # [n, S]
     order = proj.T.argsort(-1)  # [S, n]
-    props = -torch.rand(S, K, generator=generator, dtype=dtype, device=x.device).clamp_min(1e-300).log()
+    props = -torch.rand(S, K, generator=generator, dtype=dtype, device=x.device).clamp_min(tiny(dtype)).log()
     props = 0.5 / K + props / props.sum(-1, keepdim=True)  # no segment smaller than ~1/(2K) of the data
     cuts = (props.cumsum(-1) / props.sum(-1, keepdim=True) * n).round().long()  # [S, K]
     ranks = torch.arange(n, device=x.device).expand(S, n)

@@ -21,6 +21,8 @@ import torch
 __all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "gate_q", "backtrack", "cap_step",
            "negligible_gain"]
 
+from ._validation import tiny
+
 #: step sizes tried (all at once) by the gate line search
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
 #: largest change of any logit a single gate Newton step may make
@@ -73,7 +75,7 @@ def expert_m_step(x1, y, resp, var_floor, old_theta=None, old_var=None, xx=None)
     if bool(bad.any()):
         theta = torch.where(bad[..., None], torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1), theta)
     resid = y.unsqueeze(-2) - theta @ x1.transpose(-1, -2)  # [R, K, n]
-    var = (resp * resid.square()).sum(-1) / nk.clamp_min(1e-300)
+    var = (resp * resid.square()).sum(-1) / nk.clamp_min(tiny(nk.dtype))
     var = torch.clamp(var, min=var_floor) if not torch.is_tensor(var_floor) else torch.maximum(var, var_floor)
     dead = nk < 1e-8 * x1.shape[-2]
     if old_theta is not None and bool(dead.any()):
@@ -146,7 +148,7 @@ def negligible_gain(grad, delta, negH, q0, n, chol_ok):
 
 def cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Scale each problem's step so no logit changes by more than _MAX_LOGIT_CHANGE."""
-    factor = (_MAX_LOGIT_CHANGE / delta_logits_max.clamp_min(1e-300)).clamp(max=1.0)
+    factor = (_MAX_LOGIT_CHANGE / delta_logits_max.clamp_min(tiny(delta_logits_max.dtype))).clamp(max=1.0)
     return delta * factor[:, None]
 
 

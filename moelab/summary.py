@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from ._version import __version__
 
 __all__ = ["fit_report", "expert_table", "format_report", "information_criteria"]
 

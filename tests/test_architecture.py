@@ -43,3 +43,47 @@ def test_the_check_can_fail():
 
 def test_em_module_is_small():
     assert len((ROOT / "em.py").read_text().splitlines()) <= 400
+
+
+def _run(code: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_import_moelab_nn_loads_no_pandas_or_sklearn():
+    r = _run("import sys, moelab.nn; assert 'pandas' not in sys.modules and 'sklearn' not in sys.modules, "
+             "sorted(m for m in sys.modules if m.split('.')[0] in ('pandas', 'sklearn'))[:5]")
+    assert r.returncode == 0, r.stderr
+
+
+def test_version_imports_no_torch():
+    r = _run("import sys; from moelab.cli import main; assert main(['--version']) == 0; assert 'torch' not in sys.modules")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "moelab 0.1.0"
+
+
+def test_lazy_names_resolve():
+    import moelab
+
+    for name in moelab.__all__:
+        assert getattr(moelab, name) is not None
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        moelab.nope
+
+
+def test_tiny_floor_per_dtype():
+    """Floors stay 1e-300 in float64 (results unchanged) and never underflow to 0 in float32."""
+    import torch
+
+    from moelab._validation import tiny
+
+    assert tiny(torch.float64) == 1e-300
+    assert torch.tensor(1e-300, dtype=torch.float32) == 0  # why a fixed 1e-300 was wrong there
+    assert torch.tensor(tiny(torch.float32), dtype=torch.float32) > 0
+    assert torch.tensor(tiny(torch.float16), dtype=torch.float16) > 0
