@@ -27,8 +27,8 @@ Verdicts (column ``verdict`` of rates.csv), in this order:
   - numeric slope s: consistent iff the 95% bootstrap interval contains s;
   - ``slower-than-polynomial``: the log-log slope of such a rate tends to 0,
     and the slowest one the theory names, 1/log n, has on the study's grid
-    the least-squares log-log slope s_log (``log_rate_slope``, e.g. −0.13 on
-    n ∈ [10³, 10⁵]). Consistent iff the interval's upper end is ≥ s_log, i.e.
+    the least-squares log-log slope s_log (``log_rate_slope``, e.g. −0.11 on
+    n ∈ [10³, 10⁵], −0.13 on [10², 10⁵]). Consistent iff the interval's upper end is ≥ s_log, i.e.
     the data do not exclude a decay as slow as 1/log n (interval containing
     0, or lying below 0 by no more than s_log); inconsistent iff the whole
     interval lies below s_log (a decay provably faster than 1/log n);
