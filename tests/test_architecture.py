@@ -120,3 +120,12 @@ def test_kernel_cache_methods():
     cache.clear()
     assert not cache.is_broken(key) and not cache.failed("em_sums")
     assert isinstance(_fused.kernels, _fused.KernelCache)
+
+
+def test_the_two_command_lines_do_not_import_each_other():
+    """Issue 10: CLIError/user_errors live in moelab._cli_errors, so moelab.studies.cli does not import moelab.cli."""
+    r = _run("import sys, moelab.studies.cli; assert 'moelab.cli' not in sys.modules; "
+             "from moelab.cli import CLIError; from moelab._cli_errors import CLIError as E; assert CLIError is E")
+    assert r.returncode == 0, r.stderr
+    src = (ROOT / "studies" / "cli.py").read_text()
+    assert "from ..cli import" not in src and "moelab.cli import" not in src
