@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from types import MappingProxyType
 
 import torch
 
 from .mstep import backtrack, cap_step, negligible_gain
 
 __all__ = ["supported", "available", "em_sums", "unpack_sums", "em_statistics", "statistics", "gate_lse_sum", "logit_range", "expert_update",
-           "gate_proposal", "gate_verify", "m_step"]
+           "gate_proposal", "gate_verify", "m_step", "KernelCache", "kernels"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: exponents are clamped here: weights below e^-300 ≈ 5e-131 are raised to it instead of
@@ -237,68 +238,109 @@ def logit_range(delta, x):
 
 
 # ------------------------------------------------------------------ compilation
-_lock = threading.Lock()
-_compiled: dict = {}
-_broken: dict = {}
-_failed_calls: dict = {}
-
-
 #: Inductor settings: fuse a pass's sums into as few loops over the samples as it allows instead of
 #: materialising per-sample intermediates (the defaults cap horizontal fusion at 16 nodes and realise
 #: any value read by more than 8 sums). Measured on the benchmark problem (R = 40, n = 10^5, 2 threads):
 #: 59 → 35–40 ms per pass.
-_INDUCTOR_OPTIONS = {"max_fusion_size": 1024, "realize_reads_threshold": 1000, "realize_opcount_threshold": 10000,
-                     "realize_acc_reads_threshold": 1000, "aggressive_fusion": True,
-                     "cpp.max_horizontal_fusion_size": 512}
+_INDUCTOR_OPTIONS = MappingProxyType({"max_fusion_size": 1024, "realize_reads_threshold": 1000,
+                                      "realize_opcount_threshold": 10000, "realize_acc_reads_threshold": 1000,
+                                      "aggressive_fusion": True, "cpp.max_horizontal_fusion_size": 512})
 
 
 #: which argument dimension is the problem batch R, and the output's, per compiled kernel
-_ROW_DIMS = {"em_sums": ((0, 0, 0, 0, 0), 0), "gate_lse_sum": ((1, 0), 1), "logit_range": ((0, 0), 0)}
+_ROW_DIMS = MappingProxyType({"em_sums": ((0, 0, 0, 0, 0), 0), "gate_lse_sum": ((1, 0), 1), "logit_range": ((0, 0), 0)})
 #: graphs per kernel before dynamo stops recompiling (one per (K, d, dtype, device); dynamo's default is 8)
 _RECOMPILE_LIMIT = 64
 
 
-def _get(fn):
-    """``fn`` compiled once per process, wrapped so that it
+class KernelCache:
+    """What this process knows about the compiled kernels, in one object with explicit methods.
 
-    * never sees a batch of one problem (Inductor would specialise and compile
-      that size separately): a single problem is padded to two;
-    * keeps its own recompile limit (a graph per K, d, dtype and device);
-    * mutes torch's own compile-time DeprecationWarnings;
-    * runs the eager ``fn`` (same result) with a RuntimeWarning if the compiled
-      call fails after the start-up check (:func:`available`, which calls it
-      with ``fallback=False`` so that failures surface there).
+    * :meth:`get` — a kernel compiled once (per cache) and wrapped;
+    * :meth:`is_broken` / :meth:`mark_broken` — model shapes (K, d, dtype, device type) whose
+      start-up check (:func:`available`) failed, so "auto" does not retry them;
+    * failed calls — kernels whose compiled call failed after the check, run eagerly from then on;
+    * :meth:`clear` — forget all of it (tests; a new torch.compile setting).
+
+    The module owns one instance, :data:`kernels`; dynamo's recompile limit is
+    raised only around the compiled calls, never patched globally.
     """
-    with _lock:
-        c = _compiled.get(fn.__name__)
-        if c is not None:
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._compiled: dict = {}
+        self._broken: dict = {}
+        self._failed_calls: dict = {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._compiled.clear()
+            self._broken.clear()
+            self._failed_calls.clear()
+
+    def is_broken(self, key) -> bool:
+        return key in self._broken
+
+    def mark_broken(self, key, why: str) -> None:
+        self._broken[key] = why
+
+    def failed(self, name: str) -> bool:
+        """Whether the compiled kernel ``name`` failed after the start-up check (it runs eagerly)."""
+        return name in self._failed_calls
+
+    def get(self, fn):
+        """``fn`` compiled once, wrapped so that it
+
+        * never sees a batch of one problem (Inductor would specialise and compile
+          that size separately): a single problem is padded to two;
+        * keeps its own recompile limit (a graph per K, d, dtype and device);
+        * mutes torch's own compile-time DeprecationWarnings;
+        * runs the eager ``fn`` (same result) with a RuntimeWarning if the compiled
+          call fails after the start-up check (:func:`available`, which calls it
+          with ``fallback=False`` so that failures surface there).
+        """
+        with self._lock:
+            c = self._compiled.get(fn.__name__)
+            if c is None:
+                c = self._compiled[fn.__name__] = self._wrap(fn)
             return c
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+
+    @staticmethod
+    def _compile_scope():
+        # dynamo's recompile limit has no public setter; raise it only around our own calls
+        return torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)
+
+    def _wrap(self, fn):
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=dict(_INDUCTOR_OPTIONS))
         in_dims, out_dim = _ROW_DIMS[fn.__name__]
+        name = fn.__name__
 
         def c(*args, fallback=True):
             one = args[0].shape[in_dims[0]] == 1
             if one:
                 args = tuple(torch.cat([a, a], dim) for a, dim in zip(args, in_dims))
-            if fn.__name__ not in _failed_calls or not fallback:
+            if not self.failed(name) or not fallback:
                 try:
-                    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                    with warnings.catch_warnings(), self._compile_scope():
                         # torch.compile imports torch.jit helpers that warn (not actionable by a user)
                         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
                         out = compiled(*args)
                 except Exception as exc:  # e.g. a recompilation that fails mid-run
                     if not fallback:
                         raise
-                    _failed_calls[fn.__name__] = repr(exc)
-                    warnings.warn(f"compiled EM kernel {fn.__name__} failed ({type(exc).__name__}); running it eagerly "
+                    self._failed_calls[name] = repr(exc)
+                    warnings.warn(f"compiled EM kernel {name} failed ({type(exc).__name__}); running it eagerly "
                                   "from now on in this process (same results, slower)", RuntimeWarning, stacklevel=2)
                     out = fn(*args)
             else:
                 out = fn(*args)
             return out.narrow(out_dim, 0, 1) if one else out
 
-        _compiled[fn.__name__] = c
         return c
+
+
+#: the process's compiled kernels (see :class:`KernelCache`)
+kernels = KernelCache()
 
 
 def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
@@ -309,7 +351,7 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
     without a C++ compiler on CPU; ``strict=True`` raises RuntimeError instead.
     """
     key = (K, d, str(dtype), torch.device(device).type)
-    if key in _broken and not strict:
+    if kernels.is_broken(key) and not strict:
         return False
     gen = torch.Generator().manual_seed(0)
     R, n, p = 3, 17, d + 1
@@ -321,15 +363,15 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
     eth = torch.randn(R, K, p, generator=gen, **kw).to(device)
     var = (torch.rand(R, K, generator=gen, **kw) + 0.5).to(device)
     try:
-        out = unpack_sums(_get(em_sums)(th, eth, var, x, y, fallback=False), K, d)
+        out = unpack_sums(kernels.get(em_sums)(th, eth, var, x, y, fallback=False), K, d)
         ref = em_statistics(th, eth, var, x, y)
         cand = torch.stack([th, 0.5 * th, -th])  # the step-size search evaluates several at once
-        torch.testing.assert_close(_get(gate_lse_sum)(cand, x, fallback=False), gate_lse_sum(cand, x))
-        torch.testing.assert_close(_get(logit_range)(eth, x, fallback=False), logit_range(eth, x))
+        torch.testing.assert_close(kernels.get(gate_lse_sum)(cand, x, fallback=False), gate_lse_sum(cand, x))
+        torch.testing.assert_close(kernels.get(logit_range)(eth, x, fallback=False), logit_range(eth, x))
         for k in ref:
             torch.testing.assert_close(out[k], ref[k])
     except Exception as exc:  # compiler missing, Inductor error, or wrong results
-        _broken[key] = repr(exc)
+        kernels.mark_broken(key, repr(exc))
         cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         hint = "torch.compile on CPU needs a C++ compiler (g++/clang) if that is the cause"
         if strict:
@@ -345,7 +387,7 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
 # ------------------------------------------------------------------ M-step from the statistics
 def statistics(gate_theta, expert_theta, var, x, y, compiled: bool = True):
     """:func:`em_statistics` with the pass compiled (default) or eager."""
-    sums = (_get(em_sums) if compiled else em_sums)(gate_theta, expert_theta, var, x, y)
+    sums = (kernels.get(em_sums) if compiled else em_sums)(gate_theta, expert_theta, var, x, y)
     return unpack_sums(sums, gate_theta.shape[1], x.shape[-1])
 
 
@@ -396,7 +438,7 @@ def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
     for one feature. Returns the full step's θ (R, K, p) and what
     :func:`gate_verify` needs.
     """
-    range_fn = _get(logit_range) if compiled else logit_range
+    range_fn = kernels.get(logit_range) if compiled else logit_range
     R, K, p = gate_theta.shape
     P = (K - 1) * p
     dtype, dev = gate_theta.dtype, gate_theta.device
@@ -431,7 +473,7 @@ def gate_verify(lse_gate, pending, x, compiled: bool = True):
     :func:`em_statistics`, or :func:`gate_lse_sum`). Returns θ (R, K, p) and the
     indices (tensor) of problems whose θ differs from the proposal, or None.
     """
-    lse_fn = _get(gate_lse_sum) if compiled else gate_lse_sum
+    lse_fn = kernels.get(gate_lse_sum) if compiled else gate_lse_sum
     free, step, q0, Sg, skip, cand = (pending[k] for k in ("free", "step", "q0", "Sg", "skip", "cand"))
     R, P = free.shape
     p = x.shape[-1] + 1
@@ -458,7 +500,7 @@ def m_step(st, gate_theta, expert_theta, var, x, var_floor, compiled: bool = Tru
     :func:`moelab.mstep.softmax_gate_newton_step`. The EM loop instead checks the
     proposed gate with the next iteration's pass (see ``moelab.em._run_em``).
     """
-    lse_fn = _get(gate_lse_sum) if compiled else gate_lse_sum
+    lse_fn = kernels.get(gate_lse_sum) if compiled else gate_lse_sum
     new_theta, new_var = expert_update(st, expert_theta, var, x.shape[-2], var_floor)
     prop, pending = gate_proposal(st, gate_theta, x, compiled)
     gth, _ = gate_verify(lse_fn(prop.unsqueeze(0), x)[0], pending, x, compiled)

@@ -6,7 +6,9 @@ Subcommands are registered through :data:`COMMANDS`: a name maps to
 with ``set_defaults``. Modules are imported only when the parser is built, so
 a subcommand lives in its own module. A handler reports a user error (bad
 input, not a bug) by raising :class:`CLIError`, or by wrapping library calls in
-:func:`user_errors`; :func:`main` prints it as one line on stderr and exits 2.
+:func:`user_errors` (both from :mod:`moelab._cli_errors`, which the subcommand
+modules import instead of this one); :func:`main` prints it as one line on
+stderr and exits 2.
 
 ``moelab fit DATA --x COL[,COL...] --y COL --experts K`` fits a Gaussian
 mixture of experts to a CSV/Parquet file or a bundled data set and prints a
@@ -18,7 +20,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import math
@@ -27,6 +28,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from ._cli_errors import EXIT_USAGE, CLIError, user_errors
 
 __all__ = ["main", "build_parser", "CLIError", "user_errors", "COMMANDS"]
 
@@ -37,27 +40,6 @@ COMMANDS = {
     "merge": "moelab.studies.cli:register_merge",
     "reproduce": "moelab.studies.cli:register_reproduce",
 }
-
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user error: printed as ``moelab <command>: error: <message>``, exit status 2."""
-
-
-@contextlib.contextmanager
-def user_errors(what: str = ""):
-    """Turn ValueError/TypeError raised by library calls in the block into :class:`CLIError`.
-
-    Parameters
-    ----------
-    what : str
-        Prefix for the message, e.g. ``"cannot fit: "``.
-    """
-    try:
-        yield
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"{what}{exc}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

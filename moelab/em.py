@@ -42,30 +42,28 @@ from typing import Optional
 
 import torch
 
-from .gates import GATES, Gate, GateSpec, gate_spec
-from .init import INIT_METHODS
+from dataclasses import replace
+
+from .gates import Gate
 from .model import GaussianMoE
 from . import _fused
 from .mstep import expert_m_step, outer_design
-from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, check_n_experts, e_step, finish,
-                      gate_step, gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate,
-                      threads_for, user_starts)
+from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, e_step, finish, gate_step,
+                      gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate, threads_for,
+                      user_starts)
+from .options import CONVERGENCE_RULES, FitOptions
 
-__all__ = ["fit_em", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
-
-#: fit_em's stopping rules (``convergence``): change of the mean log-likelihood, or relative change
-CONVERGENCE_RULES = ("mean", "relative")
+__all__ = ["fit_em", "fit_em_with", "FitOptions", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
 
 
-def _m_step(state, x, x1, y, resp, var_floor, gate_steps, xx):
-    theta, var = expert_m_step(x1, y, resp, var_floor, state.theta, state.var, xx)
-    gate = gate_step(state.gate, x, x1, resp, gate_steps, xx)
+def _m_step(state, x, x1, y, resp, opts: FitOptions, xx):
+    theta, var = expert_m_step(x1, y, resp, opts.reg_variance, state.theta, state.var, xx)
+    gate = gate_step(state.gate, x, x1, resp, opts.gate_steps, xx)
     return State(gate, theta, var)
 
 
-def _run_em(state: State, x, x1, y, max_iter, tol, var_floor, gate_steps, history, fused: bool = False, sizes=None,
-            ll_offset=None):
-    """Iterate EM on all R problems until each converges or max_iter M-steps.
+def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = False, sizes=None, ll_offset=None):
+    """Iterate EM on all R problems until each converges or ``opts.max_iter`` M-steps.
 
     history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
     loglik (R,), M-steps done (R,), converged (R,). ``fused=True`` runs each iteration as the
@@ -76,6 +74,7 @@ def _run_em(state: State, x, x1, y, max_iter, tol, var_floor, gate_steps, histor
     the relative rule |Δℓ| < tol · |ℓ_prev − ll_offset| on the log-likelihood in the original units of y.
     """
     R, n = y.shape
+    max_iter, tol = opts.max_iter, opts.tol
     dev = y.device
     xx_all = None if fused else outer_design(x1)
     active = torch.arange(R, device=dev)
@@ -137,12 +136,12 @@ def _run_em(state: State, x, x1, y, max_iter, tol, var_floor, gate_steps, histor
         else:
             prev = lla
         if fused:
-            theta, var = _fused.expert_update(stats, st.theta, st.var, n, var_floor)
+            theta, var = _fused.expert_update(stats, st.theta, st.var, n, opts.reg_variance)
             xr_a = None if x_range is None else (x_range[0][active], x_range[1][active])
             gth, pending = _fused.gate_proposal(stats, gth, xa, x_range=xr_a)
             new = State(theta_gate(st.gate, gth), theta, var)
         else:
-            new = _m_step(st, xa, x1a, ya, resp, var_floor, gate_steps, xxa)
+            new = _m_step(st, xa, x1a, ya, resp, opts, xxa)
         n_iter[active] += 1
         if full and active.numel() == R:
             state = new
@@ -158,31 +157,13 @@ _AUTO_COMPILE_MIN = 1_000_000
 _AUTO_COMPILE_WORK = 1_000_000_000
 
 
-def _check_compile(compile, gate: Optional[GateSpec] = None, gate_steps: int = 1, dtype=torch.float64) -> None:
-    """Validate fit_em's ``compile``; for compile=True also that the fused kernel covers the fit
-    (the gate family declares it: ``"fused" in Gate.kernels``)."""
-    if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
-        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
-    if compile is True and gate is not None:
-        why = None
-        if not gate.supports("fused"):
-            fams = " or ".join(n for n, c in GATES.items() if "fused" in c.kernels)
-            why = f"a {fams} gate (got gate={gate.name!r})"
-        elif gate_steps != 1:
-            why = f"gate_steps=1 (got {gate_steps})"
-        elif dtype != torch.float64:
-            why = f"dtype=torch.float64 (got {dtype}; its step checks cannot be resolved in lower precision)"
-        if why is not None:
-            raise ValueError(f"compile=True (CLI --compile on) runs a fused kernel that needs {why}; "
-                             "use compile='auto' or False (--compile auto|off)")
-
-
-def _use_fused(compile, gate: Gate, R: int, n: int, gate_steps: int, dtype, device, max_iter: int = 0) -> bool:
+def _use_fused(opts: FitOptions, gate: Gate, R: int, n: int, device) -> bool:
     """Whether the EM loop runs the compiled one-pass kernel (see fit_em's ``compile``)."""
+    compile, dtype, max_iter = opts.compile, opts.dtype, opts.max_iter
     if compile is False:
         return False
     K, d = gate.n_experts, gate.n_features
-    ok = _fused.supported(gate, K, d) and gate_steps == 1 and dtype == torch.float64
+    ok = _fused.supported(gate, K, d) and opts.gate_steps == 1 and dtype == torch.float64
     if compile is True:
         if not ok:
             raise ValueError(
@@ -309,47 +290,42 @@ def fit_em(
         compile=True and torch.compile fails.
     """
     t0 = time.perf_counter()
-    _check_compile(compile)
-    for nm, v in (("n_init", n_init), ("max_iter", max_iter), ("gate_steps", gate_steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if nm == "max_iter" else 1):
-            raise ValueError(f"{nm} must be a positive integer, got {v!r}")
-    if not (tol >= 0):
-        raise ValueError(f"tol must be >= 0 (0 runs exactly max_iter iterations), got {tol!r}")
-    if not (isinstance(convergence, str) and convergence in CONVERGENCE_RULES):
-        raise ValueError(f"convergence must be one of {', '.join(map(repr, CONVERGENCE_RULES))} (the stopping rule "
-                         f"on the change of the log-likelihood), got {convergence!r}")
-    if not (reg_variance > 0):
-        raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
-    if init not in ("auto",) + INIT_METHODS:
-        raise ValueError(f"unknown init {init!r}; choose one of auto, {', '.join(INIT_METHODS)}, or pass init_model")
-    spec = gate_spec(gate, gate_options, n_experts=check_n_experts(n_experts))
-    _check_compile(compile, spec, gate_steps, dtype)
+    opts = FitOptions(n_experts, gate, gate_options, estimator="em", n_init=n_init, init=init, n_candidates=n_candidates,
+                      max_iter=max_iter, tol=tol, convergence=convergence, reg_variance=reg_variance,
+                      min_expert_size=min_expert_size, min_expert_sd=min_expert_sd, gate_steps=gate_steps,
+                      compile=compile, dtype=dtype, device=device, warn=warn)
+    result = fit_em_with(x, y, opts, init_model=init_model, random_state=random_state)
+    result.seconds = time.perf_counter() - t0
+    result.settings.update(gate=gate, gate_options=dict(gate_options or {}))  # as the caller gave them
+    return result
+
+
+def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = None, random_state=None) -> EMResult:
+    """:func:`fit_em` with its settings as one validated :class:`~moelab.options.FitOptions` (``estimator="em"``)."""
+    t0 = time.perf_counter()
+    if opts.estimator != "em":
+        raise ValueError(f"fit_em_with needs FitOptions(estimator='em'), got estimator={opts.estimator!r}")
+    spec = opts.gate
     if spec.family.sparse_routing and init_model is None:
         # EM cannot change which experts a sample is routed to (dropping an expert with
         # positive responsibility makes Q = -inf), so a top-K fit is only as good as its
         # routing at the start: fit the dense softmax model first, then sparsify it.
-        dense = fit_em(x, y, n_experts, gate="softmax", n_init=n_init, init=init, n_candidates=n_candidates,
-                       max_iter=max_iter, tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size,
-                       min_expert_sd=min_expert_sd, gate_steps=gate_steps, random_state=random_state, dtype=dtype,
-                       device=device, warn=False, compile=compile, convergence=convergence)
+        dense = fit_em_with(x, y, replace(opts, gate="softmax", warn=False), random_state=random_state)
         init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
-    prob = setup_problem(x, y, n_experts, spec, min_expert_size, random_state, dtype, device)
-    if n_candidates is not None and int(n_candidates) < 1:
-        raise ValueError(f"n_candidates must be a positive integer, got {n_candidates!r}")
-    var_floor = reg_variance
+    prob = setup_problem(x, y, opts, random_state)
     with threads_for(prob):
-        n_keep = n_init if init_model is None else user_starts(init_model, prob.batch)
-        state, xr, x1r, yr = make_starts(prob, n_keep, init, init_model, var_floor, n_candidates)
+        n_keep = opts.n_init if init_model is None else user_starts(init_model, prob.batch)
+        state, xr, x1r, yr = make_starts(prob, n_keep, init_model)
         R = xr.shape[0]
-        history = torch.full((R, max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
-        fused = _use_fused(compile, state.gate, R, prob.n, gate_steps, prob.dtype, xr.device, max_iter)
+        history = torch.full((R, opts.max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
+        fused = _use_fused(opts, state.gate, R, prob.n, xr.device)
         sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
         # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
-        offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if convergence == "relative" else None
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, max_iter, tol, var_floor, gate_steps, history, fused, sizes,
-                                      ll_offset=offset)
-    settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_keep if init_model is not None else n_init,
-                    init=init if init_model is None else "user", n_candidates=n_candidates, max_iter=max_iter, tol=tol,
-                    convergence=convergence, estimator="em", compiled=fused)
-    return finish(prob, state, xr, x1r, yr, conv, it, history, n_keep, min_expert_sd=min_expert_sd, settings=settings,
-                  t0=t0, warn=warn, max_iter=max_iter, tol=tol, final=(sizes, ll) if fused else None)
+        offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if opts.convergence == "relative" else None
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset)
+    settings = dict(gate=spec.name, gate_options=dict(spec.options),
+                    n_init=n_keep if init_model is not None else opts.n_init,
+                    init=opts.init if init_model is None else "user", n_candidates=opts.n_candidates,
+                    max_iter=opts.max_iter, tol=opts.tol, convergence=opts.convergence, estimator="em", compiled=fused)
+    return finish(prob, state, xr, x1r, yr, conv, it, history, n_keep, settings=settings, t0=t0,
+                  final=(sizes, ll) if fused else None)

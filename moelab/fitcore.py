@@ -36,6 +36,7 @@ from .gates import Gate, GateSpec
 from .gates.identifiability import warn_if_temperature_not_identified
 from .init import init_responsibilities
 from .model import GaussianMoE
+from .options import FitOptions, check_n_experts
 from .mstep import expert_m_step, gate_newton_step, softmax_gate_newton_step
 
 __all__ = ["ConvergenceWarning", "DegenerateFitWarning", "EMResult", "prepare_xy", "check_n_experts", "Problem",
@@ -191,11 +192,11 @@ class State:
         return State(index_gate(self.gate, idx), self.theta[idx], self.var[idx])
 
 
-def init_state(gate_template: Gate, resp, x, x1, y, var_floor) -> State:
+def init_state(gate_template: Gate, resp, x, x1, y, opts: FitOptions) -> State:
     """Parameters from initial responsibilities: expert M-step, then gate Newton steps from zero."""
     K = resp.shape[-2]
     resp = 0.95 * resp + 0.05 / K  # soften hard starts so no expert starts empty
-    theta, var = expert_m_step(x1, y, resp, var_floor)
+    theta, var = expert_m_step(x1, y, resp, opts.reg_variance)
     if gate_template.sparse_routing:
         # A top-K gate at its all-equal start would give every expert positive
         # responsibility, and every sparse move would then make Q_gate = -inf:
@@ -218,7 +219,12 @@ def collapsed(resp_sizes, var, min_size, min_sd):
 
 @dataclass
 class Problem:
-    """Validated data and settings shared by the EM and gradient estimators."""
+    """Validated data and settings shared by the EM and gradient estimators.
+
+    ``options`` holds the fit's settings; ``n_experts``, ``gate`` and
+    ``dtype`` repeat three of them, ``min_size`` is ``min_expert_size``
+    resolved for n.
+    """
 
     x: torch.Tensor  # [B, n, d] original units
     y: torch.Tensor  # [B, n]
@@ -231,6 +237,7 @@ class Problem:
     min_size: float
     generator: torch.Generator
     dtype: torch.dtype
+    options: FitOptions
 
     @property
     def B(self) -> int:
@@ -245,20 +252,13 @@ class Problem:
         return self.x.shape[2]
 
 
-def check_n_experts(n_experts) -> int:
-    """n_experts as an int; ValueError unless it is an integer >= 1 (bool rejected)."""
-    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts must be an integer >= 1, got {n_experts!r}")
-    return n_experts
-
-
-def setup_problem(x, y, n_experts, gate: GateSpec, min_expert_size, random_state, dtype, device) -> Problem:
+def setup_problem(x, y, opts: FitOptions, random_state) -> Problem:
     """Validate the data and the data-dependent settings; standardise the data.
 
-    ``gate`` is the validated gate family of the fit (:func:`moelab.gates.gate_spec`).
+    ``opts`` are the fit's validated settings (its gate family, number of experts, dtype, device).
     """
-    K = check_n_experts(n_experts)
-    x, y, batch = prepare_xy(x, y, dtype=dtype, device=device)
+    K, gate = opts.n_experts, opts.gate
+    x, y, batch = prepare_xy(x, y, dtype=opts.dtype, device=opts.device)
     B, n, d = x.shape
     n_params = gate.n_free_parameters(K, d) + K * (d + 2)
     if n < n_params:
@@ -266,15 +266,7 @@ def setup_problem(x, y, n_experts, gate: GateSpec, min_expert_size, random_state
             f"{n} samples are fewer than the {n_params} free parameters of a {K}-expert model with "
             f"{d} feature(s); use fewer experts or more data"
         )
-    if min_expert_size == "auto":
-        min_size = min(10.0, n / (4.0 * K))
-    else:
-        try:
-            min_size = float(min_expert_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"min_expert_size must be a number >= 0 or 'auto', got {min_expert_size!r}") from None
-        if not min_size >= 0:
-            raise ValueError(f"min_expert_size must be >= 0 or 'auto', got {min_expert_size!r}")
+    min_size = opts.min_size(n)
     if isinstance(random_state, torch.Generator):
         gen = random_state
     else:
@@ -282,7 +274,7 @@ def setup_problem(x, y, n_experts, gate: GateSpec, min_expert_size, random_state
         gen = torch.Generator(device="cpu").manual_seed(seed)
     scaling = Scaling.fit(x, y, center_x=gate.family.affine_invariant)
     xs, ys = scaling.transform(x, y)
-    return Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, min_size, gen, dtype)
+    return Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, min_size, gen, opts.dtype, opts)
 
 
 @contextlib.contextmanager
@@ -308,8 +300,10 @@ def design(xr):
     return torch.cat([xr, torch.ones(*xr.shape[:-1], 1, dtype=xr.dtype, device=xr.device)], -1)
 
 
-def make_starts(prob: Problem, S: int, init: str, init_model, var_floor, n_candidates=None):
+def make_starts(prob: Problem, S: int, init_model=None):
     """Starting parameters for S starts per problem (problem-major), in standardised units.
+
+    From ``init_model`` if given, else from the strategy ``prob.options.init``.
 
     Returns state, xr (B·S, n, d), x1r (B·S, n, d+1), yr (B·S, n).
     """
@@ -337,12 +331,12 @@ def make_starts(prob: Problem, S: int, init: str, init_model, var_floor, n_candi
         scaling = prob.scaling if S == 1 else prob.scaling.expand(S)
         m0 = scaling.model_to_scaled(GaussianMoE(m0.gate.map_tensors(expand), m0.experts.map_tensors(expand)))
         theta = torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1)
-        state = State(m0.gate, theta, m0.experts.variance.clamp_min(var_floor))
+        state = State(m0.gate, theta, m0.experts.variance.clamp_min(prob.options.reg_variance))
         if S == 1:
             return state, prob.xs, design(prob.xs), prob.ys
         xr, yr = prob.xs.repeat_interleave(S, 0), prob.ys.repeat_interleave(S, 0)  # problem-major
         return state, xr, design(xr), yr
-    plan = start_plan(init, S, n_candidates, n)
+    plan = start_plan(prob.options.init, S, prob.options.n_candidates, n)
     states, xrs, x1rs, yrs = [], [], [], []
     for method, n_cand, n_keep in plan:
         resp_parts = [init_responsibilities(method, prob.xs[b], prob.ys[b], K, n_cand, prob.generator) for b in range(B)]
@@ -351,7 +345,7 @@ def make_starts(prob: Problem, S: int, init: str, init_model, var_floor, n_candi
         yr = prob.ys.repeat_interleave(n_cand, 0)
         x1r = design(xr)
         template = gate_template(prob.gate, K, d, B * n_cand, dtype, dev)
-        state = init_state(template, resp0, xr, x1r, yr, var_floor)
+        state = init_state(template, resp0, xr, x1r, yr, prob.options)
         if n_keep < n_cand:
             # screen by the likelihood of the initial fit (for segment starts this is the
             # segmented-regression likelihood, which ranks rare hard-switch basins well)
@@ -417,16 +411,17 @@ def user_starts(init_model, batch) -> int:
     return 1
 
 
-def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_keep: int, *, min_expert_sd: float,
-           settings: dict, t0: float, warn: bool, max_iter: int, tol: float, final=None) -> "EMResult":
+def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_keep: int, *, settings: dict, t0: float,
+           final=None) -> "EMResult":
     """Pick the best valid start per problem, map it back to original units, warn.
 
     ``state``, ``xr``, ``x1r``, ``yr``, ``conv`` (R,), ``iters`` (R,) and
     ``history`` (R, T) hold R = B·n_keep starts, problem-major, in standardised
     units; ``final`` = (sizes (R, K), loglik (R,)) at ``state`` if the EM loop
-    already has them.
+    already has them. Reads ``min_expert_sd``, ``warn``, ``max_iter``, ``tol`` and ``convergence`` from ``prob.options``.
     """
-    batch, scaling, min_size = prob.batch, prob.scaling, prob.min_size
+    opts = prob.options
+    batch, scaling, min_size, min_expert_sd = prob.batch, prob.scaling, prob.min_size, opts.min_expert_sd
     B = int(torch.tensor(batch).prod()) if len(batch) else 1
     n = yr.shape[-1]
     K = state.theta.shape[-2]
@@ -466,7 +461,7 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
         n_samples=n,
         settings=settings,
     )
-    if warn:
+    if opts.warn:
         warn_if_temperature_not_identified(final.gate, xr[pick], stacklevel=4)
         if bool(all_bad.any()):
             warnings.warn(
@@ -478,8 +473,8 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
             )
         if not bool(conv_sel.all()):
             warnings.warn(
-                f"{settings.get('estimator', 'EM').upper()} did not converge in {max_iter} iterations for {int((~conv_sel).sum())} of {B} problem(s) "
-                f"(tol={tol:g} on the {'relative change of the' if settings.get('convergence') == 'relative' else 'mean'} "
+                f"{opts.estimator.upper()} did not converge in {opts.max_iter} iterations for {int((~conv_sel).sum())} of {B} problem(s) "
+                f"(tol={opts.tol:g} on the {'relative change of the' if opts.convergence == 'relative' else 'mean'} "
                 "log-likelihood); raise max_iter or tol.",
                 ConvergenceWarning,
                 stacklevel=3,

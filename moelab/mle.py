@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from .fitcore import EMResult, State, check_n_experts, e_step, finish, make_starts, setup_problem
-from .gates import gate_spec
+from .fitcore import EMResult, State, e_step, finish, make_starts, setup_problem
 from .model import GaussianMoE
+from .options import FitOptions
 
 __all__ = ["fit_mle"]
 
@@ -62,17 +62,12 @@ def fit_mle(
         As :func:`moelab.fit_em`.
     """
     t0 = time.perf_counter()
-    for nm, v in (("n_init", n_init), ("max_iter", max_iter)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{nm} must be a positive integer, got {v!r}")
-    if not (tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not (reg_variance > 0):
-        raise ValueError(f"reg_variance must be > 0, got {reg_variance!r}")
-    spec = gate_spec(gate, gate_options, n_experts=check_n_experts(n_experts))
-    prob = setup_problem(x, y, n_experts, spec, min_expert_size, random_state, dtype, device)
-    S = 1 if init_model is not None else n_init
-    state, xr, x1r, yr = make_starts(prob, S, init, init_model, reg_variance)
+    opts = FitOptions(n_experts, gate, gate_options, estimator="mle", n_init=n_init, init=init, max_iter=max_iter,
+                      tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size, min_expert_sd=min_expert_sd,
+                      dtype=dtype, device=device, warn=warn)
+    prob = setup_problem(x, y, opts, random_state)
+    S = 1 if init_model is not None else opts.n_init
+    state, xr, x1r, yr = make_starts(prob, S, init_model)
     K, d, n = prob.n_experts, prob.d, prob.n
     R = xr.shape[0]
     gate0 = state.gate
@@ -88,7 +83,7 @@ def fit_mle(
         else:
             free["g_" + nm] = (t.log() if nm in positive else t).clone()
     free["theta"] = state.theta.detach().clone()
-    free["u_var"] = (state.var.detach() - reg_variance).clamp_min(1e-12).log()
+    free["u_var"] = (state.var.detach() - opts.reg_variance).clamp_min(1e-12).log()
     leaves = [v.requires_grad_(True) for v in free.values()]
 
     def build():
@@ -101,11 +96,11 @@ def fit_mle(
                 gp[nm] = torch.cat([t, torch.zeros(R, 1, dtype=t.dtype, device=t.device)], -1)
             else:
                 gp[nm] = t.exp() if nm in positive else t
-        return State(gate0.replace(**gp), free["theta"], reg_variance + free["u_var"].exp())
+        return State(gate0.replace(**gp), free["theta"], opts.reg_variance + free["u_var"].exp())
 
-    history = torch.full((R, 20 * max_iter + 2), math.nan, dtype=prob.dtype, device=xr.device)
+    history = torch.full((R, 20 * opts.max_iter + 2), math.nan, dtype=prob.dtype, device=xr.device)
     count = [0]
-    opt = torch.optim.LBFGS(leaves, lr=1.0, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=tol,
+    opt = torch.optim.LBFGS(leaves, lr=1.0, max_iter=opts.max_iter, tolerance_grad=1e-12, tolerance_change=opts.tol,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -124,9 +119,8 @@ def fit_mle(
     with torch.no_grad():
         final = build()
         final = State(final.gate.map_tensors(lambda t: t.detach()), final.theta.detach(), final.var.detach())
-    converged = torch.full((R,), n_iter < max_iter, dtype=torch.bool, device=xr.device)
+    converged = torch.full((R,), n_iter < opts.max_iter, dtype=torch.bool, device=xr.device)
     iters = torch.full((R,), n_iter, dtype=torch.long, device=xr.device)
     settings = dict(gate=gate, gate_options=dict(gate_options or {}), n_init=n_init,
                     init=init if init_model is None else "user", max_iter=max_iter, tol=tol, estimator="mle")
-    return finish(prob, final, xr, x1r, yr, converged, iters, history[:, : count[0]], S, min_expert_sd=min_expert_sd,
-                  settings=settings, t0=t0, warn=warn, max_iter=max_iter, tol=tol)
+    return finish(prob, final, xr, x1r, yr, converged, iters, history[:, : count[0]], S, settings=settings, t0=t0)

@@ -87,3 +87,45 @@ def test_tiny_floor_per_dtype():
     assert torch.tensor(1e-300, dtype=torch.float32) == 0  # why a fixed 1e-300 was wrong there
     assert torch.tensor(tiny(torch.float32), dtype=torch.float32) > 0
     assert torch.tensor(tiny(torch.float16), dtype=torch.float16) > 0
+
+
+FITTING_MODULES = ("em", "mle", "fitcore", "options", "mstep", "init", "_fused", "_scaling", "_validation")
+
+
+def test_no_module_level_mutable_state_in_the_fitting_code():
+    """Issue 10: no dicts, lists or sets in module globals; _fused's caches live in one KernelCache."""
+    import importlib
+
+    found = []
+    for name in FITTING_MODULES:
+        mod = importlib.import_module(f"moelab.{name}")
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        assigned = [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+        for k in assigned:  # names the module itself binds (imports, e.g. the gate registry, are their owners' business)
+            v = getattr(mod, k)
+            if not k.startswith("__") and type(v) in (dict, list, set, bytearray):
+                found.append(f"moelab.{name}.{k}: {type(v).__name__}")
+    assert not found, "module-level mutable state:\n" + "\n".join(found)
+
+
+def test_kernel_cache_methods():
+    from moelab import _fused
+
+    cache = _fused.KernelCache()
+    key = (3, 1, "torch.float64", "cpu")
+    assert not cache.is_broken(key)
+    cache.mark_broken(key, "no compiler")
+    assert cache.is_broken(key)
+    cache.clear()
+    assert not cache.is_broken(key) and not cache.failed("em_sums")
+    assert isinstance(_fused.kernels, _fused.KernelCache)
+
+
+def test_the_two_command_lines_do_not_import_each_other():
+    """Issue 10: CLIError/user_errors live in moelab._cli_errors, so moelab.studies.cli does not import moelab.cli."""
+    r = _run("import sys, moelab.studies.cli; assert 'moelab.cli' not in sys.modules; "
+             "from moelab.cli import CLIError; from moelab._cli_errors import CLIError as E; assert CLIError is E")
+    assert r.returncode == 0, r.stderr
+    src = (ROOT / "studies" / "cli.py").read_text()
+    assert "from ..cli import" not in src and "moelab.cli import" not in src

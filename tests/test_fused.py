@@ -137,8 +137,9 @@ def test_compile_failure_falls_back(monkeypatch):
             raise RuntimeError("no C++ compiler")
         return call
 
-    monkeypatch.setattr(_fused, "_get", broken)
-    monkeypatch.setattr(_fused, "_broken", {})
+    cache = _fused.KernelCache()  # a fresh cache whose kernels all fail
+    monkeypatch.setattr(cache, "get", broken)
+    monkeypatch.setattr(_fused, "kernels", cache)
     monkeypatch.setattr(em_mod, "_AUTO_COMPILE_MIN", 0)
     monkeypatch.setattr(em_mod, "_AUTO_COMPILE_WORK", 0)
     kw = dict(n_init=4, init="kmeans", random_state=0, warn=False)
@@ -207,8 +208,7 @@ def broken_compile(monkeypatch):
         return broken
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    for name in ("_compiled", "_failed_calls", "_broken"):
-        monkeypatch.setattr(_fused, name, {})
+    monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
 
 
 def test_failing_compiled_call_runs_eagerly(broken_compile):

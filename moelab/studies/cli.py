@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .._cli_errors import EXIT_USAGE, CLIError, user_errors
+
 __all__ = ["register_run", "register_merge", "register_reproduce", "main"]
 
 
@@ -82,21 +84,11 @@ def register_reproduce(sub) -> None:
     p.set_defaults(handler=_reproduce)
 
 
-def _user_errors():
-    try:
-        from ..cli import user_errors
-    except ImportError:  # pragma: no cover - standalone use
-        import contextlib
-
-        return contextlib.nullcontext()
-    return user_errors()
-
-
 def _run(args) -> int:
     from .config import load_study
     from .runner import run_study
 
-    with _user_errors():
+    with user_errors():
         study = load_study(args.study, quick=args.quick)
         t0 = time.perf_counter()
         run_study(study, args.out, shard=args.shard, progress=not args.no_progress)
@@ -113,7 +105,7 @@ def _merge(args) -> int:
 
     from .runner import merge_results
 
-    with _user_errors():
+    with user_errors():
         merge_results(args.dirs, args.out)
     _print_rates(pd.read_csv((args.out or args.dirs[0]) / "rates.csv"))
     return 0
@@ -123,7 +115,7 @@ def _reproduce(args) -> int:
     from .presets import reproduce
 
     t0 = time.perf_counter()
-    with _user_errors():
+    with user_errors():
         _, rates = reproduce(args.name, args.out, quick=args.quick, progress=not args.no_progress)
     _print_rates(rates)
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}", file=sys.stderr)
@@ -139,15 +131,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except Exception as exc:
-        try:
-            from ..cli import CLIError
-        except ImportError:  # pragma: no cover
-            raise exc
-        if isinstance(exc, CLIError):
-            print(f"moelab {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except CLIError as exc:
+        print(f"moelab {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
