@@ -271,12 +271,21 @@ class KernelCache:
         self._compiled: dict = {}
         self._broken: dict = {}
         self._failed_calls: dict = {}
+        self._ready: dict = {}
 
     def clear(self) -> None:
         with self._lock:
             self._compiled.clear()
             self._broken.clear()
             self._failed_calls.clear()
+            self._ready.clear()
+
+    def is_ready(self, key) -> bool:
+        """Whether the kernels for ``key`` = (K, d, dtype, device type) compiled and passed the check."""
+        return key in self._ready and key not in self._broken
+
+    def mark_ready(self, key) -> None:
+        self._ready[key] = True
 
     def is_broken(self, key) -> bool:
         return key in self._broken
@@ -343,6 +352,11 @@ class KernelCache:
 kernels = KernelCache()
 
 
+def kernel_key(K: int, d: int, dtype, device) -> tuple:
+    """The key of the compiled kernels for K experts, d features, dtype and device type."""
+    return (K, d, str(dtype), torch.device(device).type)
+
+
 def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
     """Compile (or load from Inductor's cache) the fused kernels for K experts, d features.
 
@@ -350,7 +364,9 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
     functions. Returns False (with a warning) if compilation fails, e.g.
     without a C++ compiler on CPU; ``strict=True`` raises RuntimeError instead.
     """
-    key = (K, d, str(dtype), torch.device(device).type)
+    key = kernel_key(K, d, dtype, device)
+    if kernels.is_ready(key):  # compiled and checked earlier in this process
+        return True
     if kernels.is_broken(key) and not strict:
         return False
     gen = torch.Generator().manual_seed(0)
@@ -381,6 +397,7 @@ def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
                f"({hint}; pass compile=False to skip this attempt)")
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return False
+    kernels.mark_ready(key)
     return True
 
 

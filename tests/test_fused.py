@@ -228,3 +228,20 @@ def test_compiler_failure_is_detected_at_start(broken_compile):
         assert not _fused.available(3, 1, torch.float64, "cpu")
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
         _fused.available(3, 1, torch.float64, "cpu", strict=True)
+
+
+def test_auto_uses_warm_kernels_for_mid_sizes(monkeypatch):
+    """compile='auto': a mid-size fit (starts·n·K = 3.2e4, far below the cold threshold 1e6) stays eager in a
+    process without compiled kernels and takes the fused pass once they are compiled and checked (issue 11)."""
+    monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
+    x, y = _data(4000, R=1, seed=3)
+    kw = dict(init="kmeans", n_init=4, max_iter=30, random_state=0, warn=False)
+    cold = fit_em(x, y, 2, **kw)
+    assert cold.settings["compiled"] is False
+    fit_em(x, y, 2, compile=True, **kw)  # compiles and checks the (K=2, d=1) kernels
+    assert _fused.kernels.is_ready(_fused.kernel_key(2, 1, torch.float64, "cpu"))
+    warm = fit_em(x, y, 2, **kw)
+    assert warm.settings["compiled"] is True
+    assert float(warm.loglik.sum()) == pytest.approx(float(cold.loglik.sum()), rel=1e-9)
+    tiny = fit_em(x[:, :600], y[:, :600], 2, **dict(kw, n_init=2))  # 2·600·2 = 2,400 < 1e4: eager even when warm
+    assert tiny.settings["compiled"] is False

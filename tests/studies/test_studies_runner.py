@@ -88,3 +88,27 @@ def test_failed_fits_are_recorded_and_counted(full_run, tmp_path, monkeypatch):
     rates = pd.read_csv(tmp_path / "out" / "rates.csv")
     assert rates.empty or (rates["n_failed"] == 6).all()
     assert len(read_results(tmp_path / "out" / "results.csv")) == 12
+
+
+def test_study_compiles_once_when_its_total_work_pays_for_it(tmp_path, monkeypatch):
+    """The runner sums each setting's EM work; above fit_em's cold-compile threshold it compiles the fused
+    kernels up front, so mid-size batches take the fused pass; losses equal the all-eager run (issue 11)."""
+    import tomllib
+
+    from conftest import TINY
+
+    from moelab import _fused
+    from moelab import em as em_mod
+    from moelab.studies import parse_study
+
+    d = tomllib.loads(TINY)
+    d["study"]["n"] = [2000]
+    d["fit"] = d["fit"][:1]
+    monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
+    eager = run_study(parse_study(d), tmp_path / "eager", progress=False)  # below the threshold: nothing compiled
+    assert not _fused.kernels.is_ready(_fused.kernel_key(2, 1, "torch.float64", "cpu"))
+    monkeypatch.setattr(em_mod, "_AUTO_COMPILE_WORK", 1)
+    warm = run_study(parse_study(d), tmp_path / "warm", progress=False)
+    assert _fused.kernels.is_ready(_fused.kernel_key(2, 1, "torch.float64", "cpu"))
+    for col in ("loglik", "loss_D1", "hellinger"):
+        assert warm[col].to_numpy() == pytest.approx(eager[col].to_numpy(), rel=1e-9)
