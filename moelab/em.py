@@ -47,6 +47,9 @@ from dataclasses import replace
 from .gates import Gate, gate_spec
 from .model import GaussianMoE
 from . import _fused
+from .autocompile import prepare_compiled, use_fused
+from .progress import FitProgress, remaining_iterations
+from .racing import StartRace
 from .mstep import expert_m_step, outer_design
 from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, e_step, finish, gate_step,
                       gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate, threads_for,
@@ -62,7 +65,8 @@ def _m_step(state, x, x1, y, resp, opts: FitOptions, xx):
     return State(gate, theta, var)
 
 
-def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = False, sizes=None, ll_offset=None):
+def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = False, sizes=None, ll_offset=None,
+            race=None, progress=None):
     """Iterate EM on all R problems until each converges or ``opts.max_iter`` M-steps.
 
     history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
@@ -72,6 +76,8 @@ def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = Fal
 
     Stopping: |Δℓ| / n < tol (``ll_offset`` None), or, with ``ll_offset`` (R,) = ℓ_scaled − ℓ_original,
     the relative rule |Δℓ| < tol · |ℓ_prev − ll_offset| on the log-likelihood in the original units of y.
+    ``race`` (:class:`moelab.racing.StartRace`) stops starts that cannot end above the best converged one
+    (not converged, left as they are); ``progress`` (:class:`moelab.progress.FitProgress`) is told each iteration.
     """
     R, n = y.shape
     max_iter, tol = opts.max_iter, opts.tol
@@ -118,6 +124,15 @@ def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = Fal
                 done = (lla - prev).abs() < tol * (prev - off).abs()
             done |= ~torch.isfinite(lla)
             converged[active] = done
+            eps = tol * n if ll_offset is None else tol * (prev - off).abs()
+            if race is not None:
+                if bool(done.any()):
+                    race.record(active, lla, done, stats["S"][..., -1] if fused else resp.sum(-1), st.var)
+                done = done | race.stop(active, lla, history, it, eps)
+            if progress is not None and progress.enabled and it >= 2:
+                left = remaining_iterations(history[:, it - 2 : it + 1][active][~done], eps if ll_offset is None
+                                            else eps[~done], max_iter - it)
+                progress.em(it, left, int((~done).sum()), R)
         else:
             done = ~torch.isfinite(lla)
         if it == max_iter:
@@ -150,80 +165,6 @@ def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = Fal
     return state, ll, n_iter, converged
 
 
-#: compile="auto" compiles when the work per iteration (starts · n · K) reaches _AUTO_COMPILE_MIN and
-#: the most work the fit may do (· max_iter) reaches _AUTO_COMPILE_WORK: about a minute of eager EM
-#: (~15·10^6 sample·expert·iterations/s), so a cold compile (20–60 s) pays for itself
-_AUTO_COMPILE_MIN = 1_000_000
-_AUTO_COMPILE_WORK = 1_000_000_000
-#: once this process has the kernels for (K, d) compiled and checked, there is no compile to pay for:
-#: compile="auto" then uses them from starts · n · K ≥ _AUTO_WARM_MIN, where the fused pass is already the
-#: faster one (measured on the 2-core machine, K = 3, float64, per iteration: one start n = 3,000 1.2×,
-#: n = 10⁴ 2.1×, n = 10⁵ 6.4×; 8 starts n = 1,000 1.6×; one start n = 1,000 0.8×)
-_AUTO_WARM_MIN = 10_000
-
-
-def _use_fused(opts: FitOptions, gate: Gate, R: int, n: int, device) -> bool:
-    """Whether the EM loop runs the compiled one-pass kernel (see fit_em's ``compile``)."""
-    compile, dtype, max_iter = opts.compile, opts.dtype, opts.max_iter
-    if compile is False:
-        return False
-    K, d = gate.n_experts, gate.n_features
-    ok = _fused.supported(gate, K, d) and opts.gate_steps == 1 and dtype == torch.float64
-    if compile is True:
-        if not ok:
-            raise ValueError(
-                f"compile=True (CLI --compile on) runs a fused kernel for models with 2 or more experts and at most "
-                f"{_fused.MAX_SUMS} sums per pass ({K} experts, {d} features need {_fused.n_sums(K, d)}); "
-                "use compile='auto' or False (--compile auto|off)"
-            )
-        return _fused.available(K, d, dtype, device, strict=True)
-    if not ok:
-        return False
-    if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device)):
-        return R * n * K >= _AUTO_WARM_MIN
-    if R * n * K < _AUTO_COMPILE_MIN or R * n * K * max_iter < _AUTO_COMPILE_WORK:
-        return False
-    return _fused.available(K, d, dtype, device)
-
-
-def prepare_compiled(n_experts: int, n_features: int, *, gate: str = "softmax", gate_options: Optional[dict] = None,
-                     dtype=torch.float64, device="cpu") -> bool:
-    """Compile and check the fused EM kernels for this model shape now (a one-off cost).
-
-    Afterwards ``fit_em(compile="auto")`` uses them in this process for every fit
-    with starts × n_samples × n_experts ≥ 10^4 (see ``compile`` in :func:`fit_em`).
-    Batched callers that know their total work in advance (the study runner)
-    call it once instead of leaving every mid-size fit on the eager loop.
-
-    Parameters
-    ----------
-    n_experts, n_features : int
-        K ≥ 2 and d of the fits to come.
-    gate : str, default "softmax"
-        A registered family; only families declaring the fused kernel are compiled.
-    gate_options : dict, optional
-    dtype, device
-        The fused pass is float64 only.
-
-    Returns
-    -------
-    bool
-        True if the kernels are ready; False for a model the kernel does not
-        cover, a non-float64 dtype, or a failed compilation (then with a
-        RuntimeWarning, as ``compile="auto"``).
-
-    Raises
-    ------
-    ValueError
-        Unknown gate or options.
-    """
-    spec = gate_spec(gate, gate_options, n_experts=n_experts)
-    template = spec.template(n_experts, n_features, (1,), dtype=dtype, device=device)
-    if dtype != torch.float64 or not _fused.supported(template, n_experts, n_features):
-        return False
-    return _fused.available(n_experts, n_features, dtype, device)
-
-
 def fit_em(
     x,
     y,
@@ -247,6 +188,8 @@ def fit_em(
     warn: bool = True,
     compile="auto",
     convergence: str = "mean",
+    prune_starts: bool = True,
+    progress=False,
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by EM, batched over problems and restarts.
 
@@ -317,16 +260,26 @@ def fit_em(
         ``gate_steps=1``, float64, small K and d). Same updates as the eager loop, so
         the fits agree to rounding. Compiling takes seconds to a minute once
         per process and model shape (Inductor caches it on disk), then an
-        iteration is 4–40× faster at large R·n. "auto" compiles when
-        starts × n_samples × n_experts ≥ 10^6 and that × max_iter ≥ 10^9
-        (a minute or more of eager EM), and falls back to the eager loop with
-        a RuntimeWarning if compilation fails (CPU needs a C++ compiler);
+        iteration is 4–40× faster at large R·n. "auto" compiles when the
+        predicted EM time saved exceeds the predicted compile cost (cold,
+        or warm from Inductor's disk cache; the rule and its measured
+        constants: :mod:`moelab.autocompile`), and falls back to the eager loop
+        with a RuntimeWarning if compilation fails (CPU needs a C++ compiler);
         once the kernels for this (n_experts, n_features) are compiled and
         checked in this process, "auto" uses them from starts × n_samples ×
         n_experts ≥ 10^4, where the fused pass is already faster (so a fit
         may differ from its eager twin at the ~1e-13 relative level depending
         on what the process compiled before). True requires it (RuntimeError
         if it fails).
+    prune_starts : bool, default True
+        Stop a start early once some start of its problem has converged to a
+        valid fit that even a ten-fold Aitken forecast of the start's remaining
+        gain cannot reach (:mod:`moelab.racing`); such starts are never the
+        returned fit. False runs every start to convergence.
+    progress : {False, True, "auto"}, default False
+        Show the stage (screening starts, compiling, EM) and an estimate of
+        the time left on stderr (tqdm) for fits running over ~2 s; "auto":
+        only when stderr is a terminal (the CLI's default). See :mod:`moelab.progress`.
 
     Returns
     -------
@@ -345,7 +298,8 @@ def fit_em(
     opts = FitOptions(n_experts, gate, gate_options, estimator="em", n_init=n_init, init=init, n_candidates=n_candidates,
                       max_iter=max_iter, tol=tol, convergence=convergence, reg_variance=reg_variance,
                       min_expert_size=min_expert_size, min_expert_sd=min_expert_sd, gate_steps=gate_steps,
-                      compile=compile, dtype=dtype, device=device, warn=warn)
+                      compile=compile, dtype=dtype, device=device, warn=warn, prune_starts=prune_starts,
+                      progress=progress)
     result = fit_em_with(x, y, opts, init_model=init_model, random_state=random_state)
     result.seconds = time.perf_counter() - t0
     result.settings.update(gate=gate, gate_options=dict(gate_options or {}))  # as the caller gave them
@@ -365,19 +319,24 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         dense = fit_em_with(x, y, replace(opts, gate="softmax", warn=False), random_state=random_state)
         init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
     prob = setup_problem(x, y, opts, random_state)
-    with threads_for(prob):
+    with threads_for(prob), FitProgress.create(opts.progress) as bar:
         n_keep = opts.n_init if init_model is None else user_starts(init_model, prob.batch)
+        bar.stage("screening starts", detail=f"{n_keep} start(s) per problem")
         state, xr, x1r, yr = make_starts(prob, n_keep, init_model)
         R = xr.shape[0]
         history = torch.full((R, opts.max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
-        fused = _use_fused(opts, state.gate, R, prob.n, xr.device)
+        fused = use_fused(opts, state.gate, R, prob.n, xr.device, progress=bar)
+        race = StartRace(prob.B, n_keep, prob.min_size, opts.min_expert_sd) if opts.prune_starts and n_keep > 1 else None
+        bar.stage("EM", total=opts.max_iter, detail=f"{R} starts")
         sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
         # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
         offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if opts.convergence == "relative" else None
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset)
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset,
+                                      race=race, progress=bar)
     settings = dict(gate=spec.name, gate_options=dict(spec.options),
                     n_init=n_keep if init_model is not None else opts.n_init,
                     init=opts.init if init_model is None else "user", n_candidates=opts.n_candidates,
-                    max_iter=opts.max_iter, tol=opts.tol, convergence=opts.convergence, estimator="em", compiled=fused)
+                    max_iter=opts.max_iter, tol=opts.tol, convergence=opts.convergence, estimator="em", compiled=fused,
+                    starts_stopped_early=0 if race is None else race.stopped)
     return finish(prob, state, xr, x1r, yr, conv, it, history, n_keep, settings=settings, t0=t0,
                   final=(sizes, ll) if fused else None)

@@ -78,8 +78,14 @@ class FitOptions:
     dtype: torch.dtype = torch.float64
     device: Any = None
     warn: bool = True
+    prune_starts: bool = True
+    progress: Union[bool, str] = False
 
     def __post_init__(self, gate_options):
+        if not (self.progress is True or self.progress is False or (isinstance(self.progress, str) and self.progress == "auto")):
+            raise ValueError(f"progress must be 'auto' (only when stderr is a terminal), True or False, got {self.progress!r}")
+        if not isinstance(self.prune_starts, bool):
+            raise ValueError(f"prune_starts must be True or False, got {self.prune_starts!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {self.estimator!r}")
         em = self.estimator == "em"
