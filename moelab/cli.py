@@ -147,6 +147,9 @@ def register_fit(sub) -> None:
                         "auto = for large fits, default)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="write DIR/params.json and DIR/fit.png (created if needed)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress display (it is shown on stderr only when stderr is a terminal and the fit "
+                        "runs over ~2 s)")
     p.add_argument("--format", default="text", choices=("text", "json"),
                    help="stdout format: text summary (default) or one JSON object")
     p.set_defaults(handler=run_fit)
@@ -270,6 +273,7 @@ def run_fit(args) -> int:
         args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
         n_candidates=args.n_candidates, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
         compile={"auto": "auto", "on": True, "off": False}[args.compile], **gate_opts,
+        progress=False if args.quiet or args.estimator != "em" else "auto",
     )
     with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
         warnings.simplefilter("always")

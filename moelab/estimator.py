@@ -125,6 +125,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     compile : {"auto", True, False}, default "auto"
         EM only: run each iteration as one fused pass compiled by
         ``torch.compile`` (see :func:`moelab.fit_em`).
+    progress : {False, True, "auto"}, default False
+        EM only: show the fit's stage and time left on stderr for fits over
+        ~2 s (False: silent, as scikit-learn estimators; "auto": only when
+        stderr is a terminal). See :mod:`moelab.progress`.
 
     Attributes
     ----------
@@ -173,7 +177,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
                  top_k=None, gate_options=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
-                 random_state=None, compile="auto"):
+                 random_state=None, compile="auto", progress=False):
         self.n_experts = n_experts
         self.gate = gate
         self.activation = activation
@@ -189,6 +193,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
         self.compile = compile
+        self.progress = progress
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -223,6 +228,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
             if self.estimator != "em":
                 raise ValueError("compile applies to estimator='em' only; leave it 'auto' for 'mle'")
             kw["compile"] = self.compile
+        if self.progress is not False:
+            if self.estimator != "em":
+                raise ValueError("progress applies to estimator='em' only; leave it False for 'mle'")
+            kw["progress"] = self.progress
         rs = self.random_state
         if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
             kw["random_state"] = int(rs)

@@ -96,9 +96,9 @@ class FitProgress:
     ----------
     enabled : bool
         Draw anything at all (see :func:`progress_enabled`).
-    delay : float, default 2.0
-        Seconds before the line first appears (stages announced with an
-        expected duration above ``delay`` appear at once).
+    delay : float, optional
+        Seconds before the line first appears (default :data:`DELAY_S`, 2 s);
+        stages announced with an expected duration above it appear at once.
     file : text stream, optional
         Default ``sys.stderr`` at the time of each fit.
 
@@ -106,10 +106,10 @@ class FitProgress:
     and :meth:`em` report within it.
     """
 
-    def __init__(self, enabled: bool, *, delay: float = DELAY_S, file=None):
+    def __init__(self, enabled: bool, *, delay: Optional[float] = None, file=None):
         self.enabled = bool(enabled)
         self._bar = None
-        self._delay = delay
+        self._delay = DELAY_S if delay is None else float(delay)
         self._file = file
         self._stage: Optional[str] = None
 

@@ -24,3 +24,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _moelab_cache_dir(tmp_path_factory):
+    """compile="auto" markers (moelab.autocompile) go to a temporary directory, not the user's cache."""
+    import os
+
+    before = os.environ.get("MOELAB_CACHE_DIR")
+    os.environ["MOELAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("moelab-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MOELAB_CACHE_DIR", None)
+    else:
+        os.environ["MOELAB_CACHE_DIR"] = before

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moelab import _fused
-from moelab import em as em_mod
+from moelab import autocompile
 from moelab import fit_em
 from moelab.mstep import expert_m_step, softmax_gate_newton_step
 
@@ -140,8 +140,7 @@ def test_compile_failure_falls_back(monkeypatch):
     cache = _fused.KernelCache()  # a fresh cache whose kernels all fail
     monkeypatch.setattr(cache, "get", broken)
     monkeypatch.setattr(_fused, "kernels", cache)
-    monkeypatch.setattr(em_mod, "_AUTO_COMPILE_MIN", 0)
-    monkeypatch.setattr(em_mod, "_AUTO_COMPILE_WORK", 0)
+    monkeypatch.setattr(autocompile, "compile_cost", lambda *a, **k: 0.0)
     kw = dict(n_init=4, init="kmeans", random_state=0, warn=False)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ compiler"):
         auto = fit_em(x, y, 2, **kw)

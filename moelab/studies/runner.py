@@ -184,20 +184,22 @@ def _prepare_kernels(todo, d: int) -> None:
 
     ``fit_em(compile="auto")`` decides per call, so in a study the mid sizes (run
     before the large ones) would stay eager; summed over the study, the EM work
-    of a setting (replicates × tries × n × K × max_iter) is known in advance:
-    where it reaches fit_em's cold-compile threshold, compile once here and every
-    batch with starts × n × K ≥ 10^4 takes the fused pass.
+    of a setting (replicates × tries × n × K, each start ~min(max_iter, typical)
+    iterations) is known in advance: where its predicted saving exceeds the
+    compile cost (:mod:`moelab.autocompile`), compile once here and every batch
+    with starts × n × K ≥ 10^4 takes the fused pass.
     """
-    from .. import em as em_mod
+    from .. import autocompile
 
     work = {}
     for n, _fi, fit, reps in todo:
         if fit.estimator == "em":
             key = (fit.n_experts, fit.gate, json.dumps(fit.gate_options, sort_keys=True, default=str))
-            work[key] = work.get(key, 0) + len(reps) * fit.tries * n * fit.n_experts * fit.max_iter
-    for (K, gate, opts), w in work.items():
-        if w >= em_mod._AUTO_COMPILE_WORK:
-            em_mod.prepare_compiled(K, d, gate=gate, gate_options=json.loads(opts) or None)
+            saving = autocompile.predicted_saving(len(reps) * fit.tries, n, fit.n_experts, fit.max_iter)
+            work[key] = work.get(key, 0.0) + saving
+    for (K, gate, opts), saving in work.items():
+        if saving > autocompile.compile_cost(K, d):
+            autocompile.prepare_compiled(K, d, gate=gate, gate_options=json.loads(opts) or None)
 
 
 def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: bool = True,
