@@ -188,7 +188,7 @@ def fit_em(
     warn: bool = True,
     compile="auto",
     convergence: str = "mean",
-    prune_starts: bool = True,
+    prune_starts: bool = False,
     progress=False,
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by EM, batched over problems and restarts.
@@ -271,11 +271,13 @@ def fit_em(
         may differ from its eager twin at the ~1e-13 relative level depending
         on what the process compiled before). True requires it (RuntimeError
         if it fails).
-    prune_starts : bool, default True
+    prune_starts : bool, default False
         Stop a start early once some start of its problem has converged to a
-        valid fit that even a ten-fold Aitken forecast of the start's remaining
-        gain cannot reach (:mod:`moelab.racing`); such starts are never the
-        returned fit. False runs every start to convergence.
+        valid fit that even a thousand-fold Aitken forecast of the start's
+        remaining gain cannot reach (:mod:`moelab.racing`); such starts are
+        never the returned fit. Faster, but a start on a long plateau can be
+        stopped before it climbs to the best optimum (see :mod:`moelab.racing`),
+        so the default runs every start to convergence.
     progress : {False, True, "auto"}, default False
         Show the stage (screening starts, compiling, EM) and an estimate of
         the time left on stderr (tqdm) for fits running over ~2 s; "auto":

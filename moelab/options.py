@@ -78,7 +78,7 @@ class FitOptions:
     dtype: torch.dtype = torch.float64
     device: Any = None
     warn: bool = True
-    prune_starts: bool = True
+    prune_starts: bool = False
     progress: Union[bool, str] = False
 
     def __post_init__(self, gate_options):

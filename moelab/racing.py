@@ -16,11 +16,20 @@ Schlattmann & Lindsay 1994, Ann. Inst. Statist. Math. 46, eq. 3; McNicholas
 2010 uses it as a stopping rule). The rate a is the *slowest* of the last
 :data:`RATE_WINDOW` increment ratios, and a start whose increments do not
 shrink (a ≥ 1, e.g. a gate switch still hardening) is never stopped.
-M = :data:`SAFETY` = 10 (the forecast may underestimate the gain ten-fold),
-ε = the stopping rule's own resolution (tol · n for the mean rule), and no
-start is stopped before :data:`MIN_ITER` iterations. A stopped start is not
-selected (ℓ_t < ℓ*), so the returned fit is the best of the starts that ran
-to the end, as without racing whenever the forecasts hold.
+M = :data:`SAFETY` = 1000 (the forecast may underestimate the gain a
+thousand-fold), ε = the stopping rule's own resolution (tol · n for the mean
+rule), and no start is stopped before :data:`MIN_ITER` = 50 iterations. A
+stopped start is not selected (ℓ_t < ℓ*), so the returned fit is the best of
+the starts that ran to the end, as without racing whenever the forecasts hold.
+
+The forecasts do not always hold, which is why ``fit_em`` races only when
+asked (``prune_starts=True``): a start can sit on a plateau (near a saddle)
+with shrinking increments for hundreds of iterations and then climb again.
+On faithful ``waiting ~ eruptions`` with 4 experts (seed 0) the best start
+gains 3.7 log-likelihood units after iteration 170 at increments of ~2·10⁻⁴;
+with M = 10 and a 5-iteration window it was stopped there (best −842.41
+instead of −841.47); M = 1000, a 20-iteration window and 50 iterations first
+keep it, and still stop 148 of 160 starts (28% fewer start-iterations).
 """
 
 from __future__ import annotations
@@ -33,11 +42,11 @@ import torch
 __all__ = ["StartRace", "aitken_gain", "SAFETY", "RATE_WINDOW", "MIN_ITER"]
 
 #: factor by which the forecast gain may be too small
-SAFETY = 10.0
+SAFETY = 1000.0
 #: increment ratios whose largest is the rate a
-RATE_WINDOW = 5
+RATE_WINDOW = 20
 #: iterations every start runs before it may be stopped
-MIN_ITER = 10
+MIN_ITER = 50
 
 
 def aitken_gain(h: torch.Tensor) -> torch.Tensor:

@@ -59,20 +59,22 @@ def test_race_stops_only_starts_below_the_best_converged_valid_start():
     var = torch.ones(4, 2, dtype=torch.float64)
     race.record(active, ll, torch.tensor([True, False, True, False]), sizes, var)
     assert race.best.tolist() == [-10.0, -math.inf]
-    hist = torch.zeros(4, 20, dtype=torch.float64)
-    hist[:, :13] = torch.stack([_geometric(L=v, c=1.0, a=0.5, T=13) for v in (-10.0, -49.0, -10.0, -49.0)])
+    T = racing.MIN_ITER + 1
+    hist = torch.zeros(4, T + 5, dtype=torch.float64)
+    hist[:, :T] = torch.stack([_geometric(L=v, c=1.0, a=0.9, T=T) for v in (-10.0, -49.0, -10.0, -49.0)])
     run = torch.tensor([1, 3])
-    stop = race.stop(run, hist[run, 12], hist, 12, eps=1e-6)
+    assert race.stop(run, hist[run, T - 2], hist, T - 2, eps=1e-6).tolist() == [False, False]  # before MIN_ITER
+    stop = race.stop(run, hist[run, T - 1], hist, T - 1, eps=1e-6)
     assert stop.tolist() == [True, False]  # start 1 forecasts −49 < −10; problem 1 has no valid converged start
-    slow = torch.tensor([-50.0 + 0.1 * t for t in range(13)], dtype=torch.float64)  # increments do not shrink
-    hist[1, :13] = slow
-    assert race.stop(torch.tensor([1]), hist[[1], 12], hist, 12, eps=1e-6).tolist() == [False]
+    slow = torch.tensor([-50.0 + 0.1 * t for t in range(T)], dtype=torch.float64)  # increments do not shrink
+    hist[1, :T] = slow
+    assert race.stop(torch.tensor([1]), hist[[1], T - 1], hist, T - 1, eps=1e-6).tolist() == [False]
 
 
 def test_racing_returns_the_same_fit_as_running_every_start():
     x, y = _mcycle()
-    full = moelab.fit_em(x, y, 3, random_state=0, prune_starts=False)
-    raced = moelab.fit_em(x, y, 3, random_state=0)
+    full = moelab.fit_em(x, y, 3, random_state=0)  # default: every start to convergence
+    raced = moelab.fit_em(x, y, 3, random_state=0, prune_starts=True)
     assert raced.settings["starts_stopped_early"] > 0
     assert full.settings["starts_stopped_early"] == 0
     assert float(raced.loglik) == pytest.approx(float(full.loglik), rel=1e-12)
