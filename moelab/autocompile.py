@@ -4,12 +4,17 @@ The rule weighs the one-off compile cost against the EM time it saves:
 
     use the fused pass  ⇔  (t_eager − t_fused) · starts · n · K · iterations  >  compile cost
 
-with the per-(sample · expert · iteration) costs measured on the 2-core
-development machine (float64, K = 3, d = 1–3; ``benchmarks/multi_input.py``
-prints them): eager ≈ :data:`EAGER_NS` ns, fused ≈ :data:`FUSED_NS` ns, so
-saving ≈ 50 ns per sample·expert·iteration. ``iterations`` is the
-expected number per start, min(max_iter, :data:`TYPICAL_ITERS`) (the median
-start ran 310 iterations on diamonds 6k × 3, 38 on mcycle).
+with per-(sample · expert · iteration) costs eager ≈ :data:`EAGER_NS` ns and
+fused ≈ :data:`FUSED_NS` ns, a saving of ≈ 50 ns. Measured on the 2-core
+development machine, float64, K = 3: on the idle machine the README's
+throughput table gives 45 ns eager vs 4.5 ns fused for d = 1 (40 starts,
+n = 10⁴), and a stage profile of diamonds 6k × 3 inputs gives ≈ 20 ns for the
+fused pass at d = 3 (160 starts); under load 13, ``benchmarks/multi_input.py
+--per-iteration`` (40 starts, 6,000 rows, d = 1) measured 2,585 vs 203 ns — the
+ratio (≈ 10×) holds, the absolute cost grows with the load, so the constants
+are the idle machine's (a loaded machine compiles less often than it should).
+``iterations`` is the expected number per start, min(max_iter,
+:data:`TYPICAL_ITERS`) (the median start ran 310 iterations on diamonds 6k × 3).
 
 The compile cost depends on what is cached:
 
