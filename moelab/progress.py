@@ -22,6 +22,7 @@ Each fit owns its :class:`FitProgress`; nothing is kept between fits.
 from __future__ import annotations
 
 import math
+import time
 import sys
 from typing import Optional, Union
 
@@ -148,14 +149,16 @@ class FitProgress:
         if not self.enabled:
             return
         bar = self._ensure()
-        bar.reset(total=total)
+        # one bar per fit (tqdm's delay counts from the fit's start); a stage restarts its count
+        bar.total, bar.n, bar.last_print_n = total, 0, 0
         bar.unit = unit
         bar.set_description_str(name, refresh=False)
         post = detail
         if expected_s is not None:
             post = (f"{detail}, " if detail else "") + f"expected ~{expected_s:.0f} s"
         bar.set_postfix_str(post, refresh=False)
-        if expected_s is not None and expected_s > self._delay:
+        visible = time.time() >= bar.start_t + self._delay  # tqdm times with time.time
+        if visible or (expected_s is not None and expected_s > self._delay):
             bar.refresh()
 
     def advance(self, steps: int = 1) -> None:
