@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from moelab.nn.config import MoEConfig
 from moelab.nn.dispatch import Dispatch, combine
@@ -14,6 +13,29 @@ from moelab.nn.experts import Experts
 from moelab.nn.layer import MoELayer
 
 __all__ = ["ExpertParallelMoE"]
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``dist.all_to_all_single`` with split sizes (public collective only).
+
+    The adjoint of an all-to-all is the all-to-all with the split sizes swapped, so the
+    backward pass is a collective as well: every rank of the group must run it.
+    (``torch.distributed.nn.functional.all_to_all_single`` did this and is deprecated.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, group):
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_splits, send_splits = ctx.splits
+        grad_in = grad.new_empty((sum(send_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(grad_in, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return grad_in, None, None, None
 
 
 class ExpertParallelMoE(MoELayer):
@@ -121,12 +143,8 @@ class ExpertParallelMoE(MoELayer):
             # the backward of this all-to-all is a collective too: join it even when this rank's x
             # needs no gradient (e.g. an empty batch that is a plain tensor), or the peers would hang
             x_send = x_send.detach().requires_grad_(True)
-        x_recv = dist_fn.all_to_all_single(
-            x.new_empty(sum(recv_splits), x.shape[1]), x_send, recv_splits, send_splits, group=self.group
-        )
+        x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
         y_local = self.experts(x_recv.index_select(0, perm), local_counts)
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local)
-        y_sorted = dist_fn.all_to_all_single(
-            x.new_empty(sum(send_splits), x.shape[1]), y_recv, send_splits, recv_splits, group=self.group
-        )
+        y_sorted = _AllToAll.apply(y_recv, send_splits, recv_splits, self.group)
         return combine(y_sorted, dispatch, x.shape[0])

@@ -39,10 +39,23 @@ def test_workers_import_this_checkout(tmp_path, launch):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, launch):
-    """Results of every scenario, per rank: {scenario: [rank 0, rank 1]}."""
+def ep_run(tmp_path_factory, launch):
+    """One launch of every scenario: (output folder, the two ranks' logs)."""
     out_dir = tmp_path_factory.mktemp("ep")
-    launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
+    logs = launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
+    return out_dir, logs
+
+
+def test_ranks_warn_nothing(ep_run):
+    """No warning from the collectives (torch 2.13 deprecates torch.distributed.nn.functional's)."""
+    for log in ep_run[1]:
+        assert "Warning" not in log and "deprecated" not in log.lower(), log
+
+
+@pytest.fixture(scope="module")
+def ranks(ep_run):
+    """Results of every scenario, per rank: {scenario: [rank 0, rank 1]}."""
+    out_dir = ep_run[0]
     worker = load_worker_module()
     names = ["padded", "bias", "dp_bias", "mixed_grad", *worker.UNEVEN]
     return {n: [torch.load(out_dir / f"{n}.rank{r}.pt") for r in range(WORLD)] for n in names}
