@@ -119,6 +119,45 @@ class ExpertParallelMoE(MoELayer):
                 ep.shared_experts.load_state_dict(layer.shared_experts.state_dict())
         return ep
 
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """:meth:`MoELayer.forward` on this rank's tokens, with the group told of a bad input.
+
+        If this rank's input is rejected (or routing fails) before the tokens are exchanged,
+        the rank still joins the first collective with a failure flag and then raises its own
+        error; every peer raises ``RuntimeError`` naming the failed rank(s) instead of waiting
+        in the all-to-all until the process-group timeout. The group stays usable: every rank
+        has run the same collectives, so the next ``forward`` works.
+
+        Raises
+        ------
+        TypeError, ValueError
+            This rank's input (see :meth:`MoELayer.check_input`).
+        RuntimeError
+            Another rank of the group failed before the exchange.
+        """
+        self._exchanged = False
+        try:
+            return super().forward(x, mask)
+        except Exception:
+            if not self._exchanged:  # the peers wait in the count exchange: tell them, then raise
+                self._exchange_counts(torch.zeros(self.world, self.n_local, dtype=torch.long, device=self.experts.w_in.device), failed=True)
+            raise
+
+    def _exchange_counts(self, send_counts: torch.Tensor, failed: bool = False) -> torch.Tensor:
+        """All-to-all of the token counts [dest rank, local expert] with a failure flag per rank."""
+        self._exchanged = True
+        flag = torch.full((self.world, 1), int(failed), dtype=send_counts.dtype, device=send_counts.device)
+        send = torch.cat([send_counts, flag], 1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        bad = [r for r in range(self.world) if recv[r, -1] and r != self.rank]
+        if bad and not failed:
+            raise RuntimeError(
+                f"rank(s) {bad} of the expert-parallel group failed before the token exchange (their own error "
+                f"says why); this rank ({self.rank}) stops too instead of waiting for their tokens"
+            )
+        return recv[:, :-1]
+
     def global_expert_load(self, load: torch.Tensor) -> torch.Tensor:
         """``load`` summed over the process group (an all-reduce: every rank must call it)."""
         dist.all_reduce(load, group=self.group)
@@ -129,8 +168,7 @@ class ExpertParallelMoE(MoELayer):
         world, n_local = self.world, self.n_local
         with torch.no_grad():
             send_counts = dispatch.counts.view(world, n_local)  # [dest rank, local expert]
-            recv_counts = torch.empty_like(send_counts)  # [source rank, local expert]
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            recv_counts = self._exchange_counts(send_counts).contiguous()  # [source rank, local expert]
             send_splits = send_counts.sum(1).tolist()
             recv_splits = recv_counts.sum(1).tolist()
             # received rows are ordered (source rank, local expert); regroup by local expert
