@@ -182,7 +182,9 @@ class ExpertParallelMoE(MoELayer):
             # needs no gradient (e.g. an empty batch that is a plain tensor), or the peers would hang
             x_send = x_send.detach().requires_grad_(True)
         x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
-        y_local = self.experts(x_recv.index_select(0, perm), local_counts)
-        y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local)
+        # the fused gather -> experts -> scatter of the single-process layer (its workspace included), with
+        # weight 1: row perm[a] of the result is expert e(a) applied to received row perm[a]
+        ones = x_recv.new_ones(perm.shape[0])
+        y_recv = self.experts.routed(x_recv, perm, ones, local_counts)
         y_sorted = _AllToAll.apply(y_recv, send_splits, recv_splits, self.group)
         return combine(y_sorted, dispatch, x.shape[0])
