@@ -56,7 +56,7 @@ from .gates import GATES, gate_spec
 from .model import GaussianMoE
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "ModelFile", "model_to_dict", "save_model",
-           "read_model_file", "load_estimator", "encode_inputs"]
+           "read_model_file", "load_estimator", "fitted_estimator", "encode_inputs"]
 
 FORMAT = "moelab-model"
 FORMAT_VERSION = 1
@@ -532,7 +532,22 @@ def load_estimator(path, cls=None):
         est = cls(**mf.estimator_params)
     except TypeError as exc:
         raise ModelFileError(f"{path}: estimator settings do not fit {cls.__name__}: {exc}") from None
-    model = mf.model
+    return fitted_estimator(est, mf.model, loglik=mf.fit["loglik"], n_iter=mf.fit["n_iter"],
+                            converged=mf.fit["converged"], expert_size=mf.fit["expert_size"],
+                            n_samples=mf.fit["n_samples"], feature_names=mf.features if mf.feature_names_in else None)
+
+
+def fitted_estimator(est, model, *, loglik=None, n_iter=0, converged=True, expert_size=None, n_samples=None,
+                     feature_names=None):
+    """Set the fitted attributes of an unfitted ``MixtureOfExpertsRegressor`` from a model; returns ``est``.
+
+    For models that were not fitted by ``est.fit`` (a loaded file, the K = 1
+    least-squares fit of :func:`moelab.select_n_experts`). Sets ``model_``,
+    the parameter attributes (``gate_slope_`` ... ``expert_variance_``,
+    ``temperature_`` where the gate has one), ``n_features_in_``, and where
+    given ``loglik_``, ``n_iter_``, ``converged_``, ``expert_size_`` (K,),
+    ``n_samples_`` and ``feature_names_in_`` (n_features,).
+    """
     est.model_ = model
     est.gate_slope_ = model.gate.slope.numpy().copy()
     est.gate_intercept_ = model.gate.intercept.numpy().copy()
@@ -541,15 +556,15 @@ def load_estimator(path, cls=None):
     est.expert_slope_ = model.experts.slope.numpy().copy()
     est.expert_intercept_ = model.experts.intercept.numpy().copy()
     est.expert_variance_ = model.experts.variance.numpy().copy()
-    if mf.fit["expert_size"] is not None:
-        est.expert_size_ = np.asarray(mf.fit["expert_size"], dtype=np.float64)
-    if mf.fit["loglik"] is not None:
-        est.loglik_ = float(mf.fit["loglik"])
-    if mf.fit["n_samples"] is not None:
-        est.n_samples_ = int(mf.fit["n_samples"])
-    est.n_iter_ = int(mf.fit["n_iter"])
-    est.converged_ = bool(mf.fit["converged"])
+    if expert_size is not None:
+        est.expert_size_ = np.asarray(expert_size, dtype=np.float64)
+    if loglik is not None:
+        est.loglik_ = float(loglik)
+    if n_samples is not None:
+        est.n_samples_ = int(n_samples)
+    est.n_iter_ = int(n_iter)
+    est.converged_ = bool(converged)
     est.n_features_in_ = model.n_features
-    if mf.feature_names_in:
-        est.feature_names_in_ = np.asarray(mf.features, dtype=object)
+    if feature_names is not None:
+        est.feature_names_in_ = np.asarray(feature_names, dtype=object)
     return est
