@@ -283,12 +283,13 @@ class _Reader:
             self.fail(f"{path} has shape {got}, expected {shape} (n_experts={shape[0]}"
                       + (f", n_features={shape[1]})" if len(shape) > 1 else ")"))
         flat = a.reshape(-1)
+        pos = lambda i: tuple(int(j) for j in np.unravel_index(i, shape))  # noqa: E731
         for i, e in enumerate(flat):
             if isinstance(e, bool) or not isinstance(e, (int, float)):
-                self.fail(f"{path} holds {json.dumps(e)[:30]} at position {np.unravel_index(i, shape)}; "
+                self.fail(f"{path} holds {json.dumps(e)[:30]} at position {pos(i)}; "
                           "every entry must be a number")
             if not math.isfinite(e):
-                self.fail(f"{path} holds a non-finite value ({e}) at position {np.unravel_index(i, shape)}")
+                self.fail(f"{path} holds a non-finite value ({e}) at position {pos(i)}")
         return a.astype(np.float64)
 
 

@@ -170,7 +170,10 @@ def _check_level(level) -> float:
 
 
 def _as_x(model, x) -> torch.Tensor:
-    x = torch.as_tensor(np.array(x, dtype=np.float64))
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(torch.float64).clone()
+    else:
+        x = torch.as_tensor(np.array(x, dtype=np.float64))
     if x.dim() == 1 and model.n_features == 1:
         x = x.unsqueeze(-1)
     if x.dim() != 2 or x.shape[-1] != model.n_features:

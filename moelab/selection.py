@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 __all__ = ["CRITERIA", "parse_experts", "responsibility_entropy", "select_n_experts", "linear_regression_model",
-           "selection_summary"]
+           "choose_n_experts"]
 
 #: criterion name -> its column in the table
 CRITERIA = ("bic", "aic", "icl")
@@ -250,19 +250,31 @@ def select_n_experts(X, y, n_experts=range(1, 7), *, criterion: str = "bic", ret
                          sizes=est.expert_size_))
         estimators[K] = est
     table = pd.DataFrame(rows, columns=list(_COLUMNS))
-    ok = table[~table["degenerate"] & np.isfinite(table[criterion])]
-    chosen = None if ok.empty else int(ok.loc[ok[criterion].idxmin(), "n_experts"])
-    table.attrs.update(criterion=criterion, chosen=chosen)
+    table.attrs.update(criterion=criterion, chosen=choose_n_experts(table, criterion))
     if return_estimators:
         return table, estimators
     return table
 
 
-def selection_summary(table) -> str:
-    """One line naming the chosen K and its criterion, e.g. ``chosen: 4 experts (lowest BIC, 1204.62)``."""
-    crit, chosen = table.attrs.get("criterion", "bic"), table.attrs.get("chosen")
-    if chosen is None:
-        return "chosen: none (every fit collapsed)"
-    value = float(table.loc[table["n_experts"] == chosen, crit].iloc[0])
-    return f"chosen: {chosen} expert{'s' if chosen != 1 else ''} (lowest {crit.upper()}, {value:.2f})"
+def choose_n_experts(table, criterion: str = "bic"):
+    """The K with the lowest ``criterion`` among fits that did not collapse; ties go to the smaller K.
 
+    Parameters
+    ----------
+    table : DataFrame
+        Columns ``n_experts``, ``criterion`` and (optional) ``degenerate``.
+    criterion : {"bic", "aic", "icl"}
+
+    Returns
+    -------
+    int, or None when every fit collapsed or has a non-finite criterion.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    keep = np.isfinite(table[criterion].to_numpy(dtype=float))
+    if "degenerate" in table.columns:
+        keep &= ~table["degenerate"].to_numpy(dtype=bool)
+    ok = table[keep].sort_values(["n_experts"])
+    if ok.empty:
+        return None
+    return int(ok["n_experts"].iloc[int(np.argmin(ok[criterion].to_numpy()))])
