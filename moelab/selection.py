@@ -216,12 +216,13 @@ def select_n_experts(X, y, n_experts=range(1, 7), *, criterion: str = "bic", ret
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     ks = parse_experts(n_experts)
-    if "n_experts" in params:
-        raise ValueError("give the candidate numbers of experts as n_experts=..., not in the estimator parameters")
     Xa, ya, names = _validated_xy(X, y)
     for K in ks:  # validate every K's settings before any fit runs
         if K > 1:
-            MixtureOfExpertsRegressor(K, **params)._fit_kwargs()
+            try:
+                MixtureOfExpertsRegressor(K, **params)._fit_kwargs()
+            except ValueError as exc:
+                raise ValueError(f"n_experts={K}: {exc}") from exc
     x, yt = torch.tensor(Xa), torch.tensor(ya)
     rows, estimators = [], {}
     for K in ks:
