@@ -217,12 +217,21 @@ def select_n_experts(X, y, n_experts=range(1, 7), *, criterion: str = "bic", ret
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     ks = parse_experts(n_experts)
     Xa, ya, names = _validated_xy(X, y)
-    for K in ks:  # validate every K's settings before any fit runs
+    from .gates import gate_spec
+
+    n, d = Xa.shape
+    for K in ks:  # every K's settings and parameter count checked before any fit runs
         if K > 1:
             try:
-                MixtureOfExpertsRegressor(K, **params)._fit_kwargs()
+                kw = MixtureOfExpertsRegressor(K, **params)._fit_kwargs()
             except ValueError as exc:
                 raise ValueError(f"n_experts={K}: {exc}") from exc
+            n_params = gate_spec(kw["gate"], kw["gate_options"], n_experts=K).n_free_parameters(K, d) + K * (d + 2)
+        else:
+            n_params = d + 2
+        if n < n_params:
+            raise ValueError(f"n_experts={K}: {n} samples are fewer than the {n_params} free parameters of a "
+                             f"{K}-expert model with {d} feature(s); use fewer experts or more data")
     x, yt = torch.tensor(Xa), torch.tensor(ya)
     rows, estimators = [], {}
     for K in ks:
