@@ -32,6 +32,10 @@ _LAZY = {
     "DATASETS": "datasets",
     "load_dataset": "datasets",
     "read_table": "datasets",
+    "select_n_experts": "selection",
+    "predict_table": "prediction",
+    "prediction_interval": "prediction",
+    "ModelFileError": "persistence",
 }
 _SUBMODULES = ("gates", "metrics")
 
@@ -55,6 +59,10 @@ __all__ = [
     "DATASETS",
     "load_dataset",
     "read_table",
+    "select_n_experts",
+    "predict_table",
+    "prediction_interval",
+    "ModelFileError",
 ]
 
 

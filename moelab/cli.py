@@ -13,8 +13,12 @@ stderr and exits 2.
 ``moelab fit DATA --x COL[,COL...] --y COL --experts K`` fits a Gaussian
 mixture of experts to a CSV/Parquet file or a bundled data set and prints a
 summary (``--format json``: one JSON object on stdout). With ``--out DIR`` it
-also writes ``DIR/params.json`` and ``DIR/fit.png``; without it nothing is
-written.
+also writes ``DIR/params.json``, ``DIR/model.json`` (the saved model, read by
+``moelab predict``) and ``DIR/fit.png``; without it nothing is written.
+``moelab select`` (:mod:`moelab.cli_select`) and ``moelab predict``
+(:mod:`moelab.cli_predict`) share the model flags and the column checks of
+``fit`` through :func:`add_model_arguments`, :func:`check_fit_flags`,
+:func:`read_data` and :func:`select_columns`.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ import numpy as np
 
 from ._cli_errors import EXIT_USAGE, CLIError, user_errors
 
-__all__ = ["main", "build_parser", "CLIError", "user_errors", "COMMANDS"]
+__all__ = ["main", "build_parser", "CLIError", "user_errors", "COMMANDS", "add_model_arguments", "check_fit_flags",
+           "read_data", "select_columns"]
 
 #: subcommand name -> "module:register function"
 COMMANDS = {
     "fit": "moelab.cli:register_fit",
+    "select": "moelab.cli_select:register_select",
+    "predict": "moelab.cli_predict:register_predict",
     "run": "moelab.studies.cli:register_run",
     "merge": "moelab.studies.cli:register_merge",
     "reproduce": "moelab.studies.cli:register_reproduce",
@@ -109,9 +116,6 @@ def _gates_taking(option: str) -> str:
 
 def register_fit(sub) -> None:
     """Add the ``fit`` subcommand to ``sub`` (an argparse subparsers object)."""
-    from .activations import ACTIVATIONS
-    from .gates import GATES
-
     p = sub.add_parser(
         "fit",
         help="fit a Gaussian mixture of experts to a table",
@@ -124,6 +128,19 @@ def register_fit(sub) -> None:
                    help="input column(s), comma-separated (repeatable)")
     p.add_argument("--y", required=True, metavar="COL", help="response column")
     p.add_argument("--experts", required=True, type=int, metavar="K", help="number of experts K >= 1")
+    add_model_arguments(p)
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write DIR/params.json, DIR/model.json and DIR/fit.png (created if needed)")
+    p.add_argument("--format", default="text", choices=("text", "json"),
+                   help="stdout format: text summary (default) or one JSON object")
+    p.set_defaults(handler=run_fit)
+
+
+def add_model_arguments(p) -> None:
+    """The gate, estimator and seed flags of ``moelab fit`` (shared with ``moelab select``)."""
+    from .activations import ACTIVATIONS
+    from .gates import GATES
+
     p.add_argument("--gate", default="softmax", choices=list(GATES), help=f"gate family (default softmax). {_gate_help()}")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
                    help="activation for --gate activation (default tanh)")
@@ -146,14 +163,13 @@ def register_fit(sub) -> None:
                    help=f"EM: run iterations as one fused pass compiled by torch.compile ({fused} gates; "
                         "auto = for large fits, default)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="write DIR/params.json and DIR/fit.png (created if needed)")
-    p.add_argument("--format", default="text", choices=("text", "json"),
-                   help="stdout format: text summary (default) or one JSON object")
-    p.set_defaults(handler=run_fit)
 
 
-def _check_fit_flags(args) -> dict:
-    """Flag combinations → gate options for the estimator; CLIError naming the flag otherwise."""
+def check_fit_flags(args) -> dict:
+    """Flag combinations → gate options for the estimator; CLIError naming the flag otherwise.
+
+    ``args`` holds the flags of :func:`add_model_arguments` and ``experts`` (K).
+    """
     gate = args.gate
     if args.experts < 1:
         raise CLIError(f"--experts must be >= 1, got {args.experts}")
@@ -190,7 +206,7 @@ def _check_fit_flags(args) -> dict:
                 learn_temperature=args.learn_temperature, top_k=args.top_k)
 
 
-def _select_columns(df, x_specs, y_name):
+def select_columns(df, x_specs, y_name):
     """Split ``--x`` values, look the columns up and check them: (X DataFrame, y Series, x names)."""
     import pandas as pd
 
@@ -235,37 +251,55 @@ def _is_moelab_output(path: Path) -> bool:
         return False
 
 
-def _check_out(out: Path, data: str) -> tuple[Path, Path]:
-    """Output paths DIR/params.json, DIR/fit.png; refuse to overwrite files moelab did not write."""
+def _check_out(out: Path, data: str) -> tuple[Path, Path, Path]:
+    """Output paths DIR/params.json, DIR/fit.png, DIR/model.json; refuse to overwrite files moelab did not write."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory; give a directory path")
-    params, png = out / "params.json", out / "fit.png"
+    params, png, model = out / "params.json", out / "fit.png", out / "model.json"
     src = Path(data)
-    for target in (params, png):
+    for target in (params, png, model):
         if src.exists() and target.exists() and target.resolve() == src.resolve():
             raise CLIError(f"--out would overwrite the input file {data}; choose another directory")
     if params.exists() and not _is_moelab_output(params):
         raise CLIError(f"{params} exists and was not written by moelab fit; choose another --out directory")
     if png.exists() and not params.exists():
         raise CLIError(f"{png} exists and was not written by moelab fit; choose another --out directory")
-    return params, png
+    if model.exists() and not _is_model_file(model):
+        raise CLIError(f"{model} exists and is not a moelab model file; choose another --out directory")
+    return params, png, model
+
+
+def _is_model_file(path: Path) -> bool:
+    from .persistence import FORMAT
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_data(source: str):
+    """The table DATA names (file or bundled data set); CLIError with the reader's message otherwise."""
+    from .datasets import read_table
+
+    with user_errors():
+        try:
+            return read_table(source)
+        except ValueError as exc:
+            msg = str(exc)
+            raise CLIError(msg if source in msg else f"could not read {source!r}: {msg}") from exc
 
 
 def run_fit(args) -> int:
     """Handler of ``moelab fit``; returns the exit status."""
-    from .datasets import read_table
     from .estimator import MixtureOfExpertsRegressor
     from .summary import fit_report, format_report
 
-    gate_opts = _check_fit_flags(args)
+    gate_opts = check_fit_flags(args)
     paths = _check_out(args.out, args.data) if args.out is not None else None
-    with user_errors():
-        try:
-            df = read_table(args.data)
-        except ValueError as exc:
-            msg = str(exc)
-            raise CLIError(msg if args.data in msg else f"could not read {args.data!r}: {msg}") from exc
-    X, y, x_names = _select_columns(df, args.x, args.y)
+    df = read_data(args.data)
+    X, y, x_names = select_columns(df, args.x, args.y)
     est = MixtureOfExpertsRegressor(
         args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
         n_candidates=args.n_candidates, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
@@ -281,26 +315,30 @@ def run_fit(args) -> int:
     report["seed"] = args.seed
     report["warnings"] = messages
     if paths is not None:
-        report["files"] = {"params": str(paths[0]), "plot": str(paths[1])}
+        report["files"] = {"params": str(paths[0]), "plot": str(paths[1]), "model": str(paths[2])}
         _write_outputs(est, X, y, report, paths)
     if args.format == "json":
         print(json.dumps(report, allow_nan=False))
     else:
         print(format_report(report))
         if paths is not None:
-            print(f"\nwrote {paths[0]} and {paths[1]}")
+            print(f"\nwrote {paths[0]}, {paths[2]} and {paths[1]}")
     return 0
 
 
 def _write_outputs(est, X, y, report, paths) -> None:
+    from .persistence import save_model
     from .plotting import plot_fit
 
-    params, png = paths
+    params, png, model = paths
     try:
         params.parent.mkdir(parents=True, exist_ok=True)
         params.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        with user_errors(f"cannot save {model}: "):
+            save_model(est, model, feature_names=report["x"], response_name=report["y"], x_train=X.to_numpy())
     except OSError as exc:
-        raise CLIError(f"cannot write {params}: {exc.strerror or exc}; choose a writable --out directory") from exc
+        raise CLIError(f"cannot write {exc.filename or params}: {exc.strerror or exc}; "
+                       "choose a writable --out directory") from exc
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     title = (f"{report['data']}: {report['y']} ~ {' + '.join(report['x'])}, {report['n_experts']} experts, "
              f"{report['gate_description']} gate\nlog-likelihood {fmt(report['loglik'])}, BIC {fmt(report['bic'])}")

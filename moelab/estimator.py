@@ -4,7 +4,9 @@
 :func:`moelab.fit_mle`) behind the scikit-learn regressor API: ``fit`` /
 ``predict`` (conditional mean E[y | x]) / ``predict_proba`` (gate weights
 g(x)) / ``score`` (R², as every scikit-learn regressor) / ``score_samples``
-(log p(y | x)) / ``sample`` / ``bic`` / ``aic``.
+(log p(y | x)) / ``sample`` / ``bic`` / ``aic``, plus ``predict_interval``
+(:mod:`moelab.prediction`) and ``save`` / ``load`` (JSON model files,
+:mod:`moelab.persistence`).
 
 The model is p(y | x) = Σ_k g_k(x) N(y; a_kᵀx + b_k, ν_k) with the gate chosen
 by ``gate`` (see :mod:`moelab.gates`).
@@ -402,3 +404,77 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         float
         """
         return float(-2.0 * self.score_samples(X, y).sum() + 2 * self.n_free_parameters())
+
+    # ------------------------------------------------- intervals and model files
+    def predict_interval(self, X, level: float = 0.9):
+        """Equal-tailed prediction interval of y given x at probability ``level``.
+
+        [Q((1 − level)/2 | x), Q((1 + level)/2 | x)] with Q the quantile of the
+        mixture p(y | x), found by root-finding on its CDF
+        (:func:`moelab.prediction.prediction_interval`; the highest-density
+        region of a multimodal mixture may be a union of intervals, this is
+        the single equal-tailed one).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        level : float, default 0.9
+            0 < level < 1.
+
+        Returns
+        -------
+        (lower, upper) : tuple of ndarray of shape (n_samples,)
+
+        Raises
+        ------
+        ValueError
+            level outside (0, 1), or inputs where the model overflows.
+        """
+        from .prediction import prediction_interval
+
+        return prediction_interval(self.model_, self._X(X), level)
+
+    def save(self, path, *, response_name=None, feature_names=None):
+        """Write the fitted model to ``path`` as a JSON model file (never pickle).
+
+        Format: :mod:`moelab.persistence` (gate family and options, every
+        parameter in original units, feature and response names, moelab and
+        format versions). :meth:`load` reads it back; the loaded estimator
+        predicts identically.
+
+        Parameters
+        ----------
+        path : str or Path
+        response_name : str, optional
+            Name of y recorded in the file (default "y").
+        feature_names : sequence of str, optional
+            Default ``feature_names_in_`` (fitted on a DataFrame) or x0, x1, ...
+
+        Returns
+        -------
+        pathlib.Path
+
+        Raises
+        ------
+        ValueError
+            Not fitted, or a setting JSON cannot hold (a callable activation).
+        """
+        from .persistence import save_model
+
+        check_is_fitted(self, "model_")
+        return save_model(self, path, response_name=response_name, feature_names=feature_names)
+
+    @classmethod
+    def load(cls, path) -> "MixtureOfExpertsRegressor":
+        """A fitted estimator from a model file written by :meth:`save` or ``moelab fit --out``.
+
+        Raises
+        ------
+        moelab.ModelFileError (a ValueError)
+            Missing or non-JSON file, another format version, or a file edited
+            by hand into an invalid state (missing keys, wrong shapes or
+            types, NaN); the message names the key.
+        """
+        from .persistence import load_estimator
+
+        return load_estimator(path, cls)
