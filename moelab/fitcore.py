@@ -31,6 +31,7 @@ from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
+from .exceptions import DegenerateFitWarning, MoelabWarning
 from .experts import GaussianExperts
 from .gates import Gate, GateSpec
 from .gates.identifiability import warn_if_temperature_not_identified
@@ -45,17 +46,14 @@ __all__ = ["ConvergenceWarning", "DegenerateFitWarning", "EMResult", "prepare_xy
            "user_starts", "collapsed", "finish"]
 
 
-class ConvergenceWarning(_SklearnConvergenceWarning):
+class ConvergenceWarning(MoelabWarning, _SklearnConvergenceWarning):
     """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled.
 
-    A subclass of scikit-learn's ``sklearn.exceptions.ConvergenceWarning``, so
+    A :class:`moelab.exceptions.MoelabWarning` and a subclass of scikit-learn's
+    ``sklearn.exceptions.ConvergenceWarning``, so
     ``warnings.filterwarnings(..., category=sklearn.exceptions.ConvergenceWarning)``
     covers moelab's fits too.
     """
-
-
-class DegenerateFitWarning(UserWarning):
-    """Every start collapsed an expert (tiny variance or almost no samples)."""
 
 
 @dataclass
