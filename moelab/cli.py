@@ -274,7 +274,7 @@ def run_fit(args) -> int:
     with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
         warnings.simplefilter("always")
         est.fit(X, y)
-    messages = [str(w.message) for w in caught]
+    messages = [" ".join(str(w.message).split()) for w in caught]  # one line each
     for m in messages:
         print(f"moelab fit: warning: {m}", file=sys.stderr)
     report = fit_report(est, data=args.data, feature_names=x_names, response=args.y)

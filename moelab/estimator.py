@@ -21,6 +21,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .diagnostics import check_finite_predictions
 from .em import fit_em
 from .gates import gate_spec
 from .mle import fit_mle
@@ -79,6 +80,12 @@ def gate_options_from(gate, *, activation=None, temperature=None, learn_temperat
     if spec.options.get("temperature") is not None and spec.options.get("learn_temperature"):
         raise ValueError("give either a fixed temperature or learn_temperature=True, not both")
     return dict(spec.options)
+
+
+def _finite(values: torch.Tensor, x: torch.Tensor, what: str, allow_inf: bool = False) -> np.ndarray:
+    """values as numpy; ValueError naming the row where a prediction overflowed (never NaN)."""
+    check_finite_predictions(values, x, what, allow_inf=allow_inf)
+    return values.numpy()
 
 
 class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
@@ -250,6 +257,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         """
         kw = self._fit_kwargs()
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        if hasattr(self, "feature_names_in_"):  # for the warnings' messages
+            kw["feature_names"] = [str(c) for c in self.feature_names_in_]
         fit = fit_em if self.estimator == "em" else fit_mle
         res = fit(X, y, int(self.n_experts), **kw)
         self.result_ = res
@@ -291,7 +300,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x = self._X(X)
-        return self.model_.mean(x).numpy()
+        return _finite(self.model_.mean(x), x, "predict: E[y | x]")
 
     def predict_variance(self, X) -> np.ndarray:
         """Conditional variance Var[y | x] (law of total variance).
@@ -305,7 +314,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x = self._X(X)
-        return self.model_.variance(x).numpy()
+        return _finite(self.model_.variance(x), x, "predict_variance: Var[y | x]")
 
     def predict_proba(self, X) -> np.ndarray:
         """Gate weights g(x): the prior probability of each expert given x.
@@ -319,7 +328,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples, n_experts), float64; rows sum to 1.
         """
         x = self._X(X)
-        return self.model_.gate_weights(x).numpy()
+        return _finite(self.model_.gate_weights(x), x, "predict_proba: g(x)")
 
     def predict_expert(self, X, y=None) -> np.ndarray:
         """Most probable expert: argmax of the gate g(x), or of the posterior P(k | x, y) if y is given.
@@ -336,7 +345,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         if y is None:
             return self.predict_proba(X).argmax(-1)
         x, y = self._Xy(X, y)
-        return self.model_.responsibilities(x, y).numpy().argmax(-1)
+        return _finite(self.model_.responsibilities(x, y), x, "predict_expert: P(k | x, y)").argmax(-1)
 
     def score_samples(self, X, y) -> np.ndarray:
         """Log conditional density log p(y_n | x_n) of each sample.
@@ -351,7 +360,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x, y = self._Xy(X, y)
-        return self.model_.log_prob(x, y).numpy()
+        return _finite(self.model_.log_prob(x, y), x, "score_samples: log p(y | x)", allow_inf=True)
 
     def sample(self, X, random_state=None) -> np.ndarray:
         """Draw one y ~ p(y | x) for every row of X.
@@ -366,6 +375,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x = self._X(X)
+        _finite(self.model_.gate_weights(x), x, "sample: g(x)")
         seed = int(check_random_state(random_state).randint(2**31 - 1))
         return self.model_.sample(x, torch.Generator().manual_seed(seed)).numpy()
 
