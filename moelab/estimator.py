@@ -16,12 +16,14 @@ import math
 import numbers
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .diagnostics import check_finite_predictions
+from .encoding import encoding_for, numeric_column
 from .em import fit_em
 from .gates import gate_spec
 from .mle import fit_mle
@@ -160,8 +162,14 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     expert_size_ : ndarray of shape (n_experts,)
         Effective sizes Σ_n P(k | x_n, y_n) on the training data.
     n_features_in_ : int
+        Columns of the design: the input columns, with each categorical one replaced by
+        its dummies (so the slopes have one entry per design column).
     feature_names_in_ : ndarray of shape (n_features_in_,)
-        Only when X was a DataFrame with string column names.
+        Only when X was a DataFrame with string column names: the design column names
+        (``occupation[sales]`` for a dummy).
+    encoding_ : moelab.encoding.DesignEncoding or None
+        How the input columns became the design (None: X was numeric); its ``to_dict()``
+        is JSON.
 
     Notes
     -----
@@ -242,7 +250,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features), or DataFrame
+            A DataFrame may hold categorical columns (``category``, ``bool`` or text dtype):
+            they are one-hot encoded with the first level dropped (:mod:`moelab.encoding`),
+            and every later call takes a DataFrame with the same columns.
         y : array-like of shape (n_samples,)
 
         Returns
@@ -253,10 +264,17 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ------
         ValueError
             NaN/inf, mismatched lengths, constant columns, fewer samples than
-            free parameters, or invalid hyper-parameters.
+            free parameters, invalid hyper-parameters, or a value that is not a
+            number in a numeric column (its index label and value named).
         """
         kw = self._fit_kwargs()
+        encoding = encoding_for(X)  # None unless X is a DataFrame with non-numeric columns
+        if encoding is not None:
+            X = encoding.transform(X)
+        if isinstance(y, pd.Series):
+            y = numeric_column(y, str(y.name), role="response")
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        self.encoding_ = encoding
         if hasattr(self, "feature_names_in_"):  # for the warnings' messages
             kw["feature_names"] = [str(c) for c in self.feature_names_in_]
         fit = fit_em if self.estimator == "em" else fit_mle
@@ -278,13 +296,20 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------ inference
+    def _design(self, X):
+        """X through the fitted encoding (categorical columns → dummies), if there is one."""
+        encoding = getattr(self, "encoding_", None)
+        return X if encoding is None else encoding.transform(X)
+
     def _X(self, X) -> torch.Tensor:
         check_is_fitted(self, "model_")
+        X = self._design(X)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         return torch.tensor(X)  # a copy: X may be a read-only view of the caller's data
 
     def _Xy(self, X, y):
         check_is_fitted(self, "model_")
+        X = self._design(X)
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=False)
         return torch.tensor(X), torch.tensor(np.asarray(y, dtype=np.float64))
 

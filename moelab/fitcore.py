@@ -481,5 +481,5 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
                 stacklevel=3,
             )
         warn_fit(prob.x, result.expert_size, result.start_loglik, n_init=n_keep, user_starts=settings.get("init") == "user",
-                 degenerate=result.degenerate, feature_names=opts.feature_names, stacklevel=3)
+                 degenerate=result.degenerate, feature_names=opts.feature_names, stacklevel=4)
     return result
