@@ -57,8 +57,9 @@ def _row_names(index: pd.Index, positions, rows: str) -> list:
 
 def _listing(series: pd.Series, positions, rows: str) -> str:
     names = _row_names(series.index, positions[:_SHOWN], rows)
-    shown = ", ".join(f"{r}: {series.iloc[int(p)]!r}" for r, p in zip(names, positions[:_SHOWN]))
-    return shown + (f" (and {len(positions) - _SHOWN} more)" if len(positions) > _SHOWN else "")
+    shown = ", ".join(f"{r}: {_plain(series.iloc[int(p)])!r}" for r, p in zip(names, positions[:_SHOWN]))
+    shown += f" (and {len(positions) - _SHOWN} more)" if len(positions) > _SHOWN else ""
+    return shown + (" (data rows counted from 1 after the header)" if rows == "file" else "")
 
 
 def _is_text(s: pd.Series) -> bool:
@@ -81,7 +82,8 @@ def _numeric_error(s: pd.Series, name: str, bad, rows: str, role: str) -> ValueE
                 "delimited CSV, which moelab reads with decimal commas.")
     fix = "fix or remove those rows"
     if role == "input":
-        fix += f", or, if the column holds categories, give it as categorical (CLI --categorical {name}; pandas .astype('category'))"
+        how = f"--categorical {name}" if rows == "file" else f"X[{name!r}].astype('category')"
+        fix += f", or, if the column holds categories, declare it categorical ({how})"
     what = "1 value is not a number" if len(bad) == 1 else f"{len(bad)} values are not numbers"
     return ValueError(f"column {name!r} is numeric but {what}: "
                       f"{_listing(s, bad, rows)}; {fix}.{hint}")
@@ -236,7 +238,8 @@ class DesignEncoding:
             elif _is_text(s):
                 num, bad, missing = _parse_numbers(s)
                 n_present = int((~missing).sum())
-                if n_present and len(bad) * 2 <= n_present:  # mostly numbers: a numeric column
+                comma = int(s.iloc[bad].astype(str).map(lambda v: bool(_DECIMAL_COMMA.match(v))).sum())
+                if n_present and (len(bad) - comma) * 2 <= n_present:  # mostly numbers (maybe with decimal commas)
                     if len(bad):
                         raise _numeric_error(s, name, bad, rows, "input")
                     out.append(ColumnEncoding(name, "numeric"))
@@ -310,8 +313,7 @@ class DesignEncoding:
             codes = _codes(s, col.levels)
             na = np.flatnonzero(s.isna().to_numpy())
             if len(na):
-                raise ValueError(f"categorical column {col.name!r} has {len(na)} missing value(s) "
-                                 f"({', '.join(_row_names(s.index, na[:_SHOWN], rows))}); drop or impute those rows")
+                _check_levels(s, col.name, col.levels, rows)
             unseen = np.flatnonzero(codes < 0)
             if len(unseen):
                 raise ValueError(f"column {col.name!r} has level(s) the model was not fitted on: "
@@ -350,15 +352,17 @@ class DesignEncoding:
 
 def _codes(s: pd.Series, levels: Sequence) -> np.ndarray:
     """Index of each value in ``levels`` (−1: not a level or missing)."""
-    return pd.Categorical(s.astype(object) if isinstance(s.dtype, pd.CategoricalDtype) else s,
-                          categories=list(levels)).codes.astype(np.int64)
+    values = s.astype(object).to_numpy()
+    return pd.Index(list(levels), dtype=object).get_indexer(values).astype(np.int64)
 
 
 def _check_levels(s: pd.Series, name: str, levels, rows: str) -> None:
     na = np.flatnonzero(s.isna().to_numpy())
     if len(na):
-        raise ValueError(f"categorical column {name!r} has {len(na)} missing value(s) "
-                         f"({', '.join(_row_names(s.index, na[:_SHOWN], rows))}); drop or impute those rows")
+        where = ", ".join(_row_names(s.index, na[:_SHOWN], rows)) + (", ..." if len(na) > _SHOWN else "")
+        raise ValueError(f"categorical column {name!r} has {len(na)} missing value(s) ({where}"
+                         f"{'; data rows counted from 1 after the header' if rows == 'file' else ''}); "
+                         "drop or impute those rows")
     if len(levels) < 2:
         raise ValueError(f"categorical column {name!r} has a single level {levels[0]!r}; drop it (the model already "
                          "has an intercept)")
