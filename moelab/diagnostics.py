@@ -159,11 +159,14 @@ def warn_rank_deficient(x: torch.Tensor, names: Optional[Sequence[str]] = None, 
     x = x.reshape(-1, *x.shape[-2:])
     if x.shape[-1] < 2:  # one non-constant column always has rank 1
         return
-    reports = [design_rank(xb) for xb in x]
-    bad = [r for r in reports if r.deficient]
-    if not bad:
+    xd = x.detach().to(torch.float64)
+    z = (xd - xd.mean(-2, keepdim=True)) / xd.std(-2, keepdim=True)
+    s = torch.linalg.svdvals(z)  # (B, d), descending: one batched call, details only where deficient
+    deficient = (s[..., -1] <= RANK_TOL * s[..., 0]).nonzero().flatten().tolist()
+    if not deficient:
         return
-    where = f" in {len(bad)} of {len(reports)} problems (first shown)" if len(reports) > 1 else ""
+    bad = [design_rank(x[b]) for b in deficient[:1]]
+    where = f" in {len(deficient)} of {x.shape[0]} problems (first shown)" if x.shape[0] > 1 else ""
     warnings.warn(
         f"{bad[0].describe(names)}{where}; their slopes in the gate and the experts are not identified (only their "
         f"combination is; singular values of the standardised x below {RANK_TOL:g} of the largest count as 0): "
