@@ -126,6 +126,9 @@ def register_fit(sub) -> None:
     p.add_argument("data", metavar="DATA", help="CSV/TSV/Parquet file, or a bundled data set: mcycle, faithful, diamonds")
     p.add_argument("--x", required=True, action="append", metavar="COL[,COL...]",
                    help="input column(s), comma-separated (repeatable)")
+    p.add_argument("--categorical", action="append", metavar="COL[,COL...]",
+                   help="--x column(s) to treat as categories even if numeric (text and true/false columns are "
+                        "categorical already); one-hot encoded, first level (sorted) dropped, named COL[level]")
     p.add_argument("--y", required=True, metavar="COL", help="response column")
     p.add_argument("--experts", required=True, type=int, metavar="K", help="number of experts K >= 1")
     add_model_arguments(p)
@@ -206,11 +209,20 @@ def check_fit_flags(args) -> dict:
                 learn_temperature=args.learn_temperature, top_k=args.top_k)
 
 
-def select_columns(df, x_specs, y_name):
-    """Split ``--x`` values, look the columns up and check them: (X DataFrame, y Series, x names)."""
-    import pandas as pd
+def _split(specs) -> list:
+    return [c.strip() for spec in specs or () for c in spec.split(",")]
 
-    x_names = [c.strip() for spec in x_specs for c in spec.split(",")]
+
+def select_columns(df, x_specs, y_name, categorical_specs=None):
+    """Split ``--x`` values, look the columns up, encode and check them.
+
+    Returns (X as given to the estimator, with ``--categorical`` columns as pandas categories;
+    its design matrix; y as float; the design column names). Rows in messages are data rows
+    counted from 1 after the header (:mod:`moelab.encoding`, ``rows="file"``).
+    """
+    from .encoding import DesignEncoding, numeric_column
+
+    x_names = _split(x_specs)
     if any(not c for c in x_names):
         raise CLIError(f"empty column name in --x {','.join(x_specs)!r}; give COL[,COL...]")
     dup = sorted({c for c in x_names if x_names.count(c) > 1})
@@ -221,15 +233,24 @@ def select_columns(df, x_specs, y_name):
     by_name = {str(c): c for c in df.columns}
     missing = [c for c in x_names + [y_name] if c not in by_name]
     if missing:
+        semi = any(";" in c for c in by_name)
         raise CLIError(f"no column(s) {', '.join(map(repr, missing))} in the data; available columns: "
-                       f"{', '.join(by_name)}")
-    sel = df[[by_name[c] for c in x_names + [y_name]]]
-    for name, col in zip(x_names + [y_name], sel.columns):
-        s = sel[col]
-        if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
-            raise CLIError(f"column {name!r} is not numeric (dtype {s.dtype}); choose numeric columns "
-                           "or encode this one as numbers first")
-        v = s.to_numpy(dtype=float)
+                       f"{', '.join(by_name)}" + ("; the file looks semicolon-delimited but its header also has a "
+                                                  "comma: save it with one delimiter" if semi else ""))
+    cats = _split(categorical_specs)
+    stray = [c for c in cats if c not in x_names]
+    if stray:
+        raise CLIError(f"--categorical {', '.join(stray)} must be among the --x columns ({', '.join(x_names)})")
+    X_in = df[[by_name[c] for c in x_names]].copy()
+    X_in.columns = x_names
+    for c in cats:
+        X_in[c] = X_in[c].astype("category")
+    with user_errors():
+        encoding = DesignEncoding.from_frame(X_in, rows="file")
+        X = encoding.transform(X_in, rows="file")
+        y = numeric_column(df[by_name[y_name]], y_name, rows="file", role="response")
+    for name in list(X.columns) + [y_name]:
+        v = (y if name == y_name else X[name]).to_numpy(dtype=float)
         bad = ~np.isfinite(v)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
@@ -238,9 +259,7 @@ def select_columns(df, x_specs, y_name):
         if np.ptp(v) == 0:
             raise CLIError(f"column {name!r} is constant ({v[0]:g}); drop it "
                            + ("(the model already has intercepts)" if name != y_name else "— there is nothing to model"))
-    X = sel.iloc[:, :-1].astype(float)
-    X.columns = x_names
-    return X, sel.iloc[:, -1].astype(float), x_names
+    return X_in, X, y, list(X.columns)
 
 
 def _is_moelab_output(path: Path) -> bool:
@@ -299,7 +318,7 @@ def run_fit(args) -> int:
     gate_opts = check_fit_flags(args)
     paths = _check_out(args.out, args.data) if args.out is not None else None
     df = read_data(args.data)
-    X, y, x_names = select_columns(df, args.x, args.y)
+    X_in, X, y, x_names = select_columns(df, args.x, args.y, args.categorical)
     est = MixtureOfExpertsRegressor(
         args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
         n_candidates=args.n_candidates, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
@@ -307,8 +326,8 @@ def run_fit(args) -> int:
     )
     with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
         warnings.simplefilter("always")
-        est.fit(X, y)
-    messages = [str(w.message) for w in caught]
+        est.fit(X_in, y)
+    messages = [" ".join(str(w.message).split()) for w in caught]  # one line each
     for m in messages:
         print(f"moelab fit: warning: {m}", file=sys.stderr)
     report = fit_report(est, data=args.data, feature_names=x_names, response=args.y)
@@ -342,7 +361,9 @@ def _write_outputs(est, X, y, report, paths) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     title = (f"{report['data']}: {report['y']} ~ {' + '.join(report['x'])}, {report['n_experts']} experts, "
              f"{report['gate_description']} gate\nlog-likelihood {fmt(report['loglik'])}, BIC {fmt(report['bic'])}")
-    fig = plot_fit(est.model_, X.to_numpy(), y.to_numpy(), column=0, feature_names=report["x"],
+    kinds = [c.kind for c in est.encoding_.columns for _ in c.feature_names] if est.encoding_ is not None else []
+    column = kinds.index("numeric") if "numeric" in kinds else 0  # plot against a numeric input where there is one
+    fig = plot_fit(est.model_, X.to_numpy(), y.to_numpy(), column=column, feature_names=report["x"],
                    response_name=report["y"], title=title)
     try:
         fig.savefig(png, dpi=150)

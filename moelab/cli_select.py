@@ -38,6 +38,8 @@ def register_select(sub) -> None:
     p.add_argument("data", metavar="DATA", help="CSV/TSV/Parquet file, or a bundled data set: mcycle, faithful, diamonds")
     p.add_argument("--x", required=True, action="append", metavar="COL[,COL...]",
                    help="input column(s), comma-separated (repeatable)")
+    p.add_argument("--categorical", action="append", metavar="COL[,COL...]",
+                   help="--x column(s) to treat as categories even if numeric (as in moelab fit)")
     p.add_argument("--y", required=True, metavar="COL", help="response column")
     p.add_argument("--experts", required=True, metavar="KS",
                    help="candidate numbers of experts: a range 1-6, a list 1,2,4, or both (2-4,6)")
@@ -120,7 +122,7 @@ def run_select(args) -> int:
         gate_opts = check_fit_flags(argparse.Namespace(**{**vars(args), "experts": K}))
     paths = _check_out(args.out, args.data) if args.out is not None else None
     df = read_data(args.data)
-    X, y, x_names = select_columns(df, args.x, args.y)
+    X_in, X, y, x_names = select_columns(df, args.x, args.y, args.categorical)
     params = dict(gate=args.gate, estimator=args.estimator, n_init=args.n_init, n_candidates=args.n_candidates,
                   max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
                   compile={"auto": "auto", "on": True, "off": False}[args.compile], **gate_opts)

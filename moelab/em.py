@@ -48,6 +48,7 @@ from .gates import Gate, gate_spec
 from .model import GaussianMoE
 from . import _fused
 from .mstep import expert_m_step, outer_design
+from .diagnostics import warn_few_starts
 from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, e_step, finish, gate_step,
                       gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate, threads_for,
                       user_starts)
@@ -247,6 +248,7 @@ def fit_em(
     warn: bool = True,
     compile="auto",
     convergence: str = "mean",
+    feature_names=None,
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by EM, batched over problems and restarts.
 
@@ -310,7 +312,8 @@ def fit_em(
     dtype : torch.dtype, default torch.float64
     device : torch device, optional
     warn : bool, default True
-        Emit :class:`ConvergenceWarning` / :class:`DegenerateFitWarning`.
+        Emit :class:`ConvergenceWarning` / :class:`DegenerateFitWarning` and the checks of
+        :mod:`moelab.diagnostics` (rank of x, expert sizes, number of starts).
     compile : {"auto", True, False}, default "auto"
         Run each EM iteration as one fused pass over the data compiled with
         ``torch.compile`` (:mod:`moelab._fused`; softmax and temperature gates,
@@ -327,6 +330,8 @@ def fit_em(
         may differ from its eager twin at the ~1e-13 relative level depending
         on what the process compiled before). True requires it (RuntimeError
         if it fails).
+    feature_names : sequence of str, optional
+        Names of the x columns, used in warnings (default ``x[:, j]``).
 
     Returns
     -------
@@ -345,7 +350,7 @@ def fit_em(
     opts = FitOptions(n_experts, gate, gate_options, estimator="em", n_init=n_init, init=init, n_candidates=n_candidates,
                       max_iter=max_iter, tol=tol, convergence=convergence, reg_variance=reg_variance,
                       min_expert_size=min_expert_size, min_expert_sd=min_expert_sd, gate_steps=gate_steps,
-                      compile=compile, dtype=dtype, device=device, warn=warn)
+                      compile=compile, dtype=dtype, device=device, warn=warn, feature_names=feature_names)
     result = fit_em_with(x, y, opts, init_model=init_model, random_state=random_state)
     result.seconds = time.perf_counter() - t0
     result.settings.update(gate=gate, gate_options=dict(gate_options or {}))  # as the caller gave them
@@ -363,6 +368,8 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         # positive responsibility makes Q = -inf), so a top-K fit is only as good as its
         # routing at the start: fit the dense softmax model first, then sparsify it.
         dense = fit_em_with(x, y, replace(opts, gate="softmax", warn=False), random_state=random_state)
+        if opts.warn:  # the sparse fit below runs from this start only: the starts were the dense fit's
+            warn_few_starts(opts.n_init, dense.start_loglik, stacklevel=3)
         init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
     prob = setup_problem(x, y, opts, random_state)
     with threads_for(prob):

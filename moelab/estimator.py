@@ -18,11 +18,14 @@ import math
 import numbers
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .diagnostics import check_finite_predictions
+from .encoding import encoding_for, numeric_column
 from .em import fit_em
 from .gates import gate_spec
 from .mle import fit_mle
@@ -81,6 +84,12 @@ def gate_options_from(gate, *, activation=None, temperature=None, learn_temperat
     if spec.options.get("temperature") is not None and spec.options.get("learn_temperature"):
         raise ValueError("give either a fixed temperature or learn_temperature=True, not both")
     return dict(spec.options)
+
+
+def _finite(values: torch.Tensor, x: torch.Tensor, what: str, allow_inf: bool = False) -> np.ndarray:
+    """values as numpy; ValueError naming the row where a prediction overflowed (never NaN)."""
+    check_finite_predictions(values, x, what, allow_inf=allow_inf)
+    return values.numpy()
 
 
 class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
@@ -155,8 +164,14 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     expert_size_ : ndarray of shape (n_experts,)
         Effective sizes Σ_n P(k | x_n, y_n) on the training data.
     n_features_in_ : int
+        Columns of the design: the input columns, with each categorical one replaced by
+        its dummies (so the slopes have one entry per design column).
     feature_names_in_ : ndarray of shape (n_features_in_,)
-        Only when X was a DataFrame with string column names.
+        Only when X was a DataFrame with string column names: the design column names
+        (``occupation[sales]`` for a dummy).
+    encoding_ : moelab.encoding.DesignEncoding or None
+        How the input columns became the design (None: X was numeric); its ``to_dict()``
+        is JSON.
 
     Notes
     -----
@@ -237,7 +252,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features), or DataFrame
+            A DataFrame may hold categorical columns (``category``, ``bool`` or text dtype):
+            they are one-hot encoded with the first level dropped (:mod:`moelab.encoding`),
+            and every later call takes a DataFrame with the same columns.
         y : array-like of shape (n_samples,)
 
         Returns
@@ -248,10 +266,19 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ------
         ValueError
             NaN/inf, mismatched lengths, constant columns, fewer samples than
-            free parameters, or invalid hyper-parameters.
+            free parameters, invalid hyper-parameters, or a value that is not a
+            number in a numeric column (its index label and value named).
         """
         kw = self._fit_kwargs()
+        encoding = encoding_for(X)  # None unless X is a DataFrame with non-numeric columns
+        if encoding is not None:
+            X = encoding.transform(X)
+        if isinstance(y, pd.Series):
+            y = numeric_column(y, str(y.name), role="response")
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        self.encoding_ = encoding
+        if hasattr(self, "feature_names_in_"):  # for the warnings' messages
+            kw["feature_names"] = [str(c) for c in self.feature_names_in_]
         fit = fit_em if self.estimator == "em" else fit_mle
         res = fit(X, y, int(self.n_experts), **kw)
         self.result_ = res
@@ -271,13 +298,20 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------ inference
+    def _design(self, X):
+        """X through the fitted encoding (categorical columns → dummies), if there is one."""
+        encoding = getattr(self, "encoding_", None)
+        return X if encoding is None else encoding.transform(X)
+
     def _X(self, X) -> torch.Tensor:
         check_is_fitted(self, "model_")
+        X = self._design(X)
         X = validate_data(self, X, dtype=np.float64, reset=False)
         return torch.tensor(X)  # a copy: X may be a read-only view of the caller's data
 
     def _Xy(self, X, y):
         check_is_fitted(self, "model_")
+        X = self._design(X)
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, reset=False)
         return torch.tensor(X), torch.tensor(np.asarray(y, dtype=np.float64))
 
@@ -293,7 +327,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x = self._X(X)
-        return self.model_.mean(x).numpy()
+        return _finite(self.model_.mean(x), x, "predict: E[y | x]")
 
     def predict_variance(self, X) -> np.ndarray:
         """Conditional variance Var[y | x] (law of total variance).
@@ -307,7 +341,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x = self._X(X)
-        return self.model_.variance(x).numpy()
+        return _finite(self.model_.variance(x), x, "predict_variance: Var[y | x]")
 
     def predict_proba(self, X) -> np.ndarray:
         """Gate weights g(x): the prior probability of each expert given x.
@@ -321,7 +355,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples, n_experts), float64; rows sum to 1.
         """
         x = self._X(X)
-        return self.model_.gate_weights(x).numpy()
+        return _finite(self.model_.gate_weights(x), x, "predict_proba: g(x)")
 
     def predict_expert(self, X, y=None) -> np.ndarray:
         """Most probable expert: argmax of the gate g(x), or of the posterior P(k | x, y) if y is given.
@@ -338,7 +372,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         if y is None:
             return self.predict_proba(X).argmax(-1)
         x, y = self._Xy(X, y)
-        return self.model_.responsibilities(x, y).numpy().argmax(-1)
+        return _finite(self.model_.responsibilities(x, y), x, "predict_expert: P(k | x, y)").argmax(-1)
 
     def score_samples(self, X, y) -> np.ndarray:
         """Log conditional density log p(y_n | x_n) of each sample.
@@ -353,7 +387,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x, y = self._Xy(X, y)
-        return self.model_.log_prob(x, y).numpy()
+        return _finite(self.model_.log_prob(x, y), x, "score_samples: log p(y | x)", allow_inf=True)
 
     def sample(self, X, random_state=None) -> np.ndarray:
         """Draw one y ~ p(y | x) for every row of X.
@@ -368,6 +402,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ndarray of shape (n_samples,), float64
         """
         x = self._X(X)
+        _finite(self.model_.gate_weights(x), x, "sample: g(x)")
         seed = int(check_random_state(random_state).randint(2**31 - 1))
         return self.model_.sample(x, torch.Generator().manual_seed(seed)).numpy()
 

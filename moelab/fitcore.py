@@ -31,6 +31,8 @@ from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
+from .diagnostics import warn_fit
+from .exceptions import DegenerateFitWarning, MoelabWarning
 from .experts import GaussianExperts
 from .gates import Gate, GateSpec
 from .gates.identifiability import warn_if_temperature_not_identified
@@ -45,17 +47,14 @@ __all__ = ["ConvergenceWarning", "DegenerateFitWarning", "EMResult", "prepare_xy
            "user_starts", "collapsed", "finish"]
 
 
-class ConvergenceWarning(_SklearnConvergenceWarning):
+class ConvergenceWarning(MoelabWarning, _SklearnConvergenceWarning):
     """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled.
 
-    A subclass of scikit-learn's ``sklearn.exceptions.ConvergenceWarning``, so
+    A :class:`moelab.exceptions.MoelabWarning` and a subclass of scikit-learn's
+    ``sklearn.exceptions.ConvergenceWarning``, so
     ``warnings.filterwarnings(..., category=sklearn.exceptions.ConvergenceWarning)``
     covers moelab's fits too.
     """
-
-
-class DegenerateFitWarning(UserWarning):
-    """Every start collapsed an expert (tiny variance or almost no samples)."""
 
 
 @dataclass
@@ -260,6 +259,8 @@ def setup_problem(x, y, opts: FitOptions, random_state) -> Problem:
     K, gate = opts.n_experts, opts.gate
     x, y, batch = prepare_xy(x, y, dtype=opts.dtype, device=opts.device)
     B, n, d = x.shape
+    if opts.feature_names is not None and len(opts.feature_names) != d:
+        raise ValueError(f"feature_names has {len(opts.feature_names)} names but x has {d} columns; give one name per column")
     n_params = gate.n_free_parameters(K, d) + K * (d + 2)
     if n < n_params:
         raise ValueError(
@@ -479,4 +480,6 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        warn_fit(prob.x, result.expert_size, result.start_loglik, n_init=n_keep, user_starts=settings.get("init") == "user",
+                 degenerate=result.degenerate, feature_names=opts.feature_names, stacklevel=4)
     return result

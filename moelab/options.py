@@ -78,6 +78,7 @@ class FitOptions:
     dtype: torch.dtype = torch.float64
     device: Any = None
     warn: bool = True
+    feature_names: Optional[tuple] = None
 
     def __post_init__(self, gate_options):
         if self.estimator not in ESTIMATORS:
@@ -112,6 +113,11 @@ class FitOptions:
                 raise ValueError(f"min_expert_size must be a number >= 0 or 'auto', got {self.min_expert_size!r}") from None
             if not size >= 0:
                 raise ValueError(f"min_expert_size must be >= 0 or 'auto', got {self.min_expert_size!r}")
+        if self.feature_names is not None:
+            names = self.feature_names
+            if isinstance(names, str) or not all(isinstance(c, str) for c in names):
+                raise ValueError(f"feature_names must be a sequence of str (one per x column), got {names!r}")
+            object.__setattr__(self, "feature_names", tuple(names))
         if self.n_candidates is not None and int(self.n_candidates) < 1:
             raise ValueError(f"n_candidates must be a positive integer, got {self.n_candidates!r}")
 

@@ -112,9 +112,13 @@ def test_bad_level(level):
         predict_table(_model(), np.zeros((2, 1)), level)
 
 
-def test_overflowing_inputs_are_an_error_naming_the_row():
-    """x = 1e200 overflows the gate logits: an error naming the row, never NaN in the table."""
-    x = np.array([[0.0], [1e200], [1.0]])
+def test_extreme_inputs_saturate_and_overflow_is_an_error_naming_the_row():
+    """x = 1e200 saturates the gate (one expert, its sd; variance in log space); x = 1.7e308 overflows the
+    expert mean itself: an error naming the row, never NaN in the table."""
+    row = predict_table(_model(), np.array([[0.0], [1e200], [1.0]])).iloc[1]
+    assert np.isfinite(row[["mean", "sd", "lower", "upper"]].to_numpy(float)).all()
+    assert row["gate_1"] + row["gate_2"] == 1.0 and max(row["gate_1"], row["gate_2"]) == 1.0
+    x = np.array([[0.0], [1.7e308], [1.0]])
     with pytest.raises(ValueError, match=r"not finite for 1 input row\(s\) \(first: row 2"):
         predict_table(_model(), x)
 
