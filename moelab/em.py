@@ -49,8 +49,8 @@ from .model import GaussianMoE
 from . import _fused
 from .mstep import expert_m_step, outer_design
 from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, e_step, finish, gate_step,
-                      gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate, threads_for,
-                      user_starts)
+                      gate_theta, loglik_offset, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate,
+                      threads_for, user_starts)
 from .options import CONVERGENCE_RULES, FitOptions
 
 __all__ = ["fit_em", "fit_em_with", "prepare_compiled", "FitOptions", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
@@ -373,7 +373,7 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         fused = _use_fused(opts, state.gate, R, prob.n, xr.device)
         sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
         # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
-        offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if opts.convergence == "relative" else None
+        offset = loglik_offset(prob).repeat_interleave(n_keep) if opts.convergence == "relative" else None
         state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset)
     settings = dict(gate=spec.name, gate_options=dict(spec.options),
                     n_init=n_keep if init_model is not None else opts.n_init,
