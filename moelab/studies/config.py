@@ -26,6 +26,13 @@ Schema (every key listed; anything else is rejected)::
     intercept = [-8.0, 0.0]        # (K*,)
     temperature = 1.0              # temperature/activation only, > 0
     activation = "tanh"            # activation only
+    # a gate that models x (family = "gaussian") is given by its own parameters instead, and x is
+    # drawn from it (truth.x omitted or x = { distribution = "gate" }):
+    # [truth.gate]
+    # family = "gaussian"
+    # proportions = [0.3, 0.4, 0.3]                  # π (K*,), > 0, sum 1
+    # means = [[-0.1], [0.1], [0.5]]                 # c (K*, d)
+    # covariances = [[[0.042824]], [[0.0175]], [[0.01]]]   # Γ (K*, d, d), symmetric positive definite
     [truth.experts]
     slope = [[-20.0], [20.0]]      # (K*, d)
     intercept = [15.0, -5.0]       # (K*,)
@@ -51,7 +58,8 @@ Schema (every key listed; anything else is rejected)::
                                    # fits only if every try collapsed, as fit_em's n_init)
 
     [fit.start]                    # optional, truth-perturbed only: the start in full (replaces perturbation)
-    assign = "cover"               # which true expert each fitted one starts from:
+    assign = "cover"               # which true expert each fitted one starts from (gaussian gate: "resample-all",
+                                   #   K uniform draws until every true expert appears, no reference):
                                    # "cover": every true expert once, the extra ones drawn uniformly;
                                    # "resample": all K drawn uniformly with the last fixed to the true
                                    #   reference, redrawn until every true expert is drawn
@@ -64,6 +72,8 @@ Schema (every key listed; anything else is rejected)::
     variance = { sd = 0.005, n_power = -0.25, mode = "additive-abs" }
                                    # mode "additive-abs": ν + |N(0, s²)|; "multiplicative": ν·exp(N(0, s²))
     temperature = { sd = 0.0, n_power = 0.0 }    # estimated τ only: τ·exp(N(0, s²)); default 0
+    covariance = { sd = 0.0005, n_power = -0.25 }  # gaussian gate only (required there): Γ + diag|N(0, s²)|;
+                                   # "gate" is then the noise on the gate means c
 
     [fit.theory]                   # optional: the theory's rate per rates.csv quantity (moelab.studies.theory)
     loss_D1 = { slope = -0.5, source = "NeurIPS 2023, exact-specified" }   # slope <= 0, or
