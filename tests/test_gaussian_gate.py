@@ -175,3 +175,34 @@ def test_bad_parameters_get_clear_errors():
         GaussianGate(torch.tensor([0.5, 0.5], dtype=DT), c, torch.ones(2, 2, 2, dtype=DT))
     with pytest.raises(ValueError, match="symmetric"):
         GaussianGate(torch.tensor([1.0], dtype=DT), torch.zeros(1, 2, dtype=DT), torch.tensor([[[1.0, 0.5], [0.0, 1.0]]], dtype=DT))
+
+
+def test_cli_fit_mcycle_gaussian_reports_joint_and_conditional(capsys):
+    from moelab.cli import main
+
+    assert main(["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "3", "--gate", "gaussian",
+                 "--n-init", "20", "--format", "json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["gate"] == "gaussian" and rep["likelihood"] == "joint p(x, y)"
+    assert rep["n_free_parameters"] == 17 and rep["n_free_parameters_conditional"] == 15
+    assert rep["loglik"] == pytest.approx(rep["loglik_conditional"] + rep["loglik_x"], rel=1e-9)
+    assert rep["bic_conditional"] == pytest.approx(-2 * rep["loglik_conditional"] + 15 * math.log(133), rel=1e-9)
+    assert len(rep["params"]["gate"]["covariances"]) == 3
+    assert main(["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "3", "--gate", "gaussian", "--n-init", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "BIC (y | x)" in text and "log p(y | x)" in text and "Gamma times" in text
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--estimator", "mle"], "cannot fit the 'gaussian' gate"),
+    (["--top-k", "2"], "--top-k needs --gate topk"),
+    (["--compile", "on"], "--compile on needs"),
+])
+def test_cli_bad_flags_for_gaussian(capsys, flags, match):
+    from moelab.cli import main
+
+    assert main(["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "2", "--gate", "gaussian"] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1
