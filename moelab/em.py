@@ -258,10 +258,13 @@ def fit_em(
         Responses (broadcast against x's leading dimensions).
     n_experts : int
         K ≥ 1.
-    gate : {"softmax", "temperature", "activation", "topk"}, default "softmax"
+    gate : {"softmax", "temperature", "activation", "topk", "gaussian"}, default "softmax"
+        "gaussian" is the Gaussian-gated MoE, a model of (x, y): EM then maximises the joint
+        likelihood (closed-form M-steps), ``loglik`` and ``history`` are Σ log p(x, y) and
+        ``x_loglik`` holds Σ log p(x) (:class:`moelab.gates.GaussianGate`).
     gate_options : dict, optional
         ``temperature`` (float > 0), ``learn_temperature`` (bool), ``activation``
-        (name or callable), ``top_k`` (int) as the family takes them.
+        (name or callable), ``top_k`` (int), ``reg_covariance`` (float > 0) as the family takes them.
     n_init : int, default 160
         Starts per problem run to convergence, all in one batch (the best
         valid one is returned).
