@@ -50,8 +50,8 @@ from . import _fused
 from .mstep import expert_m_step, outer_design
 from .diagnostics import warn_few_starts
 from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, e_step, finish, gate_step,
-                      gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate, threads_for,
-                      user_starts)
+                      gate_theta, loglik_offset, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate,
+                      threads_for, user_starts)
 from .options import CONVERGENCE_RULES, FitOptions
 
 __all__ = ["fit_em", "fit_em_with", "prepare_compiled", "FitOptions", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
@@ -260,10 +260,13 @@ def fit_em(
         Responses (broadcast against x's leading dimensions).
     n_experts : int
         K ≥ 1.
-    gate : {"softmax", "temperature", "activation", "topk"}, default "softmax"
+    gate : {"softmax", "temperature", "activation", "topk", "gaussian"}, default "softmax"
+        "gaussian" is the Gaussian-gated MoE, a model of (x, y): EM then maximises the joint
+        likelihood (closed-form M-steps), ``loglik`` and ``history`` are Σ log p(x, y) and
+        ``x_loglik`` holds Σ log p(x) (:class:`moelab.gates.GaussianGate`).
     gate_options : dict, optional
         ``temperature`` (float > 0), ``learn_temperature`` (bool), ``activation``
-        (name or callable), ``top_k`` (int) as the family takes them.
+        (name or callable), ``top_k`` (int), ``reg_covariance`` (float > 0) as the family takes them.
     n_init : int, default 160
         Starts per problem run to convergence, all in one batch (the best
         valid one is returned).
@@ -380,7 +383,7 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         fused = _use_fused(opts, state.gate, R, prob.n, xr.device)
         sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
         # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
-        offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if opts.convergence == "relative" else None
+        offset = loglik_offset(prob).repeat_interleave(n_keep) if opts.convergence == "relative" else None
         state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset)
     settings = dict(gate=spec.name, gate_options=dict(spec.options),
                     n_init=n_keep if init_model is not None else opts.n_init,

@@ -101,7 +101,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         Number of experts K ≥ 1.
     gate : str, default "softmax"
         A registered gate family (see :mod:`moelab.gates`), built in:: softmax(β_1ᵀx + β_0);
-        softmax(β_1ᵀx/τ + β_0); softmax(σ(β_1ᵀx)/τ + β_0); top-k sparse softmax.
+        softmax(β_1ᵀx/τ + β_0); softmax(σ(β_1ᵀx)/τ + β_0); top-k sparse softmax;
+        "gaussian": g_k(x) ∝ π_k N(x; c_k, Γ_k), a model of (x, y) jointly
+        fitted by closed-form EM (estimator "em" only; see ``loglik_`` and :meth:`bic`).
     activation : str or callable, optional
         σ for ``gate="activation"``: "tanh" (default), "sigmoid", "gelu",
         "softplus", "relu", "identity" or a callable.
@@ -144,7 +146,11 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     result_ : moelab.EMResult
         Everything the fitting function returned.
     loglik_ : float
-        Training log-likelihood Σ_n log p(y_n | x_n).
+        Training log-likelihood Σ_n log p(y_n | x_n); for ``gate="gaussian"``
+        (a model of x too) the joint Σ_n log p(x_n, y_n) that its EM maximises.
+    x_loglik_ : float
+        ``gate="gaussian"`` only: Σ_n log p(x_n), so ``loglik_ - x_loglik_``
+        is the conditional log-likelihood, comparable with other gates' ``loglik_``.
     n_iter_ : int
     converged_ : bool
     history_ : ndarray of shape (n_steps,)
@@ -152,7 +158,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     gate_slope_ : ndarray of shape (n_experts, n_features_in_)
         β_1 (the last expert is the reference, zero for softmax-type gates).
     gate_intercept_ : ndarray of shape (n_experts,)
-        β_0.
+        β_0. (Not for ``gate="gaussian"``.)
+    gate_proportions_, gate_means_, gate_covariances_ : ndarrays of shape (n_experts,), (n_experts, n_features_in_), (n_experts, n_features_in_, n_features_in_)
+        π_k, c_k, Γ_k of ``gate="gaussian"`` (X | k ~ N(c_k, Γ_k), P(k) = π_k), in units of X.
     temperature_ : float
         τ; only for the temperature and activation gates.
     expert_slope_ : ndarray of shape (n_experts, n_features_in_)
@@ -287,8 +295,14 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.n_iter_ = int(res.n_iter)
         self.converged_ = bool(res.converged)
         self.history_ = res.history.numpy().copy()
-        self.gate_slope_ = model.gate.slope.numpy().copy()
-        self.gate_intercept_ = model.gate.intercept.numpy().copy()
+        if model.gate.models_x:  # Gaussian gate: π, c, Γ, and the x part of the joint log-likelihood
+            self.gate_proportions_ = model.gate.proportions.numpy().copy()
+            self.gate_means_ = model.gate.means.numpy().copy()
+            self.gate_covariances_ = model.gate.covariances.numpy().copy()
+            self.x_loglik_ = float(res.x_loglik)
+        else:
+            self.gate_slope_ = model.gate.slope.numpy().copy()
+            self.gate_intercept_ = model.gate.intercept.numpy().copy()
         if hasattr(model.gate, "temperature"):
             self.temperature_ = float(model.gate.temperature)
         self.expert_slope_ = model.experts.slope.numpy().copy()
@@ -406,39 +420,71 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         seed = int(check_random_state(random_state).randint(2**31 - 1))
         return self.model_.sample(x, torch.Generator().manual_seed(seed)).numpy()
 
-    def n_free_parameters(self) -> int:
-        """Free parameters p of the fitted model (used by :meth:`bic` and :meth:`aic`)."""
+    def n_free_parameters(self, conditional: bool = False) -> int:
+        """Free parameters p of the fitted model (used by :meth:`bic` and :meth:`aic`).
+
+        Parameters
+        ----------
+        conditional : bool, default False
+            For a gate that models x (``gate="gaussian"``): count only the
+            parameters p(y | x) identifies, K(d + 2) experts + (K − 1)(1 + d + d(d+1)/2)
+            gate (its logits are quadratic in x, defined up to a common quadratic),
+            instead of the joint model's (x-model included). Same count otherwise.
+        """
         check_is_fitted(self, "model_")
+        gate = self.model_.gate
+        if conditional and gate.models_x:
+            return gate.n_conditional_parameters() + self.model_.experts.n_free_parameters()
         return self.model_.n_free_parameters()
 
-    def bic(self, X, y) -> float:
+    def _ic_loglik(self, X, y, conditional):
+        """(total log-likelihood, n) for the information criteria: log p(x, y) for gates that model x
+        unless ``conditional``, else log p(y | x)."""
+        ll = self.score_samples(X, y)
+        total = float(ll.sum())
+        if self.model_.gate.models_x and not conditional:
+            total += float(self.model_.gate.log_marginal(self._X(X)).sum())
+        return total, ll.shape[0]
+
+    def bic(self, X, y, conditional: bool = False) -> float:
         """Bayesian information criterion −2 log L + p log n on (X, y); lower is better.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,)
+        conditional : bool, default False
+            Only for ``gate="gaussian"``, whose fit is a model of (x, y): by
+            default L is the joint likelihood p(x, y) and p counts the x-model
+            (comparable with a conditional fit only after adding a model of x
+            to that fit); ``conditional=True`` uses L = p(y | x) and the
+            parameters p(y | x) identifies (see :meth:`n_free_parameters`),
+            comparable with a softmax-type fit's BIC on the same data. The
+            Gaussian fit maximised the joint likelihood, not this one.
 
         Returns
         -------
         float
         """
-        ll = self.score_samples(X, y)
-        return float(-2.0 * ll.sum() + self.n_free_parameters() * math.log(ll.shape[0]))
+        ll, n = self._ic_loglik(X, y, conditional)
+        return float(-2.0 * ll + self.n_free_parameters(conditional) * math.log(n))
 
-    def aic(self, X, y) -> float:
+    def aic(self, X, y, conditional: bool = False) -> float:
         """Akaike information criterion −2 log L + 2p on (X, y); lower is better.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,)
+        conditional : bool, default False
+            As in :meth:`bic`.
 
         Returns
         -------
         float
         """
-        return float(-2.0 * self.score_samples(X, y).sum() + 2 * self.n_free_parameters())
+        ll, _ = self._ic_loglik(X, y, conditional)
+        return float(-2.0 * ll + 2 * self.n_free_parameters(conditional))
 
     # ------------------------------------------------- intervals and model files
     def predict_interval(self, X, level: float = 0.9):

@@ -104,6 +104,10 @@ class FitOptions:
                              "or pass init_model")
         spec = gate_spec(self.gate, gate_options, n_experts=check_n_experts(self.n_experts))
         object.__setattr__(self, "gate", spec)
+        if self.estimator not in spec.family.estimators:
+            raise ValueError(f"estimator {self.estimator!r} cannot fit the {spec.name!r} gate; it is fitted by "
+                             f"{' or '.join(map(repr, spec.family.estimators))}"
+                             + (" (closed-form EM on the joint likelihood of x and y)" if spec.family.models_x else ""))
         if em:
             _check_compile(self.compile, spec, self.gate_steps, self.dtype)
         if self.min_expert_size != "auto":

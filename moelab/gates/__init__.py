@@ -7,6 +7,7 @@ softmax         β_{1k}ᵀx + β_{0k}                                 SoftmaxGat
 temperature     (β_{1k}ᵀx)/τ + β_{0k}, τ fixed or estimated       TemperatureGate
 activation      σ(β_{1k}ᵀx)/τ + β_{0k}                            ActivationGate
 topk            softmax over the top_k largest linear logits      TopKGate
+gaussian        log π_k + log N(x; c_k, Γ_k) (models x too)       GaussianGate
 ==============  ===============================================  =================
 
 Which parameters a gate identifies (translation of the slopes, (β_1, τ)
@@ -20,17 +21,18 @@ import torch
 
 from .activation import ActivationGate
 from .base import Gate
+from .gaussian import GaussianGate
 from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, temperature_identified
 from .registry import (GATES, GateOption, GateSpec, families_taking, gate_family, gate_spec, register_gate,
                        unregister_gate)
 from .softmax import SoftmaxGate, TemperatureGate
 from .topk import TopKGate
 
-__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "GATES", "make_gate",
+__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "GaussianGate", "GATES", "make_gate",
            "GateOption", "GateSpec", "gate_spec", "gate_family", "register_gate", "unregister_gate", "families_taking",
            "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified"]
 
-for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate):
+for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate, GaussianGate):
     register_gate(_cls)
 del _cls
 
@@ -51,19 +53,21 @@ def make_gate(
     ----------
     name : str
         A registered family (:data:`GATES`): "softmax", "temperature",
-        "activation", "topk", or one added with :func:`register_gate`.
+        "activation", "topk", "gaussian", or one added with :func:`register_gate`.
     n_experts, n_features : int
     batch_shape : tuple of int
         Leading batch dimensions of the parameters.
     **options
         Hyper-parameters of the family, as it declares them (``Gate.options``):
         ``temperature``, ``learn_temperature`` (temperature, activation),
-        ``activation`` (activation), ``top_k`` (topk). None means "not set".
+        ``activation`` (activation), ``top_k`` (topk), ``reg_covariance``
+        (gaussian). None means "not set".
 
     Returns
     -------
     Gate
-        Parameters of shape batch_shape + (n_experts, n_features) and batch_shape + (n_experts,).
+        Parameters of shape batch_shape + (n_experts, n_features) and batch_shape + (n_experts,)
+        (the Gaussian gate: π_k = 1/K, c_k = 0, Γ_k = I).
 
     Raises
     ------

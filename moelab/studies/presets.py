@@ -21,6 +21,11 @@ temperature-2024     ``temperature-2024-{temperature,tanh,sigmoid,identity}.toml
                      — Nguyen, Akbarian & Ho (ICML 2024): estimated temperature
                      (a), activation gates tanh and sigmoid (b), identity
                      control (c); K=2 and K=3 each.
+gaussian-gate-2024   ``gaussian-gate-2024-type{I,II}-d{1,2}.toml`` — Nguyen,
+                     Nguyen, Nguyen & Ho (AISTATS 2024) in the authors' design
+                     (CRPE-GMoE): Gaussian-gated MoE, K* = 3 fitted with K = 4, 5
+                     (and one EM step at K = 5, what their code runs), Type I
+                     (every c* ≠ 0) and II (c*_1 = 0), d = 1 and 2, the losses D̄/D̃.
 ===================  ===========================================================
 """
 
@@ -39,6 +44,12 @@ __all__ = ["PRESETS", "preset_paths", "load_preset", "reproduce"]
 PRESETS = {
     "softmax-2023": ("softmax-2023.toml",),
     "softmax-2023-paper": ("softmax-2023-paper.toml",),
+    "gaussian-gate-2024": (
+        "gaussian-gate-2024-typeI-d1.toml",
+        "gaussian-gate-2024-typeII-d1.toml",
+        "gaussian-gate-2024-typeI-d2.toml",
+        "gaussian-gate-2024-typeII-d2.toml",
+    ),
     "temperature-2024": (
         "temperature-2024-temperature.toml",
         "temperature-2024-tanh.toml",
