@@ -482,8 +482,9 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     unbounded = torch.as_tensor((status == "unbounded").astype(bool))
     se[fixed | unbounded] = math.nan
     se[~pd_ok] = math.nan
-    for r in np.nonzero(~pd_ok.numpy())[0]:
-        status[r, free[r].numpy()] = "not a maximum"
+    for r in np.nonzero(~pd_ok.numpy())[0]:  # not a maximum: no SEs, and no hard-switch claims either
+        status[r, (free[r] | unbounded[r]).numpy()] = "not a maximum"
+        separated[r] = False
     covn = cov.clone()
     bad = fixed | unbounded | (~pd_ok).unsqueeze(-1)
     covn[bad.unsqueeze(-1).expand_as(covn) | bad.unsqueeze(-2).expand_as(covn)] = math.nan
