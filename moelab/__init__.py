@@ -32,6 +32,11 @@ _LAZY = {
     "DATASETS": "datasets",
     "load_dataset": "datasets",
     "read_table": "datasets",
+    "wald_inference": "inference",
+    "WaldInference": "inference",
+    "SeparationWarning": "inference",
+    "bootstrap_fit": "bootstrap",
+    "BootstrapResult": "bootstrap",
 }
 _SUBMODULES = ("gates", "metrics")
 
@@ -55,6 +60,11 @@ __all__ = [
     "DATASETS",
     "load_dataset",
     "read_table",
+    "wald_inference",
+    "WaldInference",
+    "SeparationWarning",
+    "bootstrap_fit",
+    "BootstrapResult",
 ]
 
 

@@ -32,14 +32,14 @@ from .fitcore import prepare_xy
 from .inference import ParameterLayout
 from .model import GaussianMoE
 
-__all__ = ["BootstrapResult", "bootstrap", "BOOTSTRAP_KINDS"]
+__all__ = ["BootstrapResult", "bootstrap_fit", "BOOTSTRAP_KINDS"]
 
 BOOTSTRAP_KINDS = ("nonparametric", "parametric")
 
 
 @dataclass
 class BootstrapResult:
-    """What :func:`bootstrap` returns.
+    """What :func:`bootstrap_fit` returns.
 
     Attributes
     ----------
@@ -152,7 +152,7 @@ def _align(model: GaussianMoE, ref: GaussianMoE, x, y) -> tuple:
     return GaussianMoE(gate.replace(slope=slope, intercept=intercept), experts), moved
 
 
-def bootstrap(model: GaussianMoE, x, y, n_boot: int, *, kind: str = "nonparametric", gate_options: Optional[dict] = None,
+def bootstrap_fit(model: GaussianMoE, x, y, n_boot: int, *, kind: str = "nonparametric", gate_options: Optional[dict] = None,
               random_state=None, max_iter: int = 2000, tol: float = 1e-8, feature_names: Optional[Sequence[str]] = None,
               compile="auto") -> BootstrapResult:
     """Refit ``n_boot`` bootstrap resamples of (x, y) in one batched :func:`moelab.fit_em` call from ``model``.

@@ -590,7 +590,8 @@ def _warnings(layout, switches, pd_ok, R) -> list:
                 at = f"the hyperplane {[round(u, 6) for u in s.normal]}·x = {s.offset:.6g}"
             else:
                 at = "a saturated activation"
-            instead = (f"the switch point is reported instead (se {s.se:.3g}, conditional on the sharpness)"
+            lo, hi = s.likelihood_interval
+            instead = (f"the switch point is reported instead, with its 95% likelihood interval [{lo:.6g}, {hi:.6g}]"
                        if s.normal else "this gate has no closed-form switch point")
             grows = "; the fitted slope still grows at the stop" if s.loglik_gap > 0 else ""
             msg = (f"gate probabilities numerically 0 or 1{where}: the gate switches from expert {s.versus} to expert "
