@@ -231,11 +231,13 @@ class WaldInference:
     covariance : ndarray of shape batch + (p, p)
         Wald covariance in original units (rows/columns of parameters without an SE are NaN).
     status : ndarray of str, shape batch + (p,)
-        "estimated", "unbounded" (hard switch), "not identified" (τ), "not a maximum"
+        "estimated", "unbounded" (hard switch), "not identified" (τ), "no information" (the
+        likelihood does not depend on it locally, e.g. the gate of a top-1 gate), "not a maximum"
         (the information is not positive definite there: the fit is not at a local maximum).
     switch_points : list (per problem, flattened batch) of list of SwitchPoint
     min_eigenvalue : ndarray of shape batch
-        Smallest eigenvalue of the information in standardised units over the estimated parameters.
+        Smallest eigenvalue of the information over the estimated parameters in correlation form
+        D^-½ I D^-½ (D its diagonal; unit-free, 1 for uncorrelated estimates, → 0 near singular).
     temperature : float or None
         A fixed τ of the gate (reported, no SE); None otherwise.
     """
@@ -376,15 +378,18 @@ def _hard_switch_gaps(model: GaussianMoE, x, y, ll_hat):
                 continue
             if gate.linear_logits:
                 th = gate.logit_coefficients().clone()
+                moves = (th[:, k, :-1] - th[:, j, :-1]).abs().amax(-1) > 0  # equal slopes: no switch to sharpen
                 th[:, k] = th[:, j] + c * (th[:, k] - th[:, j])
                 g2 = gate.with_logit_coefficients(th)
             else:
                 if j != K - 1:
                     continue  # only β_{1k} is scaled for non-linear logits; one test per k
                 s = gate.slope.clone()
+                moves = s[:, k].abs().amax(-1) > 0
                 s[:, k] = c * s[:, k]
                 g2 = gate.replace(slope=s)
-            gaps[:, k, j] = torch.nan_to_num(GaussianMoE(g2, model.experts).loglik(x, y) - ll_hat, nan=-math.inf)
+            gap = torch.nan_to_num(GaussianMoE(g2, model.experts).loglik(x, y) - ll_hat, nan=-math.inf)
+            gaps[:, k, j] = torch.where(moves, gap, torch.full_like(gap, -math.inf))
     return gaps
 
 
@@ -466,15 +471,22 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
         orig = layout.vector(scaling.model_to_original(vo))
         jac = _rows_of(v, orig).detach()  # ∂θ/∂θ' (R, p, p)
     info = -hess
+    # parameters the likelihood does not depend on locally (e.g. the gate of a top-1 gate: piecewise constant)
+    flat = (info.abs().amax(-1) == 0) & ~fixed
+    status[flat.numpy()] = "no information"
+    fixed = fixed | flat
     free = ~fixed
     mask2 = free.unsqueeze(-1) & free.unsqueeze(-2)
     eye = torch.eye(p, dtype=info.dtype).expand_as(info)
     a = torch.where(mask2, 0.5 * (info + info.transpose(-1, -2)), eye)  # fixed entries: decoupled unit rows
     evals, evecs = torch.linalg.eigh(a)
-    free_ev = [torch.linalg.eigvalsh(a[r][free[r]][:, free[r]]) if bool(free[r].any()) else torch.ones(1, dtype=a.dtype)
-               for r in range(R)]
-    min_eig = torch.stack([e.min() for e in free_ev])
-    pd_ok = torch.stack([e.min() > 1e-12 * e.abs().max() for e in free_ev])
+    # positive definiteness judged on the correlation form D^-½ A D^-½ (free of the parameters' units)
+    diag = torch.diagonal(a, dim1=-2, dim2=-1)
+    dpos = (diag > 0).all(-1)
+    dn = diag.clamp_min(1e-300).rsqrt()
+    corr = a * dn.unsqueeze(-1) * dn.unsqueeze(-2)
+    min_eig = torch.linalg.eigvalsh(corr)[..., 0]
+    pd_ok = dpos & (min_eig > 1e-12)
     inv_ev = torch.where(evals > 0, 1.0 / evals, torch.full_like(evals, math.nan))
     cov_s = torch.where(mask2, (evecs * inv_ev.unsqueeze(-2)) @ evecs.transpose(-1, -2), torch.zeros_like(a))
     cov = jac @ cov_s @ jac.transpose(-1, -2)

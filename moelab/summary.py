@@ -265,6 +265,10 @@ def _format_coefficients(report: dict) -> list:
                   f"{pct} percentile interval, seed {boot['seed']}")
     lines = [title + ")", df.to_string(index=False)]
     for s in report.get("switch_points", []):
+        if not s["normal"]:  # a non-linear gate: no closed-form switch point
+            lines.append(f"hard switch: expert {s['versus']} -> {s['expert']} through a saturated activation; the gate "
+                         f"slope and intercept of expert {s['expert']} are unbounded")
+            continue
         where = (f"{report['x'][0]} = {s['location']:.6g}" if s["location"] is not None
                  else f"{s['normal']}·x = {s['offset']:.6g}")
         lo, hi = s["likelihood_interval"]

@@ -286,3 +286,18 @@ def test_standard_errors_match_flexmix_refit(name, xcol, ycol, own_rtol):
     own = wald_inference(fit.model, x, y)
     assert (np.abs(own.estimate - wald_inference(model, x, y).estimate) <= 0.05 * se_r).all()  # same optimum
     np.testing.assert_allclose(own.se, se_r, rtol=own_rtol)
+
+
+def test_parameters_without_local_information(mcycle):
+    """A top-1 gate's likelihood is piecewise constant in the gate; a relu gate stuck at slope 0 has
+    relu'(0) = 0: both 'no information', never 'unbounded', and the experts keep their SEs."""
+    x, y = mcycle
+    top1 = moelab.fit_em(x, y, 2, gate="topk", gate_options={"top_k": 1}, n_init=10, random_state=0)
+    inf = wald_inference(top1.model, x, y)
+    assert list(inf.status[:2]) == ["no information"] * 2 and np.isfinite(inf.se[2:]).all()
+    gate = moelab.ActivationGate(torch.zeros(2, 1, dtype=torch.float64), torch.tensor([1.2, 0.0]), activation="relu")
+    model = moelab.GaussianMoE(gate, top1.model.experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeparationWarning)
+        relu = wald_inference(model, x, y)
+    assert relu.status[1] == "no information" and relu.switch_points == [[]]
