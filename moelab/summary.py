@@ -251,7 +251,7 @@ def _format_coefficients(report: dict) -> list:
             r["se"] = st
         note = "" if st == "estimated" or st == "unbounded" else st
         if st.startswith("switch"):
-            note = "hard switch: se by the delta method at the fitted sharpness (unreliable); interval: likelihood"
+            note = "hard switch (below)"
         row = {"parameter": r["parameter"], "estimate": cell(r["estimate"]), "se": cell(r["se"]),
                "lower": cell(r["lower"]), "upper": cell(r["upper"])}
         if boot:
@@ -274,7 +274,8 @@ def _format_coefficients(report: dict) -> list:
         lo, hi = s["likelihood_interval"]
         lines.append(f"hard switch: expert {s['versus']} -> {s['expert']} at {where} (between samples "
                      f"{lo:.6g} and {hi:.6g}: {pct} likelihood interval of an infinitely sharp switch); the gate slope "
-                     f"and intercept of expert {s['expert']} are unbounded")
+                     f"and intercept of expert {s['expert']} are unbounded. The switch's delta-method se is taken at the "
+                     "sharpness where the fit stopped and grows without bound as the switch sharpens: use the interval")
     return lines
 
 
