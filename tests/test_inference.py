@@ -301,3 +301,20 @@ def test_parameters_without_local_information(mcycle):
         warnings.simplefilter("error", SeparationWarning)
         relu = wald_inference(model, x, y)
     assert relu.status[1] == "no information" and relu.switch_points == [[]]
+
+
+def test_hard_switch_in_two_features_is_a_hyperplane():
+    """y steps across the line x1 + x2 = 0.2: reported as u·x = t with u ≈ (1, 1)/√2, t ≈ 0.2/√2."""
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, size=(400, 2))
+    y = 2.0 * (x.sum(1) > 0.2) + 0.1 * rng.standard_normal(400)
+    res = moelab.fit_em(x, y, 2, random_state=0, n_init=20)
+    with pytest.warns(SeparationWarning, match="hyperplane"):
+        inf = wald_inference(res.model, x, y, feature_names=["a", "b"])
+    (sw,) = inf.switch_points[0]
+    u = np.array(sw.normal) * np.sign(sw.normal[0])
+    np.testing.assert_allclose(u, [2**-0.5, 2**-0.5], atol=0.05)
+    assert abs(sw.offset * np.sign(sw.normal[0]) - 0.2 / 2**0.5) < 0.03 and sw.location is None
+    lo, hi = sw.likelihood_interval
+    assert lo <= sw.offset <= hi
+    assert inf.confint()["parameter"].iloc[-1] == "gate[1] switch offset"
