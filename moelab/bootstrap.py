@@ -19,7 +19,6 @@ finite, are left out of the intervals (``valid``).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -206,11 +205,12 @@ def bootstrap_fit(model: GaussianMoE, x, y, n_boot: int, *, kind: str = "nonpara
     seed = int(random_state) if random_state is not None else int(np.random.SeedSequence().generate_state(1)[0] >> 1)
     B = int(n_boot)
     if kind == "nonparametric":
-        idx = torch.as_tensor(np.random.default_rng(seed).integers(0, n, size=(B, n)))
+        idx = torch.as_tensor(np.random.default_rng(seed).integers(0, n, size=(B, n)), device=xt.device)
         xb, yb = xt[idx], yt[idx]
     else:
         xb = xt.expand(B, *xt.shape)
-        yb = model.sample(xb, torch.Generator().manual_seed(seed))
+        # drawn on the CPU from a seeded CPU generator (the same draws on every device), then moved
+        yb = model.to(device="cpu").sample(xb.cpu(), torch.Generator().manual_seed(seed)).to(xt.device)
     gate = model.gate
     if gate_options is None:
         from .gates import gate_family

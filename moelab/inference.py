@@ -444,7 +444,7 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     xt, yt = xt.expand(R, *xt.shape[1:]), yt.expand(R, yt.shape[-1])
     fit = GaussianMoE(gate, experts)
     layout = ParameterLayout.of(model, feature_names)
-    p, K = layout.p, model.n_experts
+    p, dev = layout.p, gate.slope.device
     scaling = Scaling.fit(xt, yt, center_x=type(gate).affine_invariant)
     xs, ys = scaling.transform(xt, yt)
     fit_s = scaling.model_to_scaled(fit)
@@ -452,12 +452,12 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
         ll_hat = fit.loglik(xt, yt)
         gaps = _hard_switch_gaps(fit, xt, yt, ll_hat)
     # which entries get no SE: unidentified τ, and the slopes of hard switches (held at the fit)
-    fixed = torch.zeros(R, p, dtype=torch.bool)
+    fixed = torch.zeros(R, p, dtype=torch.bool, device=dev)
     status = np.full((R, p), "estimated", dtype=object)
     if layout.temperature:
-        ident = temperature_identified(gate, xt).reshape(R).cpu()
+        ident = temperature_identified(gate, xt).reshape(R)
         fixed[:, layout.tau_index] = ~ident
-        status[~ident.numpy(), layout.tau_index] = "not identified"
+        status[~ident.cpu().numpy(), layout.tau_index] = "not identified"
     separated = (gaps >= -SEPARATION_GAP).cpu()  # (R, K−1, K)
     for r, k in zip(*np.nonzero(separated.any(-1).numpy())):
         fixed[r, layout.gate_slope[k]] = True
@@ -473,7 +473,7 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     info = -hess
     # parameters the likelihood does not depend on locally (e.g. the gate of a top-1 gate: piecewise constant)
     flat = (info.abs().amax(-1) == 0) & ~fixed
-    status[flat.numpy()] = "no information"
+    status[flat.cpu().numpy()] = "no information"
     fixed = fixed | flat
     free = ~fixed
     mask2 = free.unsqueeze(-1) & free.unsqueeze(-2)
@@ -491,14 +491,15 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     cov_s = torch.where(mask2, (evecs * inv_ev.unsqueeze(-2)) @ evecs.transpose(-1, -2), torch.zeros_like(a))
     cov = jac @ cov_s @ jac.transpose(-1, -2)
     se = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    unbounded = torch.as_tensor((status == "unbounded").astype(bool))
+    unbounded = torch.as_tensor((status == "unbounded").astype(bool), device=dev)
     se[fixed | unbounded] = math.nan
-    se[~pd_ok] = math.nan
+    se[~pd_ok.to(dev)] = math.nan
+    pd_ok = pd_ok.cpu()
     for r in np.nonzero(~pd_ok.numpy())[0]:  # not a maximum: no SEs, and no hard-switch claims either
-        status[r, (free[r] | unbounded[r]).numpy()] = "not a maximum"
+        status[r, (free[r] | unbounded[r]).cpu().numpy()] = "not a maximum"
         separated[r] = False
     covn = cov.clone()
-    bad = fixed | unbounded | (~pd_ok).unsqueeze(-1)
+    bad = fixed | unbounded | (~pd_ok).to(dev).unsqueeze(-1)
     covn[bad.unsqueeze(-1).expand_as(covn) | bad.unsqueeze(-2).expand_as(covn)] = math.nan
     estimate = layout.vector(fit).detach()
     switches = _switch_points(fit, layout, separated, gaps, cov, estimate, xt, yt, pd_ok)
@@ -548,7 +549,7 @@ def _switch_likelihood_interval(fit: GaussianMoE, r: int, k: int, j: int, u: tor
 
 def _switch_points(fit: GaussianMoE, layout: ParameterLayout, separated, gaps, cov, estimate, x, y, pd_ok) -> list:
     """One list of :class:`SwitchPoint` per problem: for each separated k, its best pivot j."""
-    R, K, d = estimate.shape[0], layout.n_experts, layout.n_features
+    R, d = estimate.shape[0], layout.n_features
     out = [[] for _ in range(R)]
     linear = fit.gate.linear_logits
     for r, k in zip(*np.nonzero(separated.any(-1).numpy())):
@@ -578,7 +579,7 @@ def _switch_points(fit: GaussianMoE, layout: ParameterLayout, separated, gaps, c
         u = (w / w.norm()).tolist()
         t = float(t.detach())
         loc, interval = None, None
-        lik = _switch_likelihood_interval(fit, r, int(k), j, torch.tensor(u, dtype=x.dtype), x[r], y[r])
+        lik = _switch_likelihood_interval(fit, r, int(k), j, torch.tensor(u, dtype=x.dtype, device=x.device), x[r], y[r])
         if d == 1:
             loc = t * u[0]
             lik = tuple(sorted(v * u[0] for v in lik))

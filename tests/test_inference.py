@@ -295,11 +295,13 @@ def test_parameters_without_local_information(mcycle):
     top1 = moelab.fit_em(x, y, 2, gate="topk", gate_options={"top_k": 1}, n_init=10, random_state=0)
     inf = wald_inference(top1.model, x, y)
     assert list(inf.status[:2]) == ["no information"] * 2 and np.isfinite(inf.se[2:]).all()
-    gate = moelab.ActivationGate(torch.zeros(2, 1, dtype=torch.float64), torch.tensor([1.2, 0.0]), activation="relu")
-    model = moelab.GaussianMoE(gate, top1.model.experts)
+    relu_fit = moelab.fit_em(x, y, 2, gate="activation", gate_options={"activation": "relu", "learn_temperature": True},
+                             n_init=10, random_state=0, warn=False)
+    assert float(relu_fit.model.gate.slope[0, 0]) == 0.0  # EM stays at relu's flat zero
     with warnings.catch_warnings():
-        warnings.simplefilter("error", SeparationWarning)
-        relu = wald_inference(model, x, y)
+        warnings.simplefilter("error")
+        relu = wald_inference(relu_fit.model, x, y)
+    assert list(relu.status[:3]) == ["estimated", "no information", "not identified"]
     assert relu.status[1] == "no information" and relu.switch_points == [[]]
 
 
