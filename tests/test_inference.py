@@ -108,7 +108,7 @@ def test_estimated_temperature_of_a_tanh_gate_has_a_standard_error():
 
 def test_temperature_not_identified_or_fixed_has_no_standard_error(mcycle):
     x, y = mcycle
-    res = moelab.fit_em(x, y, 2, gate="temperature", gate_options={"learn_temperature": True}, random_state=0,
+    res = moelab.fit_em(x, y, 2, gate="temperature", gate_options={"learn_temperature": True}, random_state=0, warn=False,
                         n_init=20)
     inf = wald_inference(res.model, x, y)
     i = inf.layout.names.index("temperature")
