@@ -41,6 +41,11 @@ _LAZY = {
     "predict_table": "prediction",
     "prediction_interval": "prediction",
     "ModelFileError": "persistence",
+    "wald_inference": "inference",
+    "WaldInference": "inference",
+    "SeparationWarning": "inference",
+    "bootstrap_fit": "bootstrap",
+    "BootstrapResult": "bootstrap",
 }
 _SUBMODULES = ("gates", "metrics", "exceptions")
 
@@ -74,6 +79,11 @@ __all__ = [
     "predict_table",
     "prediction_interval",
     "ModelFileError",
+    "wald_inference",
+    "WaldInference",
+    "SeparationWarning",
+    "bootstrap_fit",
+    "BootstrapResult",
 ]
 
 

@@ -136,6 +136,12 @@ def register_fit(sub) -> None:
                    help="write DIR/params.json, DIR/model.json and DIR/fit.png (created if needed)")
     p.add_argument("--format", default="text", choices=("text", "json"),
                    help="stdout format: text summary (default) or one JSON object")
+    p.add_argument("--level", type=float, default=0.95, metavar="L",
+                   help="level of the confidence intervals in the summary (default 0.95)")
+    p.add_argument("--bootstrap", type=int, metavar="B",
+                   help="also refit B bootstrap resamples (one batched EM call from the fit) for percentile intervals")
+    p.add_argument("--bootstrap-kind", default="nonparametric", choices=("nonparametric", "parametric"),
+                   help="resample rows (default) or draw y from the fitted model")
     p.set_defaults(handler=run_fit)
 
 
@@ -165,7 +171,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"EM: run iterations as one fused pass compiled by torch.compile ({fused} gates; "
                         "auto = for large fits, default)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed for the starts (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed for the starts and the bootstrap resamples (default 0)")
 
 
 def check_fit_flags(args) -> dict:
@@ -198,6 +205,10 @@ def check_fit_flags(args) -> dict:
         raise CLIError("--n-candidates applies to --estimator em only")
     if args.tol is not None and not (math.isfinite(args.tol) and args.tol >= 0):
         raise CLIError(f"--tol must be a number >= 0, got {args.tol}")
+    if not (math.isfinite(args.level) and 0 < args.level < 1):
+        raise CLIError(f"--level must be a number in (0, 1), e.g. 0.95, got {args.level}")
+    if args.bootstrap is not None and args.bootstrap < 2:
+        raise CLIError(f"--bootstrap must be >= 2 (resamples, e.g. 200), got {args.bootstrap}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
     if args.compile == "on" and "fused" not in family.kernels:
@@ -322,7 +333,8 @@ def run_fit(args) -> int:
     est = MixtureOfExpertsRegressor(
         args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
         n_candidates=args.n_candidates, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
-        compile={"auto": "auto", "on": True, "off": False}[args.compile], **gate_opts,
+        compile={"auto": "auto", "on": True, "off": False}[args.compile], bootstrap=args.bootstrap,
+        bootstrap_kind=args.bootstrap_kind, **gate_opts,
     )
     with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
         warnings.simplefilter("always")
@@ -330,7 +342,7 @@ def run_fit(args) -> int:
     messages = [" ".join(str(w.message).split()) for w in caught]  # one line each
     for m in messages:
         print(f"moelab fit: warning: {m}", file=sys.stderr)
-    report = fit_report(est, data=args.data, feature_names=x_names, response=args.y)
+    report = fit_report(est, data=args.data, feature_names=x_names, response=args.y, level=args.level)
     report["seed"] = args.seed
     report["warnings"] = messages
     if paths is not None:

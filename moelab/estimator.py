@@ -138,6 +138,11 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     compile : {"auto", True, False}, default "auto"
         EM only: run each iteration as one fused pass compiled by
         ``torch.compile`` (see :func:`moelab.fit_em`).
+    bootstrap : int, optional
+        Refit this many bootstrap resamples (one batched EM call started from the fit,
+        :func:`moelab.bootstrap_fit`) for percentile intervals (``confint(method="bootstrap")``).
+    bootstrap_kind : {"nonparametric", "parametric"}, default "nonparametric"
+        Resample rows, or draw y from the fitted model at the observed x.
 
     Attributes
     ----------
@@ -171,6 +176,16 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ν_k.
     expert_size_ : ndarray of shape (n_experts,)
         Effective sizes Σ_n P(k | x_n, y_n) on the training data.
+    standard_errors_ : dict
+        Standard errors from the observed information, in the structure of the parameters:
+        ``gate`` (``slope`` (K, d), ``intercept`` (K,), ``temperature``), ``experts``
+        (``slope``, ``intercept``, ``variance``, ``sd``), ``expert_size``; None where undefined
+        (reference expert, fixed or unidentified τ, an unbounded hard-switch slope; see
+        :mod:`moelab.inference`).
+    inference_ : moelab.inference.WaldInference
+        Everything behind ``standard_errors_``: covariance, status, switch points.
+    bootstrap_ : moelab.bootstrap.BootstrapResult
+        Only with ``bootstrap``.
     n_features_in_ : int
         Columns of the design: the input columns, with each categorical one replaced by
         its dummies (so the slopes have one entry per design column).
@@ -198,7 +213,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
                  top_k=None, gate_options=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
-                 random_state=None, compile="auto"):
+                 random_state=None, compile="auto", bootstrap=None, bootstrap_kind="nonparametric"):
         self.n_experts = n_experts
         self.gate = gate
         self.activation = activation
@@ -214,6 +229,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
         self.compile = compile
+        self.bootstrap = bootstrap
+        self.bootstrap_kind = bootstrap_kind
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -227,6 +244,11 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(f"n_experts must be an integer >= 1, got {self.n_experts!r}")
         if self.estimator not in ("em", "mle"):
             raise ValueError(f"estimator must be 'em' or 'mle', got {self.estimator!r}")
+        b = self.bootstrap
+        if b is not None and (isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 2):
+            raise ValueError(f"bootstrap must be None or an integer >= 2 (resamples, e.g. 200), got {b!r}")
+        if self.bootstrap_kind not in ("nonparametric", "parametric"):
+            raise ValueError(f"bootstrap_kind must be 'nonparametric' or 'parametric', got {self.bootstrap_kind!r}")
         kw = dict(
             gate=self.gate,
             gate_options=gate_options_from(self.gate, activation=self.activation, temperature=self.temperature,
@@ -309,7 +331,63 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.expert_intercept_ = model.experts.intercept.numpy().copy()
         self.expert_variance_ = model.experts.variance.numpy().copy()
         self.expert_size_ = res.expert_size.numpy().copy()
+        self._infer(X, y, kw)
         return self
+
+    def _infer(self, X, y, kw) -> None:
+        """Standard errors (always) and the bootstrap (if asked) at the fit."""
+        from .bootstrap import bootstrap_fit
+        from .inference import wald_inference
+
+        names = getattr(self, "feature_names_in_", None)
+        if not hasattr(self.model_.gate, "slope"):  # a gate that models x (Gaussian): no Wald/bootstrap code yet
+            if self.bootstrap is not None:
+                raise ValueError(f"bootstrap is not available for gate={self.gate!r} yet; drop bootstrap=")
+            self.inference_ = self.standard_errors_ = None
+            self.__dict__.pop("bootstrap_", None)
+            return
+        self.inference_ = wald_inference(self.model_, X, y, feature_names=None if names is None else list(names))
+        self.standard_errors_ = self.inference_.as_params()
+        if self.bootstrap is None:
+            self.__dict__.pop("bootstrap_", None)
+            return
+        self.bootstrap_ = bootstrap_fit(self.model_, X, y, self.bootstrap, kind=self.bootstrap_kind,
+                                    gate_options=kw["gate_options"], random_state=kw["random_state"],
+                                    feature_names=None if names is None else list(names),
+                                    **{k: kw[k] for k in ("max_iter", "tol") if k in kw and self.estimator == "em"})
+
+    def confint(self, level=0.95, method="wald"):
+        """Confidence intervals of the free parameters as a DataFrame.
+
+        Parameters
+        ----------
+        level : float in (0, 1), default 0.95
+        method : {"wald", "bootstrap"}, default "wald"
+            "wald": θ̂ ± z·se from the observed information (columns ``parameter``, ``estimate``,
+            ``se``, ``lower``, ``upper``, ``status``; hard-switch points as extra rows, see
+            :meth:`moelab.inference.WaldInference.confint`). "bootstrap": percentile intervals of
+            the ``bootstrap`` refits (``se`` = bootstrap sd).
+
+        Returns
+        -------
+        pandas.DataFrame, one row per parameter.
+
+        Raises
+        ------
+        ValueError
+            Unknown method, ``level`` outside (0, 1), or "bootstrap" without ``bootstrap=B``.
+        """
+        check_is_fitted(self, "inference_")
+        if self.inference_ is None:
+            raise NotImplementedError(f"standard errors are not available for gate={self.gate!r} yet "
+                                      "(standard_errors_ is None)")
+        if method == "wald":
+            return self.inference_.confint(level)
+        if method == "bootstrap":
+            if not hasattr(self, "bootstrap_"):
+                raise ValueError("method='bootstrap' needs the estimator fitted with bootstrap=B (e.g. 200)")
+            return self.bootstrap_.confint(level)
+        raise ValueError(f"method must be 'wald' or 'bootstrap', got {method!r}")
 
     # ------------------------------------------------------------ inference
     def _design(self, X):
