@@ -96,6 +96,30 @@ def _quiet(name: str, level: int = logging.ERROR):
         logger.setLevel(old)
 
 
+def _ignore_sigint_plugin(distributed):
+    """A worker plugin that makes the worker processes of a local cluster ignore SIGINT.
+
+    Ctrl-C in a terminal signals the whole process group, the local workers
+    included; the driver alone handles it (writes what finished, cancels the
+    rest, shuts the cluster down), so the workers are not torn down under it
+    with a traceback each. Registered on the client, it reaches restarted
+    workers too.
+    """
+
+    class IgnoreSigint(distributed.WorkerPlugin):
+        name = "moelab-ignore-sigint"
+        idempotent = True
+
+        def setup(self, worker):
+            import signal
+            import threading
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return IgnoreSigint()
+
+
 def _distributed():
     try:
         import distributed
@@ -135,6 +159,7 @@ def dask_client(scheduler: str) -> Iterator:
                                            dashboard_address=None)
         try:
             with distributed.Client(cluster) as client:
+                client.register_plugin(_ignore_sigint_plugin(distributed))
                 yield client
         finally:
             # every result is in the driver by now; a worker process that imported torch may take seconds to

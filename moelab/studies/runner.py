@@ -290,7 +290,9 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
     Returns
     -------
     pandas.DataFrame
-        This run's (shard's) full results table, resumed rows included.
+        This run's (shard's) full results table, resumed rows included, in the
+        serial run's order (n, setting as in the study, replicate) whatever the
+        order the rows were appended in.
 
     Raises
     ------
@@ -344,12 +346,20 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
                 bar.update(len(reps))
     finally:
         bar.close()
-    results = read_results(path)
+    results = _in_study_order(read_results(path), study)
     if report and N == 1 and (max_batches is None or max_batches >= len(todo)):
         from .report import write_report
 
         write_report(results, study, out)
     return results
+
+
+def _in_study_order(results: pd.DataFrame, study: Study) -> pd.DataFrame:
+    """Rows in the serial run's order (n, then setting as in the study, then replicate), whatever the file's order."""
+    order = {f.name: i for i, f in enumerate(study.fits)}
+    key = results["setting"].map(order).fillna(len(order))
+    return (results.assign(_setting_order=key).sort_values(["n", "_setting_order", "replicate"], kind="stable")
+            .drop(columns="_setting_order").reset_index(drop=True))
 
 
 def merge_results(dirs: Iterable, out=None, *, study: Optional[Study] = None) -> pd.DataFrame:
