@@ -15,6 +15,11 @@ grids; a setting fits only the cells of its own grid), into
 ``results-shard-I-of-N.csv``;
 :func:`merge_results` combines shards (any directories) into one table and
 writes the report.
+
+On a Dask cluster (``client=``, ``moelab run --scheduler``) every batch is one
+task; the driver appends each task's rows as it finishes (so the file is in
+completion order) and nothing else changes: the same batches, seeds and
+numbers, the same resume (see :mod:`moelab.studies.cluster`).
 """
 
 from __future__ import annotations
