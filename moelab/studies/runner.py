@@ -224,12 +224,18 @@ def _prepare_kernels(keys, d: int) -> None:
         em_mod.prepare_compiled(K, d, gate=gate, gate_options=json.loads(opts) or None)
 
 
-def _fit_task(study: Study, fi: int, n: int, reps: Sequence[int], truth, xpts, compile_key, torch_threads: int) -> List[dict]:
-    """One batch on a Dask worker: torch threads set, fused kernels prepared where the driver would, then the fit."""
+def _fit_task(study: Study, fi: int, n: int, reps: Sequence[int], truth, xpts, compile_keys, torch_threads: int) -> List[dict]:
+    """One batch on a Dask worker: torch threads set, then the fit.
+
+    Before it, the worker process holds the fused kernels of *every* setting
+    the serial driver compiles up front (a no-op once done): ``compile="auto"``
+    uses the kernels a process has for (K, d), whichever setting compiled them,
+    so this keeps each fit's eager/fused choice, and its numbers, those of the
+    serial run, whatever ran on the worker before.
+    """
     if torch_threads and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
-    if compile_key is not None:
-        _prepare_kernels([compile_key], truth.n_features)
+    _prepare_kernels(compile_keys, truth.n_features)
     return _fit_batch(study, fi, study.fits[fi], truth, n, reps, xpts)
 
 
@@ -240,11 +246,10 @@ def _run_on_client(client, study: Study, todo, truth, xpts, compile_keys, torch_
     from .cluster import run_tasks
 
     run_id = uuid.uuid4().hex[:8]
-    tasks = []
+    tasks, keys = [], tuple(sorted(compile_keys))
     for n, fi, fit, reps in todo:
-        ck = _kernel_setting(fit) if fit.estimator == "em" and _kernel_setting(fit) in compile_keys else None
         key = f"moelab-{study.name}-{fit.name}-n{n}-r{reps[0]}-{run_id}"
-        tasks.append((key, _fit_task, (study, fi, n, list(reps), truth, xpts, ck, torch_threads), (n, fi, fit, reps)))
+        tasks.append((key, _fit_task, (study, fi, n, list(reps), truth, xpts, keys, torch_threads), (n, fi, fit, reps)))
     if bar is not None and not bar.disable and not client.scheduler_info().get("workers"):
         bar.write(f"no Dask workers at {client.scheduler.address} yet; the run starts when workers join")
 
