@@ -20,7 +20,8 @@ Format (``format_version`` 2)::
       },
       "response": "accel",
       "params": {
-        "gate": {"slope": [[...]] (K, d), "intercept": [...] (K,), "temperature": τ (if the gate has one)},
+        "gate": {"slope": [[...]] (K, d), "intercept": [...] (K,), "temperature": τ (if the gate has one)}
+                or, for the Gaussian gate, {"proportions" (K,), "means" (K, d), "covariances" (K, d, d)},
         "experts": {"slope": [[...]] (K, d), "intercept": [...] (K,), "variance": [...] (K,)}
       },
       "estimator": {...},        # MixtureOfExpertsRegressor hyper-parameters (get_params)
@@ -400,11 +401,13 @@ def read_model_file(path) -> ModelFile:
     params = r.get(doc, "params", "", dict)
     gp = r.get(params, "gate", "params", dict)
     ep = r.get(params, "experts", "params", dict)
-    g_slope = r.array(gp, "slope", "params.gate", (K, d))
-    g_int = r.array(gp, "intercept", "params.gate", (K,))
+    models_x = bool(getattr(spec.family, "models_x", False))  # Gaussian gate: π (K,), c (K, d), Γ (K, d, d)
+    shapes = ({"proportions": (K,), "means": (K, d), "covariances": (K, d, d)} if models_x
+              else {"slope": (K, d), "intercept": (K,)})
+    g_arrays = {k: r.array(gp, k, "params.gate", shape) for k, shape in shapes.items()}
     extra = {}
     for k, v in gp.items():
-        if k in ("slope", "intercept"):
+        if k in shapes:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             r.fail(f"params.gate.{k} must be a finite number, got {json.dumps(v)[:40]}")
@@ -417,7 +420,7 @@ def read_model_file(path) -> ModelFile:
     try:
         opts = dict(spec.options)
         opts.update(extra)
-        gate = spec.family(torch.tensor(g_slope), torch.tensor(g_int), **opts)
+        gate = spec.family(*(torch.tensor(g_arrays[k]) for k in shapes), **opts)
         model = GaussianMoE(gate, GaussianExperts(torch.tensor(e_slope), torch.tensor(e_int), torch.tensor(e_var)))
     except (TypeError, ValueError) as exc:
         r.fail(f"params: {exc}")
@@ -572,8 +575,13 @@ def fitted_estimator(est, model, *, loglik=None, n_iter=0, converged=True, exper
     if encoding is not None and (feature_names is None or list(feature_names) != encoding.feature_names):
         raise ValueError(f"feature_names {feature_names} must be the encoding's design columns {encoding.feature_names}")
     est.model_ = model
-    est.gate_slope_ = model.gate.slope.numpy().copy()
-    est.gate_intercept_ = model.gate.intercept.numpy().copy()
+    if model.gate.models_x:  # Gaussian gate
+        est.gate_proportions_ = model.gate.proportions.numpy().copy()
+        est.gate_means_ = model.gate.means.numpy().copy()
+        est.gate_covariances_ = model.gate.covariances.numpy().copy()
+    else:
+        est.gate_slope_ = model.gate.slope.numpy().copy()
+        est.gate_intercept_ = model.gate.intercept.numpy().copy()
     if hasattr(model.gate, "temperature"):
         est.temperature_ = float(model.gate.temperature)
     est.expert_slope_ = model.experts.slope.numpy().copy()
