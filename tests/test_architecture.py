@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "moelab"
+ROOT = Path(__file__).resolve().parents[1] / "src" / "moelab"
 
 
 def _module_exists(pkg: Path, name: str) -> bool:

@@ -183,7 +183,7 @@ def test_fit_refuses_to_overwrite_a_foreign_model_json(tmp_path, capsys):
 
 def test_predict_via_python_m(fitted, tmp_path):
     """``python -m moelab predict`` in a fresh process (the README's last step) writes the CSV."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "moelab", "predict", str(fitted / "model.json"), "mcycle",
                            "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr

@@ -191,7 +191,7 @@ def test_ctrl_c_on_the_command_line_shuts_the_local_cluster_down(study_file, tmp
                     .replace("n = [80, 160]", "n = [2000]").replace("max_iter = 20", "max_iter = 300")
                     .replace("tol = 1e-6", "tol = 1e-12"))
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "moelab", "run", str(slow), "--out", str(out), "--scheduler", "local:2",
                           "--no-progress"], env=env, start_new_session=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
