@@ -97,6 +97,7 @@ _OPTION_FLAGS = {"temperature": "--temperature", "learn_temperature": "--learn-t
 def _gate_help() -> str:
     """One clause per registered gate family, from the registry's descriptions."""
     from .gates import GATES
+    from .gates.registry import fused_families
 
     return "; ".join(f"{name}: {cls.description}" for name, cls in GATES.items() if cls.description)
 
@@ -111,6 +112,7 @@ def register_fit(sub) -> None:
     """Add the ``fit`` subcommand to ``sub`` (an argparse subparsers object)."""
     from .activations import ACTIVATIONS
     from .gates import GATES
+    from .gates.registry import fused_families
 
     p = sub.add_parser(
         "fit",
@@ -141,7 +143,7 @@ def register_fit(sub) -> None:
     p.add_argument("--max-iter", type=int, metavar="N", help="maximum iterations per start (default 2000 EM, 500 MLE)")
     p.add_argument("--tol", type=float, metavar="T",
                    help="convergence tolerance (default 1e-8 on the mean log-likelihood change per sample for EM)")
-    fused = "/".join(n for n, c in GATES.items() if "fused" in c.kernels)
+    fused = "/".join(fused_families())
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"EM: run iterations as one fused pass compiled by torch.compile ({fused} gates; "
                         "auto = for large fits, default)")
@@ -181,10 +183,10 @@ def _check_fit_flags(args) -> dict:
         raise CLIError(f"--tol must be a number >= 0, got {args.tol}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
-    if args.compile == "on" and "fused" not in family.kernels:
-        from .gates import GATES
+    if args.compile == "on" and family.em_pass is None:
+        from .gates.registry import fused_families
 
-        fams = " or ".join(n for n, c in GATES.items() if "fused" in c.kernels)
+        fams = " or ".join(fused_families())
         raise CLIError(f"--compile on needs --gate {fams} (got --gate {gate}); use --compile auto")
     return dict(activation=args.activation, temperature=args.temperature,
                 learn_temperature=args.learn_temperature, top_k=args.top_k)
