@@ -95,9 +95,10 @@ def _gelu3(z):  # exact (erf) GELU, torch's default: z Φ(z)
     return z * cdf, cdf + z * pdf, pdf * (2 - z * z)
 
 
-def _softplus3(z):  # torch's softplus (beta 1, threshold 20: z itself above it, derivative 1; its autograd
-    p = torch.sigmoid(z)  # second derivative is σ(z)(1 − σ(z)) everywhere)
-    return F.softplus(z), torch.where(z > 20, torch.ones_like(p), p), p * (1 - p)
+def _softplus3(z):  # torch's softplus (beta 1, threshold 20): the identity above it; its autograd gives
+    p = torch.sigmoid(z)  # σ' = 1 for z > 20 and σ'' = 0 for z >= 20
+    zero = torch.zeros_like(p)
+    return F.softplus(z), torch.where(z > 20, torch.ones_like(p), p), torch.where(z >= 20, zero, p * (1 - p))
 
 
 def _relu3(z):  # derivative 0 at 0, as torch's autograd
@@ -116,7 +117,7 @@ def closed_form_derivatives(name: str) -> Callable:
     """For a named activation: z ↦ (σ(z), σ'(z), σ''(z)) in closed form (elementwise, traceable by torch.compile).
 
     The derivatives are those torch's autograd gives for :data:`ACTIVATIONS` (relu'(0) = 0; softplus
-    above its threshold 20 is the identity, its second derivative σ(z)(1 − σ(z)) throughout). Raises KeyError for other names.
+    above its threshold 20 is the identity: σ' = 1 for z > 20, σ'' = 0 for z ≥ 20). Raises KeyError for other names.
     """
     return _CLOSED_FORMS[name]
 

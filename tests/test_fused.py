@@ -167,10 +167,8 @@ def test_compile_option_errors():
     for bad in (0, 1, None, "on"):  # 0/1 are not booleans here: they must not act as "auto"
         with pytest.raises(ValueError, match="compile must be"):
             fit_em(x, y, 2, compile=bad)
-    with pytest.raises(ValueError, match="needs a softmax or temperature gate \\(got gate='activation'\\)"):
-        fit_em(x, y, 2, gate="activation", compile=True, n_init=2)
-    with pytest.raises(ValueError, match="needs a softmax or temperature gate \\(got gate='topk'\\)"):
-        fit_em(x, y, 2, gate="topk", gate_options={"top_k": 1}, compile=True, n_init=2)  # before the dense fit
+    with pytest.raises(ValueError, match="needs a named activation \\(got a callable"):
+        fit_em(x, y, 2, gate="activation", gate_options={"activation": lambda t: t.tanh()}, compile=True, n_init=2)
     with pytest.raises(ValueError, match="needs gate_steps=1"):
         fit_em(x, y, 2, gate_steps=2, compile=True, n_init=2)
     with pytest.raises(ValueError, match="needs dtype=torch.float64"):

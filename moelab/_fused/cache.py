@@ -71,13 +71,15 @@ KERNELS = MappingProxyType({
 })
 
 
-def run_blocked(fn, args, block_elements: int = BLOCK_ELEMENTS):
+def run_blocked(fn, args, block_elements=None):
     """``fn(*args)`` evaluated on blocks of samples and combined (sum or max, as :data:`KERNELS` says).
 
     Equal to ``fn(*args)`` up to the rounding of the summation order. The block
-    holds max(256, block_elements // R) samples, R the problem batch.
+    holds max(256, block_elements // R) samples, R the problem batch (default
+    block_elements: :data:`BLOCK_ELEMENTS`).
     """
     spec = KERNELS[fn.__name__]
+    block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     i = next(k for k, s in enumerate(spec.samples) if s is not None)
     n = args[i].shape[spec.samples[i]]
     R = args[i].shape[spec.rows[i]]
