@@ -181,8 +181,8 @@ def test_one_feature_logit_range_shortcut_matches_the_pass():
     gth, eth, var, x, y = _problem(6, 50, 3, 1, seed=11)
     gth = gth * 40  # large steps, so the logit-change cap binds for some problems
     stats = _fused.em_statistics(gth, eth, var, x, y)
-    a, pa = _fused.gate_proposal(stats, gth, x, compiled=False)
-    b, pb = _fused.gate_proposal(stats, gth, x, compiled=False, x_range=(x[..., 0].amin(-1), x[..., 0].amax(-1)))
+    a, pa = _fused.gate_proposal(stats, gth, x, _fused.runner(False))
+    b, pb = _fused.gate_proposal(stats, gth, x, _fused.runner(False), x_range=(x[..., 0].amin(-1), x[..., 0].amax(-1)))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pa["step"], pb["step"], rtol=1e-12, atol=1e-12)
 
