@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import torch
 
-__all__ = ["KernelSpec", "KERNELS", "KernelCache", "run_blocked", "Runner", "BLOCK_ELEMENTS", "INDUCTOR_OPTIONS"]
+__all__ = ["KernelSpec", "KERNELS", "KernelCache", "run_blocked", "run_blocked_one_thread", "Runner", "BLOCK_ELEMENTS", "INDUCTOR_OPTIONS"]
 
 #: Inductor settings: fuse a pass's sums into as few loops over the samples as it allows instead of
 #: materialising per-sample intermediates (the defaults cap horizontal fusion at 16 nodes and realise
@@ -49,12 +49,16 @@ class KernelSpec:
     ``rows``: per positional argument, its problem-batch dimension (None: not a tensor
     with one); ``out_row``: the result's. ``samples``: per argument, its sample
     dimension (None: no sample axis). ``reduce``: "sum" or "max" over samples.
+    ``cands``: per argument, its dimension of candidate parameters (None: none);
+    ``out_cand``: the result's (kernels that evaluate several candidates at once).
     """
 
-    __slots__ = ("rows", "out_row", "samples", "reduce")
+    __slots__ = ("rows", "out_row", "samples", "reduce", "cands", "out_cand")
 
-    def __init__(self, rows, out_row, samples, reduce="sum"):
+    def __init__(self, rows, out_row, samples, reduce="sum", cands=None, out_cand=None):
         self.rows, self.out_row, self.samples, self.reduce = tuple(rows), out_row, tuple(samples), reduce
+        self.cands = tuple(cands) if cands is not None else (None,) * len(self.rows)
+        self.out_cand = out_cand
 
 
 #: kernel name -> layout (the kernels live in moelab._fused.linear and moelab._fused.newton)
@@ -62,12 +66,13 @@ KERNELS = MappingProxyType({
     # gate θ, expert θ, var, x, y
     "em_sums": KernelSpec((0, 0, 0, 0, 0), 0, (None, None, None, 1, 1)),
     # candidate θ (A, R, K, p), x
-    "gate_lse_sum": KernelSpec((1, 0), 1, (None, 1)),
+    "gate_lse_sum": KernelSpec((1, 0), 1, (None, 1), cands=(0, None), out_cand=0),
     "logit_range": KernelSpec((0, 0), 0, (None, 1), "max"),
     # slope, intercept, tau, expert θ, var, x, y, pass spec
     "newton_sums": KernelSpec((0, 0, 0, 0, 0, 0, 0, None), 0, (None,) * 5 + (1, 1, None)),
     # candidate slope (A, R, K, d), intercept (A, R, K), tau (A, R); then as newton_sums
-    "newton_q": KernelSpec((1, 1, 1) + (0,) * 7 + (None,), 1, (None,) * 8 + (1, 1, None)),
+    "newton_q": KernelSpec((1, 1, 1) + (0,) * 7 + (None,), 1, (None,) * 8 + (1, 1, None), cands=(0, 0, 0) + (None,) * 8,
+                           out_cand=0),
 })
 
 
@@ -142,8 +147,9 @@ class KernelCache:
     def get(self, fn):
         """``fn`` compiled once, wrapped so that it
 
-        * never sees a batch of one problem (Inductor would specialise and compile
-          that size separately): a single problem is padded to two;
+        * never sees a batch of one problem or one candidate (dynamo specialises
+          sizes 0 and 1 and would compile them separately): such a dimension is padded to two;
+        * takes contiguous copies of strided arguments (dynamo guards on strides);
         * keeps its own recompile limit (a graph per pass spec, K, d, dtype and device);
         * mutes torch's own compile-time DeprecationWarnings;
         * runs the eager ``fn`` (blocked, same result) with a RuntimeWarning if the
@@ -167,10 +173,17 @@ class KernelCache:
         name = fn.__name__
         first = next(i for i, r in enumerate(spec.rows) if r is not None)
 
+        cfirst = next((i for i, r in enumerate(spec.cands) if r is not None), None)
+
         def c(*args, fallback=True):
             one = args[first].shape[spec.rows[first]] == 1
             if one:
                 args = tuple(a if dim is None else torch.cat([a, a], dim) for a, dim in zip(args, spec.rows))
+            one_cand = cfirst is not None and args[cfirst].shape[spec.cands[cfirst]] == 1
+            if one_cand:
+                args = tuple(a if dim is None else torch.cat([a, a], dim) for a, dim in zip(args, spec.cands))
+            # dynamo guards on strides: an expanded τ (stride 0) or a sliced slope would compile anew
+            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
             if not self.failed(name) or not fallback:
                 try:
                     with warnings.catch_warnings(), self._compile_scope():
@@ -186,13 +199,16 @@ class KernelCache:
                     out = run_blocked(fn, args)
             else:
                 out = run_blocked(fn, args)
+            if one_cand:
+                out = out.narrow(spec.out_cand, 0, 1)
             return out.narrow(spec.out_row, 0, 1) if one else out
 
         return c
 
 
 class Runner:
-    """Calls the pass kernels compiled (through a :class:`KernelCache`) or eagerly blocked over samples."""
+    """Calls the pass kernels compiled (through a :class:`KernelCache`) or eagerly blocked over samples
+    (:func:`run_blocked_one_thread`)."""
 
     __slots__ = ("cache", "compiled")
 
@@ -202,4 +218,22 @@ class Runner:
     def __call__(self, fn, *args):
         if self.compiled:
             return self.cache.get(fn)(*args)
+        return run_blocked_one_thread(fn, args)
+
+
+def run_blocked_one_thread(fn, args):
+    """:func:`run_blocked` on one intra-op thread (restored afterwards).
+
+    Its operations are cache-sized blocks (~32k elements), too small to split
+    across threads: measured on the 2-core machine under load ≈ 10, one pass
+    (R = 40, n = 10⁴, K = 3, tanh gate) took 0.20 CPU-s on one thread and 1.2–4.5
+    CPU-s on two (threads waiting on each other).
+    """
+    before = torch.get_num_threads()
+    if before == 1:
         return run_blocked(fn, args)
+    torch.set_num_threads(1)
+    try:
+        return run_blocked(fn, args)
+    finally:
+        torch.set_num_threads(before)
