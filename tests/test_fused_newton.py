@@ -135,6 +135,9 @@ def test_blocked_over_samples_equals_one_block(spec):
     lin = (torch.cat([gate.slope, gate.intercept[..., None]], -1), eth, var, x, y)
     torch.testing.assert_close(fcache.run_blocked(_fused.em_sums, lin, block_elements=1024), _fused.em_sums(*lin),
                                rtol=1e-12, atol=1e-9)
+    # blocks over problems too (4 problems of 2000 samples in blocks of 1 × 1024), and the max reduction
+    torch.testing.assert_close(fcache.run_blocked(_fused.logit_range, (eth, x), block_elements=1024),
+                               _fused.logit_range(eth, x), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ fits

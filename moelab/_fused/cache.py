@@ -6,11 +6,11 @@ max for :func:`~moelab._fused.linear.logit_range`), so it can run
 * **compiled** — ``torch.compile`` (Inductor) fuses the whole pass into few
   loops over the samples with the sums as accumulators: no per-sample
   temporaries at all;
-* **eagerly, blocked over samples** (:func:`run_blocked`) — the same function
-  on slices of the samples, so each of its (R, block) temporaries stays in the
-  CPU cache (about 256 KiB each) whatever R·n is, and the block results are
-  summed. A batch of R problems then costs per problem at most what one
-  problem costs (the same elementwise work per sample, fewer calls).
+* **eagerly, blocked** (:func:`run_blocked`) — the same function on blocks of
+  (problems, samples), so each of its temporaries stays in the CPU cache
+  (about 256 KiB each) whatever R·n is; sample blocks are summed. A batch of
+  R problems then costs per problem at most what one problem costs (the same
+  elementwise work per sample, no more calls per problem).
 
 :data:`KERNELS` declares, per kernel, which argument dimension is the problem
 batch, which is the sample axis, and how blocks combine.
@@ -77,25 +77,34 @@ KERNELS = MappingProxyType({
 
 
 def run_blocked(fn, args, block_elements=None):
-    """``fn(*args)`` evaluated on blocks of samples and combined (sum or max, as :data:`KERNELS` says).
+    """``fn(*args)`` evaluated on blocks of (problems, samples) and combined, as :data:`KERNELS` says.
 
-    Equal to ``fn(*args)`` up to the rounding of the summation order. The block
-    holds max(256, block_elements // R) samples, R the problem batch (default
-    block_elements: :data:`BLOCK_ELEMENTS`).
+    A block holds nb = min(n, block_elements) samples of rb = max(1, block_elements // nb)
+    problems (default block_elements: :data:`BLOCK_ELEMENTS`), so its temporaries are the same
+    size whatever the batch: at large n every problem is done on its own, exactly as a single
+    fit would be, and a batch costs per problem no more than one problem. Blocks over samples are
+    summed (or maxed), blocks over problems concatenated. Equal to ``fn(*args)`` up to the
+    rounding of the summation order.
     """
     spec = KERNELS[fn.__name__]
     block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     i = next(k for k, s in enumerate(spec.samples) if s is not None)
     n = args[i].shape[spec.samples[i]]
     R = args[i].shape[spec.rows[i]]
-    nb = max(_MIN_BLOCK, block_elements // max(R, 1))
-    if n <= nb:
+    nb = max(_MIN_BLOCK, min(n, block_elements))
+    rb = max(1, block_elements // nb)
+    if n <= nb and R <= rb:
         return fn(*args)
-    out = None
-    for s in range(0, n, nb):
-        part = fn(*(a.narrow(dim, s, min(nb, n - s)) if dim is not None else a for a, dim in zip(args, spec.samples)))
-        out = part if out is None else (out + part if spec.reduce == "sum" else torch.maximum(out, part))
-    return out
+    rows = []
+    for r0 in range(0, R, rb):
+        rl = min(rb, R - r0)
+        sub = [a.narrow(dim, r0, rl) if dim is not None else a for a, dim in zip(args, spec.rows)]
+        out = None
+        for s in range(0, n, nb):
+            part = fn(*(a.narrow(dim, s, min(nb, n - s)) if dim is not None else a for a, dim in zip(sub, spec.samples)))
+            out = part if out is None else (out + part if spec.reduce == "sum" else torch.maximum(out, part))
+        rows.append(out)
+    return rows[0] if len(rows) == 1 else torch.cat(rows, spec.out_row)
 
 
 class KernelCache:

@@ -1,6 +1,6 @@
 """The one-pass EM iteration for linear-logit gates (softmax, temperature): kernels and M-step.
 
-The eager EM loop (:mod:`moelab.em`) materialises the responsibilities
+The textbook EM loop (:mod:`moelab.em` without a pass) materialises the responsibilities
 (R, K, n) and runs some forty full-size tensor operations per iteration, so at
 large R·n it is bound by memory traffic and per-operation overhead. For gates
 whose logits are linear in x (softmax, and the temperature gate, whose EM step
@@ -20,12 +20,13 @@ The gate line search then needs Σ_n logsumexp_k(θ'_k·x1_n) at the candidate
 θ' only, since Q_gate(θ) = Σ_k θ_k·(Σ_n r_nk x1_n) − Σ_n logsumexp_k(θ_k·x1_n)
 (Σ_k r_nk = 1). The M-step formulas are those of :func:`moelab.mstep.expert_m_step`
 and :func:`moelab.mstep.softmax_gate_newton_step` (same ridges, step cap and
-step sizes), so the fitted parameters agree with the eager loop to rounding.
+step sizes), so the fitted parameters agree with the textbook loop to rounding.
+Kernels take their runner ``run`` (:class:`moelab._fused.cache.Runner`): compiled, or eager on blocks of samples.
 
 The kernels are written with the experts and features unrolled into
 (R, n)-shaped operations, so Inductor fuses each into a single loop over the
 samples with all sums as accumulators. The graph grows like K²(d+1)², hence
-:func:`supported` limits it to small models (the simulation studies' regime).
+:func:`moelab._fused.supported` limits it to small models (the simulation studies' regime).
 
 Sources: Jordan & Jacobs (1994) (IRLS gate step, weighted least squares);
 Dempster, Laird & Rubin (1977) (generalised EM).
