@@ -9,7 +9,8 @@ Problem: the ``softmax-2023`` truth (as ``benchmarks/em_throughput.py``), 3
 fitted experts, d = 1, one truth-perturbed start per problem, exactly
 ``iters`` EM iterations (``tol=0``), ``compile=False`` (the eager loop),
 float64. Per configuration (n, B): the CPU seconds of one ``fit_em`` call on B
-problems divided by B, and of one call on a single problem ("single").
+problems divided by B, and the mean CPU seconds of B calls fitting the same
+problems one at a time ("single").
 
 Code versions are compared side by side in one run: each round runs one
 worker process per version (``PYTHONPATH`` = that tree), versions taking
