@@ -14,7 +14,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "resolve_activation", "activation_name"]
+__all__ = ["ACTIVATIONS", "resolve_activation", "activation_name", "activation_derivatives", "closed_form_derivatives"]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,3 +71,81 @@ def activation_name(activation: Union[str, Activation]) -> str:
     if isinstance(activation, str):
         return activation
     return getattr(activation, "__name__", type(activation).__name__)
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _tanh3(z):
+    s = torch.tanh(z)
+    s1 = 1 - s * s
+    return s, s1, -2 * s * s1
+
+
+def _sigmoid3(z):
+    s = torch.sigmoid(z)
+    s1 = s * (1 - s)
+    return s, s1, s1 * (1 - 2 * s)
+
+
+def _gelu3(z):  # exact (erf) GELU, torch's default: z Φ(z)
+    cdf = 0.5 * (1 + torch.erf(z * _SQRT_HALF))
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+    return z * cdf, cdf + z * pdf, pdf * (2 - z * z)
+
+
+def _softplus3(z):  # torch's softplus (beta 1, threshold 20): the identity above it; its autograd gives
+    p = torch.sigmoid(z)  # σ' = 1 for z > 20 and σ'' = 0 for z >= 20
+    zero = torch.zeros_like(p)
+    return F.softplus(z), torch.where(z > 20, torch.ones_like(p), p), torch.where(z >= 20, zero, p * (1 - p))
+
+
+def _relu3(z):  # derivative 0 at 0, as torch's autograd
+    return torch.relu(z), (z > 0).to(z.dtype), torch.zeros_like(z)
+
+
+def _identity3(z):
+    return z, torch.ones_like(z), torch.zeros_like(z)
+
+
+_CLOSED_FORMS = {"tanh": _tanh3, "sigmoid": _sigmoid3, "gelu": _gelu3, "softplus": _softplus3, "relu": _relu3,
+                 "identity": _identity3}
+
+
+def closed_form_derivatives(name: str) -> Callable:
+    """For a named activation: z ↦ (σ(z), σ'(z), σ''(z)) in closed form (elementwise, traceable by torch.compile).
+
+    The derivatives are those torch's autograd gives for :data:`ACTIVATIONS` (relu'(0) = 0; softplus
+    above its threshold 20 is the identity: σ' = 1 for z > 20, σ'' = 0 for z ≥ 20). Raises KeyError for other names.
+    """
+    return _CLOSED_FORMS[name]
+
+
+def activation_derivatives(activation: Union[str, Activation]) -> Callable:
+    """z ↦ (σ(z), σ'(z), σ''(z)) for an activation name or an elementwise callable.
+
+    Named activations use :func:`closed_form_derivatives`; a callable is
+    differentiated by forward-mode autograd (``torch.func.jvp``, twice), so it
+    must be elementwise and twice differentiable by torch.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`resolve_activation`.
+    """
+    if isinstance(activation, str):
+        resolve_activation(activation)
+        return _CLOSED_FORMS[activation]
+    sigma = resolve_activation(activation)
+
+    def derivs(z):
+        one = torch.ones_like(z)
+
+        def first(t):
+            return torch.func.jvp(sigma, (t,), (one,))
+
+        (s, s1), (_, s2) = first(z), torch.func.jvp(lambda t: first(t)[1], (z,), (one,))
+        return s, s1, s2
+
+    return derivs

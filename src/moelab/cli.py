@@ -149,6 +149,7 @@ def add_model_arguments(p) -> None:
     """The gate, estimator and seed flags of ``moelab fit`` (shared with ``moelab select``)."""
     from .activations import ACTIVATIONS
     from .gates import GATES
+    from .gates.registry import fused_families
 
     p.add_argument("--gate", default="softmax", choices=list(GATES), help=f"gate family (default softmax). {_gate_help()}")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS),
@@ -167,7 +168,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--max-iter", type=int, metavar="N", help="maximum iterations per start (default 2000 EM, 500 MLE)")
     p.add_argument("--tol", type=float, metavar="T",
                    help="convergence tolerance (default 1e-8 on the mean log-likelihood change per sample for EM)")
-    fused = "/".join(n for n, c in GATES.items() if "fused" in c.kernels)
+    fused = "/".join(fused_families())
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"EM: run iterations as one fused pass compiled by torch.compile ({fused} gates; "
                         "auto = for large fits, default)")
@@ -211,10 +212,10 @@ def check_fit_flags(args) -> dict:
         raise CLIError(f"--bootstrap must be >= 2 (resamples, e.g. 200), got {args.bootstrap}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
-    if args.compile == "on" and "fused" not in family.kernels:
-        from .gates import GATES
+    if args.compile == "on" and family.em_pass is None:
+        from .gates.registry import fused_families
 
-        fams = " or ".join(n for n, c in GATES.items() if "fused" in c.kernels)
+        fams = " or ".join(fused_families())
         raise CLIError(f"--compile on needs --gate {fams} (got --gate {gate}); use --compile auto")
     return dict(activation=args.activation, temperature=args.temperature,
                 learn_temperature=args.learn_temperature, top_k=args.top_k)

@@ -5,11 +5,19 @@ as a single batch of B·S problems:
 
 1. E-step in log space: log r_nk = log g_k(x_n) + log f_k(y_n|x_n) − logsumexp_k(·).
 2. Expert M-step in closed form (weighted least squares, variance floor).
-3. Gate M-step: damped Newton/IRLS for linear-logit gates (softmax, fixed
-   temperature); a damped Newton generalised-EM step with autograd derivatives
-   for the others (estimated temperature, activation, top-K), accepted only if
+3. Gate M-step: damped Newton/IRLS for linear-logit gates (softmax, temperature
+   on β_1/τ); damped (Levenberg–Marquardt) Newton for the others (activation on
+   (β_1, β_0, log τ), top-K keeping each sample's routing set), accepted only if
    it does not decrease the gate part of Q. Hence the observed
    log-likelihood never decreases.
+
+For every family that declares it (``Gate.em_pass``) an iteration is one pass
+over the data that returns the log-likelihood and every M-step statistic as
+sums over samples (:mod:`moelab._fused`): compiled by ``torch.compile``, or
+eager on blocks of samples whose temporaries stay in the CPU cache, so a batch
+costs per problem no more than one problem. Other families (user-registered
+without a pass, a callable activation, ``gate_steps > 1``, float32) run the
+textbook loop: (R, K, n) responsibilities and the autograd gate step.
 
 Convergence: the change of the *mean* log-likelihood per sample below ``tol``
 (so ``tol`` does not depend on n), or with ``convergence="relative"`` its
@@ -63,13 +71,14 @@ def _m_step(state, x, x1, y, resp, opts: FitOptions, xx):
     return State(gate, theta, var)
 
 
-def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = False, sizes=None, ll_offset=None):
+def _run_em(state: State, x, x1, y, opts: FitOptions, history, stepper=None, ll_offset=None):
     """Iterate EM on all R problems until each converges or ``opts.max_iter`` M-steps.
 
     history (R, max_iter + 1) receives the log-likelihood per iteration; returns the final state,
-    loglik (R,), M-steps done (R,), converged (R,). ``fused=True`` runs each iteration as the
-    compiled one-pass kernel of :mod:`moelab._fused` (linear-logit gates, one gate step);
-    then ``sizes`` (R, K), if given, receives the effective expert sizes Σ_n r_nk at the final state.
+    loglik (R,), M-steps done (R,), converged (R,). With ``stepper`` (:func:`moelab._fused.stepper`)
+    each iteration is the family's one-pass kernel, compiled or eager blocked over samples (its
+    ``sizes`` then hold the effective expert sizes Σ_n r_nk at the final state); without, the
+    textbook loop (E-step (R, K, n), closed-form experts, :func:`~moelab.fitcore.gate_step`).
 
     Stopping: |Δℓ| / n < tol (``ll_offset`` None), or, with ``ll_offset`` (R,) = ℓ_scaled − ℓ_original,
     the relative rule |Δℓ| < tol · |ℓ_prev − ll_offset| on the log-likelihood in the original units of y.
@@ -77,35 +86,20 @@ def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = Fal
     R, n = y.shape
     max_iter, tol = opts.max_iter, opts.tol
     dev = y.device
-    xx_all = None if fused else outer_design(x1)
+    xx_all = None if stepper is not None else outer_design(x1)
     active = torch.arange(R, device=dev)
     ll = torch.full((R,), -math.inf, dtype=y.dtype, device=dev)
     n_iter = torch.zeros(R, dtype=torch.long, device=dev)
     converged = torch.zeros(R, dtype=torch.bool, device=dev)
     prev = None
-    pending = None  # fused path: the gate step proposed by the last M-step, checked by this pass
-    x_range = (x[..., 0].amin(-1), x[..., 0].amax(-1)) if fused and x.shape[-1] == 1 else None
     for it in range(max_iter + 1):
         full = active.numel() == R
         st = state if full else state.take(active)
-        if fused:
-            xa, ya = (x, y) if full else (x[active], y[active])
-            gth = gate_theta(st.gate)
-            stats = _fused.statistics(gth, st.theta, st.var, xa, ya)
-            if pending is not None:
-                # Q_gate at the proposed step uses this pass's Σ logsumexp; where it did not
-                # increase, search smaller steps and redo the pass for those problems
-                gth, redo = _fused.gate_verify(stats["lse_gate"], pending, xa)
-                pending = None
-                if redo is not None:
-                    sub = _fused.statistics(gth[redo], st.theta[redo], st.var[redo], xa[redo], ya[redo])
-                    for k, v in sub.items():
-                        stats[k][redo] = v
-                    st = State(theta_gate(st.gate, gth), st.theta, st.var)
-                    state = st if full else State(scatter_gate(state.gate, active, st.gate), state.theta, state.var)
-            lla = stats["loglik"]
-            if sizes is not None:
-                sizes[active] = stats["S"][..., -1]
+        if stepper is not None:
+            checked, lla = stepper.evaluate(st)
+            if checked is not st:  # the pass corrected the last proposed gate step
+                st = checked
+                state = st if full else State(scatter_gate(state.gate, active, st.gate), state.theta, state.var)
         else:
             xa, x1a, ya, xxa = (x, x1, y, xx_all) if full else (x[active], x1[active], y[active], xx_all[active])
             resp, lla = e_step(st.gate, st.theta, st.var, xa, x1a, ya)
@@ -128,21 +122,14 @@ def _run_em(state: State, x, x1, y, opts: FitOptions, history, fused: bool = Fal
             break
         if not bool(keep.all()):
             active, st, prev = active[keep], st.take(keep), lla[keep]
-            if fused:
-                xa, ya, gth = xa[keep], ya[keep], gth[keep]
-                stats = {k: v[keep] for k, v in stats.items()}
+            if stepper is not None:
+                stepper.keep(keep)
             else:
                 resp, xa, x1a, ya, xxa = resp[keep], xa[keep], x1a[keep], ya[keep], xxa[keep]
             full = False
         else:
             prev = lla
-        if fused:
-            theta, var = _fused.expert_update(stats, st.theta, st.var, n, opts.reg_variance)
-            xr_a = None if x_range is None else (x_range[0][active], x_range[1][active])
-            gth, pending = _fused.gate_proposal(stats, gth, xa, x_range=xr_a)
-            new = State(theta_gate(st.gate, gth), theta, var)
-        else:
-            new = _m_step(st, xa, x1a, ya, resp, opts, xxa)
+        new = stepper.m_step(st) if stepper is not None else _m_step(st, xa, x1a, ya, resp, opts, xxa)
         n_iter[active] += 1
         if full and active.numel() == R:
             state = new
@@ -163,28 +150,32 @@ _AUTO_COMPILE_WORK = 1_000_000_000
 _AUTO_WARM_MIN = 10_000
 
 
-def _use_fused(opts: FitOptions, gate: Gate, R: int, n: int, device) -> bool:
-    """Whether the EM loop runs the compiled one-pass kernel (see fit_em's ``compile``)."""
+def _pass_mode(opts: FitOptions, gate: Gate, R: int, n: int, device):
+    """(one-pass iteration?, compiled?) for this fit (see fit_em's ``compile``).
+
+    The one-pass iteration (:mod:`moelab._fused`) runs wherever the gate's family declares it
+    (``Gate.em_pass``) for these options, with ``gate_steps=1`` and float64; compiled or eager.
+    """
     compile, dtype, max_iter = opts.compile, opts.dtype, opts.max_iter
-    if compile is False:
-        return False
     K, d = gate.n_experts, gate.n_features
     ok = _fused.supported(gate, K, d) and opts.gate_steps == 1 and dtype == torch.float64
     if compile is True:
         if not ok:
+            spec = _fused.pass_spec(gate)
             raise ValueError(
                 f"compile=True (CLI --compile on) runs a fused kernel for models with 2 or more experts and at most "
-                f"{_fused.MAX_SUMS} sums per pass ({K} experts, {d} features need {_fused.n_sums(K, d)}); "
-                "use compile='auto' or False (--compile auto|off)"
+                f"{_fused.MAX_SUMS} sums per pass ({K} experts, {d} features need "
+                f"{_fused.n_sums(K, d, spec) if spec is not None else '?'}); use compile='auto' or False (--compile auto|off)"
             )
-        return _fused.available(K, d, dtype, device, strict=True)
-    if not ok:
-        return False
-    if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device)):
-        return R * n * K >= _AUTO_WARM_MIN
+        return True, _fused.available(K, d, dtype, device, strict=True, spec=_fused.pass_spec(gate))
+    if not ok or compile is False:
+        return ok, False
+    spec = _fused.pass_spec(gate)
+    if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device, spec)):
+        return True, R * n * K >= _AUTO_WARM_MIN
     if R * n * K < _AUTO_COMPILE_MIN or R * n * K * max_iter < _AUTO_COMPILE_WORK:
-        return False
-    return _fused.available(K, d, dtype, device)
+        return True, False
+    return True, _fused.available(K, d, dtype, device, spec=spec)
 
 
 def prepare_compiled(n_experts: int, n_features: int, *, gate: str = "softmax", gate_options: Optional[dict] = None,
@@ -222,7 +213,7 @@ def prepare_compiled(n_experts: int, n_features: int, *, gate: str = "softmax", 
     template = spec.template(n_experts, n_features, (1,), dtype=dtype, device=device)
     if dtype != torch.float64 or not _fused.supported(template, n_experts, n_features):
         return False
-    return _fused.available(n_experts, n_features, dtype, device)
+    return _fused.available(n_experts, n_features, dtype, device, spec=_fused.pass_spec(template))
 
 
 def fit_em(
@@ -318,10 +309,11 @@ def fit_em(
         Emit :class:`ConvergenceWarning` / :class:`DegenerateFitWarning` and the checks of
         :mod:`moelab.diagnostics` (rank of x, expert sizes, number of starts).
     compile : {"auto", True, False}, default "auto"
-        Run each EM iteration as one fused pass over the data compiled with
-        ``torch.compile`` (:mod:`moelab._fused`; softmax and temperature gates,
-        ``gate_steps=1``, float64, small K and d). Same updates as the eager loop, so
-        the fits agree to rounding. Compiling takes seconds to a minute once
+        Run each EM iteration's pass over the data (:mod:`moelab._fused`)
+        compiled with ``torch.compile`` (every built-in gate family — softmax,
+        temperature, activation with a named σ, top-K — with ``gate_steps=1``,
+        float64, small K and d). The same pass runs eagerly otherwise, so the
+        fits agree to rounding (1e-9 relative, tested per family). Compiling takes seconds to a minute once
         per process and model shape (Inductor caches it on disk), then an
         iteration is 4–40× faster at large R·n. "auto" compiles when
         starts × n_samples × n_experts ≥ 10^6 and that × max_iter ≥ 10^9
@@ -380,14 +372,14 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         state, xr, x1r, yr = make_starts(prob, n_keep, init_model)
         R = xr.shape[0]
         history = torch.full((R, opts.max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
-        fused = _use_fused(opts, state.gate, R, prob.n, xr.device)
-        sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
+        one_pass, fused = _pass_mode(opts, state.gate, R, prob.n, xr.device)
+        stepper = _fused.stepper(state.gate, xr, yr, opts.reg_variance, fused) if one_pass else None
         # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
         offset = loglik_offset(prob).repeat_interleave(n_keep) if opts.convergence == "relative" else None
-        state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset)
+        state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, stepper, ll_offset=offset)
     settings = dict(gate=spec.name, gate_options=dict(spec.options),
                     n_init=n_keep if init_model is not None else opts.n_init,
                     init=opts.init if init_model is None else "user", n_candidates=opts.n_candidates,
                     max_iter=opts.max_iter, tol=opts.tol, convergence=opts.convergence, estimator="em", compiled=fused)
     return finish(prob, state, xr, x1r, yr, conv, it, history, n_keep, settings=settings, t0=t0,
-                  final=(sizes, ll) if fused else None)
+                  final=(stepper.sizes, ll) if stepper is not None else None)

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-__all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "gate_q", "backtrack", "cap_step",
-           "negligible_gain"]
+__all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "GateParameters",
+           "newton_ascent_step", "line_search", "gate_q", "backtrack", "cap_step", "negligible_gain"]
 
 from ._validation import tiny
 
@@ -219,14 +219,98 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     return full(free)
 
 
+class GateParameters:
+    """The flat layout of a gate's estimable parameters used by its Newton step.
+
+    θ (..., R, P) holds, in this order: the K−1 free slope rows (row-major, (K−1)·d
+    values), the K−1 free intercepts, then every other estimable parameter of
+    :meth:`Gate.params` (one value each; those in ``positive_params``, such as τ,
+    on the log scale). The reference expert K−1 stays at zero.
+    """
+
+    def __init__(self, gate):
+        self.gate = gate
+        self.K, self.d = gate.n_experts, gate.n_features
+        self.names = list(gate.params())
+        self.sizes = [(self.K - 1) * self.d if nm == "slope" else self.K - 1 if nm == "intercept" else 1
+                      for nm in self.names]
+        self.P = sum(self.sizes)
+
+    def flatten(self, ps=None):
+        """Parameters (dict of :meth:`Gate.params`, default the gate's) → θ (R, P)."""
+        ps = self.gate.params() if ps is None else ps
+        K, parts = self.K, []
+        for nm in self.names:
+            t = ps[nm]
+            R = t.shape[0]
+            if nm == "slope":
+                parts.append(t[:, : K - 1].reshape(R, -1))
+            elif nm == "intercept":
+                parts.append(t[:, : K - 1])
+            else:
+                parts.append(t.log().reshape(R, 1) if nm in self.gate.positive_params else t.reshape(R, 1))
+        return torch.cat(parts, -1)
+
+    def unflatten(self, theta):
+        """θ (..., R, P) → dict of parameters with the reference expert's slope and intercept zero."""
+        K, d = self.K, self.d
+        lead = theta.shape[:-1]
+        out, i = {}, 0
+        for nm, s in zip(self.names, self.sizes):
+            t = theta[..., i : i + s]
+            i += s
+            if nm == "slope":
+                out[nm] = torch.cat([t.reshape(*lead, K - 1, d), theta.new_zeros(*lead, 1, d)], -2)
+            elif nm == "intercept":
+                out[nm] = torch.cat([t, theta.new_zeros(*lead, 1)], -1)
+            else:
+                t = t.squeeze(-1)
+                out[nm] = t.exp() if nm in self.gate.positive_params else t
+        return out
+
+
+def newton_ascent_step(grad, negH, x_abs_max, n_features: int):
+    """The damped (Levenberg–Marquardt) Newton step of :func:`gate_newton_step` from Q's derivatives.
+
+    ``grad`` (R, P) and ``negH`` (R, P, P) are the gradient and minus the Hessian
+    of Q_gate at θ; ``x_abs_max`` (R,) = max |x| over samples and features. The
+    Hessian is symmetrised, non-finite entries zeroed, and shifted by its most
+    negative eigenvalue plus 1e-6 × its mean |diagonal|, so the step is an ascent
+    direction for non-concave Q; it is then scaled so that no logit (through
+    slope or intercept) moves by more than the cap. Returns δ (R, P).
+    """
+    P = grad.shape[-1]
+    eye = torch.eye(P, dtype=grad.dtype, device=grad.device)
+    negH = 0.5 * (negH + negH.transpose(-1, -2))
+    negH = torch.nan_to_num(negH, nan=0.0, posinf=0.0, neginf=0.0)
+    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    min_eig = torch.linalg.eigvalsh(negH)[..., 0]
+    scale = negH.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-12)
+    lam = (-min_eig).clamp_min(0) + 1e-6 * scale + 1e-12
+    delta = torch.linalg.solve(negH + lam[:, None, None] * eye, grad.unsqueeze(-1)).squeeze(-1)
+    # cap the step: no logit (through the slope or intercept) may move by more than the cap
+    norm = delta.abs().amax(-1) * (1.0 + x_abs_max * n_features)
+    return cap_step(norm, delta)
+
+
+def line_search(q_fn, theta0, delta, q0):
+    """Full step where it increases Q, else the best of the smaller step sizes; θ0 unless Q increases.
+
+    theta0, delta : (R, P); q0 (R,) Q at θ0; ``q_fn(θ, idx)`` maps candidates (A, r, P)
+    for problems ``idx`` (None = all) to Q (A, r). Returns (θ (R, P), Q (R,)).
+    """
+    return _line_search(q_fn, theta0, delta, q0)
+
+
 def gate_newton_step(gate, x, resp, n_steps: int = 1):
     """Generalised-EM gate step for any gate: damped Newton with autograd derivatives.
 
     Maximises Q_gate = Σ_n Σ_k r_nk log g_k(x_n) over the gate's estimable
     parameters (reference expert fixed at zero; positive parameters such as τ
-    on the log scale). The Hessian is shifted (Levenberg–Marquardt) until
-    positive definite, so non-concave gates (activation, estimated temperature,
-    top-K) get an ascent direction; a step is kept only if Q_gate increases.
+    on the log scale; layout :class:`GateParameters`). The Hessian is shifted
+    (Levenberg–Marquardt, :func:`newton_ascent_step`) until positive definite,
+    so non-concave gates (activation, estimated temperature, top-K) get an
+    ascent direction; a step is kept only if Q_gate increases.
 
     Parameters
     ----------
@@ -240,59 +324,23 @@ def gate_newton_step(gate, x, resp, n_steps: int = 1):
     Gate
         Same family, updated parameters.
     """
-    K, d = gate.n_experts, gate.n_features
     R = x.shape[0]
     resp = resp.transpose(-1, -2)  # gate layout (R, n, K)
-    params = gate.params()
-    names = list(params)
-    sizes = []
-    for nm in names:
-        if nm in ("slope",):
-            sizes.append((K - 1) * d)
-        elif nm == "intercept":
-            sizes.append(K - 1)
-        else:
-            sizes.append(1)
-    P = sum(sizes)
+    layout = GateParameters(gate)
+    P = layout.P
     if P == 0:
         return gate
     dtype, dev = x.dtype, x.device
 
-    def flatten(ps):
-        parts = []
-        for nm in names:
-            t = ps[nm]
-            if nm == "slope":
-                parts.append(t[:, : K - 1].reshape(R, -1))
-            elif nm == "intercept":
-                parts.append(t[:, : K - 1])
-            else:
-                parts.append(t.log().reshape(R, 1) if nm in gate.positive_params else t.reshape(R, 1))
-        return torch.cat(parts, -1)
-
-    def unflatten(theta):  # [..., R, P] -> dict
-        lead = theta.shape[:-1]
-        out, i = {}, 0
-        for nm, s in zip(names, sizes):
-            t = theta[..., i : i + s]
-            i += s
-            if nm == "slope":
-                out[nm] = torch.cat([t.reshape(*lead, K - 1, d), torch.zeros(*lead, 1, d, dtype=dtype, device=dev)], -2)
-            elif nm == "intercept":
-                out[nm] = torch.cat([t, torch.zeros(*lead, 1, dtype=dtype, device=dev)], -1)
-            else:
-                t = t.squeeze(-1)
-                out[nm] = t.exp() if nm in gate.positive_params else t
-        return out
-
     def q_fn(theta, idx=None):
         if idx is None:
-            return gate_q(gate.replace(**unflatten(theta)).log_weights(x), resp)
-        sub = gate.map_tensors(lambda t: t[idx]).replace(**unflatten(theta))
+            return gate_q(gate.replace(**layout.unflatten(theta)).log_weights(x), resp)
+        sub = gate.map_tensors(lambda t: t[idx]).replace(**layout.unflatten(theta))
         return gate_q(sub.log_weights(x[idx]), resp[idx])
 
-    theta = flatten(params).detach()
+    theta = layout.flatten().detach()
     eye = torch.eye(P, dtype=dtype, device=dev)
+    xs = x.abs().amax(-2).amax(-1)  # [R]
     for _ in range(n_steps):
         th = theta.clone().requires_grad_(True)
         with torch.enable_grad():
@@ -306,17 +354,7 @@ def gate_newton_step(gate, x, resp, n_steps: int = 1):
             negH = torch.zeros(R, P, P, dtype=dtype, device=dev)
         else:
             negH = -hess.detach().permute(1, 0, 2)
-        negH = 0.5 * (negH + negH.transpose(-1, -2))
-        negH = torch.nan_to_num(negH, nan=0.0, posinf=0.0, neginf=0.0)
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        min_eig = torch.linalg.eigvalsh(negH)[..., 0]
-        scale = negH.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-12)
-        lam = (-min_eig).clamp_min(0) + 1e-6 * scale + 1e-12
-        delta = torch.linalg.solve(negH + lam[:, None, None] * eye, grad.unsqueeze(-1)).squeeze(-1)
-        # cap the step: no logit (through the slope or intercept) may move by more than the cap
-        xs = x.abs().amax(-2).amax(-1)  # [R]
-        norm = delta.abs().amax(-1) * (1.0 + xs * d)
-        delta = cap_step(norm, delta)
+        delta = newton_ascent_step(grad, negH, xs, gate.n_features)
         with torch.no_grad():
             theta, _ = _line_search(q_fn, theta, delta, q0)
-    return gate.replace(**unflatten(theta))
+    return gate.replace(**layout.unflatten(theta))

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from .gates import GATES, GateSpec, gate_spec
+from .gates import GateSpec, gate_spec
+from .gates.registry import fused_families
 from .init import INIT_METHODS
 
 __all__ = ["FitOptions", "ESTIMATORS", "CONVERGENCE_RULES", "check_n_experts"]
@@ -109,7 +110,7 @@ class FitOptions:
                              f"{' or '.join(map(repr, spec.family.estimators))}"
                              + (" (closed-form EM on the joint likelihood of x and y)" if spec.family.models_x else ""))
         if em:
-            _check_compile(self.compile, spec, self.gate_steps, self.dtype)
+            _check_compile(self.compile, spec, self.gate_steps, self.dtype, self.n_experts)
         if self.min_expert_size != "auto":
             try:
                 size = float(self.min_expert_size)
@@ -132,16 +133,18 @@ class FitOptions:
         return float(self.min_expert_size)
 
 
-def _check_compile(compile, gate: Optional[GateSpec] = None, gate_steps: int = 1, dtype=torch.float64) -> None:
+def _check_compile(compile, gate: Optional[GateSpec] = None, gate_steps: int = 1, dtype=torch.float64,
+                   n_experts: int = 2) -> None:
     """Validate fit_em's ``compile``; for compile=True also that the fused kernel covers the fit
-    (the gate family declares it: ``"fused" in Gate.kernels``)."""
+    (the gate family declares it, ``Gate.em_pass``, and covers its options: ``GateSpec.supports("fused")``)."""
     if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
     if compile is True and gate is not None:
         why = None
-        if not gate.supports("fused"):
-            fams = " or ".join(n for n, c in GATES.items() if "fused" in c.kernels)
-            why = f"a {fams} gate (got gate={gate.name!r})"
+        if gate.family.em_pass is None:
+            why = f"a {' or '.join(fused_families())} gate (got gate={gate.name!r})"
+        elif not gate.supports("fused", max(n_experts, 2)):
+            why = f"a named activation (got a callable: its derivatives are not in closed form)"
         elif gate_steps != 1:
             why = f"gate_steps=1 (got {gate_steps})"
         elif dtype != torch.float64:

@@ -56,6 +56,8 @@ class ActivationGate(Gate):
         GateOption("activation", activation_function, "tanh", "the activation act applied to b1'x"),
     )
     affine_invariant: ClassVar[bool] = False
+    #: EM's one-pass iteration: Newton on (β_1, β_0, log τ) from σ, σ', σ'' in closed form
+    em_pass: ClassVar[str] = "newton"
     positive_params: ClassVar[tuple] = ("temperature",)
     batched_attrs: ClassVar[tuple] = ("slope", "intercept", "temperature")
 
@@ -71,6 +73,13 @@ class ActivationGate(Gate):
         if self.learn_temperature:
             p["temperature"] = self.temperature
         return p
+
+    def em_pass_spec(self):
+        """``("activation", name, learn_temperature)`` for a named σ; None for a callable (its
+        derivatives are not in closed form: EM runs the autograd gate step)."""
+        if isinstance(self.activation, str):
+            return ("activation", self.activation, self.learn_temperature)
+        return None
 
     def hyperparams(self) -> dict:
         h = {"activation": self.activation, "learn_temperature": self.learn_temperature}

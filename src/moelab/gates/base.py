@@ -10,7 +10,7 @@ returns a new gate with new parameter values and the same hyper-parameters.
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Dict, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
@@ -45,9 +45,14 @@ class Gate:
         The family's hyper-parameters (constructor keywords) with their
         constraints and defaults; :func:`moelab.gates.gate_spec` validates
         user options against them.
-    kernels : frozenset of str
-        Fast kernels that cover the family: ``"fused"`` (the compiled one-pass
-        EM iteration of :mod:`moelab._fused`, which needs :meth:`logit_coefficients`).
+    em_pass : {"linear", "newton"} or None
+        How EM's one-pass iteration (:mod:`moelab._fused`: E-step and M-step
+        statistics in one pass over the data, compiled or eager) covers the
+        family — its one declaration of it: ``"linear"`` (logits linear in
+        :meth:`logit_coefficients`: IRLS from moments of the gate weights),
+        ``"newton"`` (damped Newton from closed-form derivatives of the
+        logits; :meth:`em_pass_spec` says what the kernel specialises on), or
+        None (the EM loop with the autograd gate step, eager).
     sparse_routing : bool
         True when the gate gives some experts weight exactly 0, so EM keeps
         each sample's routing set: ``fit_em`` then fits the dense softmax
@@ -69,7 +74,7 @@ class Gate:
     name: ClassVar[str] = "gate"
     description: ClassVar[str] = ""
     options: ClassVar[Tuple[GateOption, ...]] = ()
-    kernels: ClassVar[frozenset] = frozenset()
+    em_pass: ClassVar[Optional[str]] = None
     sparse_routing: ClassVar[bool] = False
     rate_studies: ClassVar[bool] = True
     linear_logits: ClassVar[bool] = False
@@ -212,12 +217,21 @@ class Gate:
                 n += int(t[(0,) * nb].numel()) if nb else int(t.numel())
         return n
 
+    def em_pass_spec(self) -> Optional[tuple]:
+        """The hashable spec of this gate's one-pass EM kernel (``em_pass``), or None where it has none.
+
+        ``("linear",)`` for ``em_pass = "linear"``; families with ``em_pass = "newton"``
+        return what :mod:`moelab._fused.newton` specialises on (e.g. the activation's
+        name), or None for settings it does not cover (a user callable activation).
+        """
+        return ("linear",) if self.em_pass == "linear" else None
+
     # -------------------------------------------------- linear logits, units
     def logit_coefficients(self) -> torch.Tensor:
         """θ (..., K, d+1) with logits = θ_k·[x, 1], for gates whose logits are linear in x.
 
-        The EM gate step (exact Newton/IRLS, ``linear_logits``) and the fused
-        kernel work on θ. Default: [β_1, β_0].
+        The EM gate step (exact Newton/IRLS, ``linear_logits``) and the linear
+        one-pass kernel work on θ. Default: [β_1, β_0].
         """
         return torch.cat([self.slope, self.intercept.unsqueeze(-1)], -1)
 

@@ -6,7 +6,8 @@ in class attributes
 
 - ``name`` and ``description`` (one line, for help texts),
 - ``options``: a tuple of :class:`GateOption` (name, constraint, default, help),
-- ``kernels``: the fast kernels that cover it (``"fused"``: :mod:`moelab._fused`),
+- ``em_pass``: how EM's one-pass iteration covers it (``"linear"``, ``"newton"`` or None:
+  :mod:`moelab._fused`),
 - ``sparse_routing`` (EM keeps each sample's routing set: fit a dense start first),
 - ``rate_studies`` (usable as the gate of a study's true and fitted models),
 
@@ -28,7 +29,7 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["Constraint", "positive_real", "boolean", "activation_function", "experts_kept", "GateOption", "GateSpec",
+__all__ = ["fused_families", "Constraint", "positive_real", "boolean", "activation_function", "experts_kept", "GateOption", "GateSpec",
            "GATES", "register_gate", "unregister_gate", "gate_family", "gate_spec", "families_taking"]
 
 
@@ -198,6 +199,11 @@ def gate_family(name) -> type:
     return GATES[name]
 
 
+def fused_families() -> Tuple[str, ...]:
+    """Names of the registered families EM's one-pass iteration covers (``Gate.em_pass`` set)."""
+    return tuple(n for n, c in GATES.items() if c.em_pass is not None)
+
+
 def families_taking(option: str) -> Tuple[str, ...]:
     """Names of the registered families that take ``option``."""
     return tuple(n for n, c in GATES.items() if any(o.name == option for o in c.options))
@@ -231,9 +237,17 @@ class GateSpec:
         opts = {k: (v.flatten()[0] if isinstance(v, torch.Tensor) else v) for k, v in self.options.items()}
         return GateSpec(self.family, opts).template(n_experts, n_features).n_free_parameters()
 
-    def supports(self, kernel: str) -> bool:
-        """Whether fast kernel ``kernel`` (e.g. ``"fused"``) covers this family."""
-        return kernel in self.family.kernels
+    def supports(self, kernel: str, n_experts: int = 2) -> bool:
+        """Whether fast kernel ``kernel`` covers this family and options: ``"fused"`` — EM's one-pass
+        iteration (``Gate.em_pass``, and the ``em_pass_spec()`` of a gate with these options and
+        ``n_experts`` experts; the family's declaration alone where such a gate cannot be built)."""
+        if kernel != "fused" or self.family.em_pass is None:
+            return False
+        try:
+            gate = self.template(n_experts, 1)
+        except ValueError:
+            return True
+        return gate.em_pass_spec() is not None
 
 
 def gate_spec(name, options: Optional[Mapping] = None, *, n_experts: Optional[int] = None) -> GateSpec:

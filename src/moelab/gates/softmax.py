@@ -42,7 +42,7 @@ class SoftmaxGate(Gate):
     name: ClassVar[str] = "softmax"
     description: ClassVar[str] = "softmax(b1'x + b0)"
     linear_logits: ClassVar[bool] = True
-    kernels: ClassVar[frozenset] = frozenset({"fused"})
+    em_pass: ClassVar[str] = "linear"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """β_1ᵀx + β_0: x (..., n, d) → (..., n, K)."""
@@ -76,7 +76,7 @@ class TemperatureGate(Gate):
         GateOption("temperature", positive_real, 1.0, "fixed temperature tau > 0 (the start when estimated)"),
         GateOption("learn_temperature", boolean, False, "estimate tau", of_estimation=True),
     )
-    kernels: ClassVar[frozenset] = frozenset({"fused"})
+    em_pass: ClassVar[str] = "linear"
     positive_params: ClassVar[tuple] = ("temperature",)
     batched_attrs: ClassVar[tuple] = ("slope", "intercept", "temperature")
 

@@ -43,6 +43,8 @@ class TopKGate(Gate):
     )
     sparse_routing: ClassVar[bool] = True
     rate_studies: ClassVar[bool] = False
+    #: EM's one-pass iteration: Newton on the linear logits with each sample's routing set kept
+    em_pass: ClassVar[str] = "newton"
 
     def __init__(self, slope, intercept, top_k: int = 1):
         super().__init__(slope, intercept)
@@ -52,6 +54,10 @@ class TopKGate(Gate):
     def from_dense(cls, dense: Gate, *, top_k: int) -> "TopKGate":
         """The top-``top_k`` sparsification of a dense softmax gate (same slope and intercept)."""
         return cls(dense.slope, dense.intercept, top_k=top_k)
+
+    def em_pass_spec(self):
+        """``("topk", top_k)``."""
+        return ("topk", self.top_k)
 
     def hyperparams(self) -> dict:
         return {"top_k": self.top_k}

@@ -1,6 +1,6 @@
-"""Fused EM iteration for linear-logit gates, compiled with ``torch.compile``.
+"""The one-pass EM iteration for linear-logit gates (softmax, temperature): kernels and M-step.
 
-The eager EM loop (:mod:`moelab.em`) materialises the responsibilities
+The textbook EM loop (:mod:`moelab.em` without a pass) materialises the responsibilities
 (R, K, n) and runs some forty full-size tensor operations per iteration, so at
 large R·n it is bound by memory traffic and per-operation overhead. For gates
 whose logits are linear in x (softmax, and the temperature gate, whose EM step
@@ -20,12 +20,13 @@ The gate line search then needs Σ_n logsumexp_k(θ'_k·x1_n) at the candidate
 θ' only, since Q_gate(θ) = Σ_k θ_k·(Σ_n r_nk x1_n) − Σ_n logsumexp_k(θ_k·x1_n)
 (Σ_k r_nk = 1). The M-step formulas are those of :func:`moelab.mstep.expert_m_step`
 and :func:`moelab.mstep.softmax_gate_newton_step` (same ridges, step cap and
-step sizes), so the fitted parameters agree with the eager loop to rounding.
+step sizes), so the fitted parameters agree with the textbook loop to rounding.
+Kernels take their runner ``run`` (:class:`moelab._fused.cache.Runner`): compiled, or eager on blocks of samples.
 
 The kernels are written with the experts and features unrolled into
 (R, n)-shaped operations, so Inductor fuses each into a single loop over the
 samples with all sums as accumulators. The graph grows like K²(d+1)², hence
-:func:`supported` limits it to small models (the simulation studies' regime).
+:func:`moelab._fused.supported` limits it to small models (the simulation studies' regime).
 
 Sources: Jordan & Jacobs (1994) (IRLS gate step, weighted least squares);
 Dempster, Laird & Rubin (1977) (generalised EM).
@@ -34,40 +35,38 @@ Dempster, Laird & Rubin (1977) (generalised EM).
 from __future__ import annotations
 
 import math
-import threading
-import warnings
-from types import MappingProxyType
 
 import torch
 
-from .mstep import backtrack, cap_step, negligible_gain
+from ..mstep import backtrack, cap_step, negligible_gain
 
-__all__ = ["supported", "available", "em_sums", "unpack_sums", "em_statistics", "statistics", "gate_lse_sum", "logit_range", "expert_update",
-           "gate_proposal", "gate_verify", "m_step", "KernelCache", "kernels"]
+__all__ = ["n_sums", "MAX_SUMS", "EXP_FLOOR", "lin", "exp_terms", "monomials", "moment_index", "moment_sums",
+           "expert_columns", "n_expert_columns", "unpack_experts", "em_sums", "unpack_sums", "em_statistics",
+           "gate_lse_sum", "logit_range", "expert_update", "gate_proposal", "gate_verify", "m_step"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: exponents are clamped here: weights below e^-300 ≈ 5e-131 are raised to it instead of
 #: underflowing through subnormal numbers (slow: measured 47 vs 36 ms per pass when fitted experts
 #: separate sharply); products of two such weights stay normal, and no sum can notice the change
-_EXP_FLOOR = -300.0
+EXP_FLOOR = -300.0
 #: most per-sample sums one fused pass may carry (the unrolled graph's size)
 MAX_SUMS = 200
+
+
+def n_expert_columns(K: int, d: int) -> int:
+    """Columns of :func:`expert_columns`: Σ r·(monomials of [x, 1] up to degree 2), Σ r e·[1, x], Σ r e² per expert."""
+    q = 1 + d + d * (d + 1) // 2
+    return K * q + K * (d + 2)
 
 
 def n_sums(K: int, d: int) -> int:
     """Number of sums over samples one pass computes (columns of :func:`em_sums`)."""
     q = 1 + d + d * (d + 1) // 2  # monomials of [x, 1] up to degree 2
-    return 2 + K * q + K * (d + 2) + (K - 1) * q + (K - 1) * K // 2 * q
-
-
-def supported(gate, K: int, d: int) -> bool:
-    """True for gate families that declare this kernel (``"fused" in Gate.kernels``: linear logits
-    through ``logit_coefficients``) with a small enough model."""
-    return "fused" in getattr(type(gate), "kernels", ()) and K >= 2 and n_sums(K, d) <= MAX_SUMS
+    return 2 + n_expert_columns(K, d) + (K - 1) * q + (K - 1) * K // 2 * q
 
 
 # ------------------------------------------------------------------ kernels (traced by torch.compile)
-def _lin(theta, k, xs):
+def lin(theta, k, xs):
     """θ_k·[x, 1] for problem batch: theta (R, K, p), xs list of d (R, n) columns → (R, n)."""
     d = len(xs)
     out = theta[:, k, d : d + 1]
@@ -76,26 +75,26 @@ def _lin(theta, k, xs):
     return out
 
 
-def _exp_terms(terms):
-    """Per-expert terms (list of K tensors) → their max m, exp(term − m) (clamped at _EXP_FLOOR), Σ exp."""
+def exp_terms(terms):
+    """Per-expert terms (list of K tensors) → their max m, exp(term − m) (clamped at EXP_FLOOR), Σ exp."""
     m = terms[0]
     for t in terms[1:]:
         m = torch.maximum(m, t)
-    e = [torch.exp((t - m).clamp_min(_EXP_FLOOR)) for t in terms]
+    e = [torch.exp((t - m).clamp_min(EXP_FLOOR)) for t in terms]
     total = e[0]
     for t in e[1:]:
         total = total + t
     return m, e, total
 
 
-def _monomials(d: int):
+def monomials(d: int):
     """Monomials of x1 = [x, 1] up to degree 2, each once: () for 1, (j,), (j, l) with j ≤ l."""
     return [()] + [(j,) for j in range(d)] + [(j, l) for j in range(d) for l in range(j, d)]
 
 
-def _moment_index(d: int):
+def moment_index(d: int):
     """Index of x1_j·x1_l (p, p) and of x1_j (p,) into the list of :func:`_monomials`."""
-    mono = {m: i for i, m in enumerate(_monomials(d))}
+    mono = {m: i for i, m in enumerate(monomials(d))}
     p = d + 1
 
     def key(j, l):
@@ -106,10 +105,10 @@ def _moment_index(d: int):
     return second, first
 
 
-def _sums(w, xs, degree=2):
+def moment_sums(w, xs, degree=2):
     """Σ_n w·m over the monomials of :func:`_monomials` up to ``degree``: list of (R,) sums."""
     out = []
-    for m in _monomials(len(xs)):
+    for m in monomials(len(xs)):
         if len(m) > degree:
             continue
         t = w
@@ -119,42 +118,64 @@ def _sums(w, xs, degree=2):
     return out
 
 
+def expert_columns(r, res, xs):
+    """The expert M-step's sums from responsibilities r and residuals res (lists of K (R, n) tensors).
+
+    Per expert Σ r·m over the monomials m of [x, 1] up to degree 2, then per expert
+    Σ r e·[1, x_1..x_d] and Σ r e² (e = y − current mean): :func:`unpack_experts` names them.
+    """
+    cols = []
+    for rk in r:
+        cols += moment_sums(rk, xs)
+    for rk, ek in zip(r, res):
+        re = rk * ek
+        cols += moment_sums(re, xs, degree=1)
+        cols.append((re * ek).sum(-1))
+    return cols
+
+
+def unpack_experts(sums, i: int, K: int, d: int) -> dict:
+    """The columns of :func:`expert_columns` starting at column ``i`` of ``sums`` (R, M), named:
+    ``S`` (R, K, p) Σ r x1, ``A`` (R, K, p, p) Σ r x1 x1ᵀ, ``be`` (R, K, p) Σ r e x1, ``ee`` (R, K) Σ r e²."""
+    R = sums.shape[0]
+    q = len(monomials(d))
+    second, first = (t.to(sums.device) for t in moment_index(d))
+    rq = sums[:, i : i + K * q].reshape(R, K, q)
+    i += K * q
+    re = sums[:, i : i + K * (d + 2)].reshape(R, K, d + 2)  # Σ r e·[1, x_1..x_d], Σ r e²
+    return dict(S=rq[..., first], A=rq[..., second], be=re[..., : d + 1][..., first], ee=re[..., d + 1])
+
+
 def em_sums(gate_theta, expert_theta, var, x, y):
     """One pass over the data: the E-step and every sum the M-step needs, as one (R, M) tensor.
 
     Arguments as :func:`em_statistics`; :func:`unpack_sums` names the columns.
     Written with experts and features unrolled into (R, n) operations so that
     Inductor fuses the pass into few loops over the samples; exponents are
-    clamped at _EXP_FLOOR (see there).
+    clamped at EXP_FLOOR (see there).
     """
     R, n, d = x.shape
     K = gate_theta.shape[1]
     xs = [x[..., j] for j in range(d)]
-    logits = [_lin(gate_theta, k, xs) for k in range(K)]
-    m, eg, sg = _exp_terms(logits)
+    logits = [lin(gate_theta, k, xs) for k in range(K)]
+    m, eg, sg = exp_terms(logits)
     lse_g = m + torch.log(sg)
     inv_sg = 1.0 / sg
     g = [e * inv_sg for e in eg[: K - 1]]
     const = _HALF_LOG_2PI + 0.5 * torch.log(var)  # (R, K)
     coef = -0.5 / var
-    res = [y - _lin(expert_theta, k, xs) for k in range(K)]
+    res = [y - lin(expert_theta, k, xs) for k in range(K)]
     joint = [logits[k] - lse_g - const[:, k : k + 1] + coef[:, k : k + 1] * res[k] * res[k] for k in range(K)]
-    mj, ej, sj = _exp_terms(joint)
+    mj, ej, sj = exp_terms(joint)
     lse = mj + torch.log(sj)
     inv_sj = 1.0 / sj
     r = [e * inv_sj for e in ej]
-    cols = [lse.sum(-1), lse_g.sum(-1)]
-    for k in range(K):
-        cols += _sums(r[k], xs)
-    for k in range(K):
-        re = r[k] * res[k]
-        cols += _sums(re, xs, degree=1)
-        cols.append((re * res[k]).sum(-1))
+    cols = [lse.sum(-1), lse_g.sum(-1)] + expert_columns(r, res, xs)
     for k in range(K - 1):
-        cols += _sums(g[k], xs)
+        cols += moment_sums(g[k], xs)
     for k in range(K - 1):
         for k2 in range(k, K - 1):
-            cols += _sums(g[k] * g[k2], xs)
+            cols += moment_sums(g[k] * g[k2], xs)
     return torch.stack(cols, -1)
 
 
@@ -162,30 +183,19 @@ def unpack_sums(sums, K: int, d: int) -> dict:
     """Name the columns of :func:`em_sums` (R, M): the dict of :func:`em_statistics`."""
     R = sums.shape[0]
     p = d + 1
-    q = len(_monomials(d))
-    second, first = (t.to(sums.device) for t in _moment_index(d))
-    i = 2
-    rq = sums[:, i : i + K * q].reshape(R, K, q)
-    i += K * q
-    re = sums[:, i : i + K * (d + 2)].reshape(R, K, d + 2)  # Σ r e·[1, x_1..x_d], Σ r e²
-    i += K * (d + 2)
+    q = len(monomials(d))
+    second, first = (t.to(sums.device) for t in moment_index(d))
+    out = dict(loglik=sums[:, 0], lse_gate=sums[:, 1], **unpack_experts(sums, 2, K, d))
+    i = 2 + n_expert_columns(K, d)
     gq = sums[:, i : i + (K - 1) * q].reshape(R, K - 1, q)
     i += (K - 1) * q
     pairs = [(k, k2) for k in range(K - 1) for k2 in range(k, K - 1)]
     ggq = sums[:, i : i + len(pairs) * q].reshape(R, len(pairs), q)
     pair_index = torch.tensor([[pairs.index((min(k, k2), max(k, k2))) for k2 in range(K - 1)] for k in range(K - 1)],
                               device=sums.device)
-    return dict(
-        loglik=sums[:, 0],
-        lse_gate=sums[:, 1],
-        S=rq[..., first],
-        A=rq[..., second],
-        be=re[..., : d + 1][..., first],
-        ee=re[..., d + 1],
-        G=gq[..., first],
-        Gxx=gq[..., second],
-        GG=ggq[:, pair_index][..., second] if K > 1 else sums.new_zeros(R, 0, 0, p, p),
-    )
+    out.update(G=gq[..., first], Gxx=gq[..., second],
+               GG=ggq[:, pair_index][..., second] if K > 1 else sums.new_zeros(R, 0, 0, p, p))
+    return out
 
 
 def em_statistics(gate_theta, expert_theta, var, x, y):
@@ -223,7 +233,7 @@ def gate_lse_sum(theta, x):
     for k in range(K):
         for j in range(p - 1):
             logits[k] = logits[k] + theta[:, :, k, j : j + 1] * xs[j]
-    m, _, s = _exp_terms(logits)
+    m, _, s = exp_terms(logits)
     return (m + torch.log(s)).sum(-1)
 
 
@@ -231,183 +241,13 @@ def logit_range(delta, x):
     """max_{k,n} |δ_k·x1_n|: the largest change of any logit; delta (R, K, p), x (R, n, d) → (R,)."""
     R, K, p = delta.shape
     xs = [x[..., j] for j in range(p - 1)]
-    out = _lin(delta, 0, xs).abs().amax(-1)
+    out = lin(delta, 0, xs).abs().amax(-1)
     for k in range(1, K):
-        out = torch.maximum(out, _lin(delta, k, xs).abs().amax(-1))
+        out = torch.maximum(out, lin(delta, k, xs).abs().amax(-1))
     return out
 
 
-# ------------------------------------------------------------------ compilation
-#: Inductor settings: fuse a pass's sums into as few loops over the samples as it allows instead of
-#: materialising per-sample intermediates (the defaults cap horizontal fusion at 16 nodes and realise
-#: any value read by more than 8 sums). Measured on the benchmark problem (R = 40, n = 10^5, 2 threads):
-#: 59 → 35–40 ms per pass.
-_INDUCTOR_OPTIONS = MappingProxyType({"max_fusion_size": 1024, "realize_reads_threshold": 1000,
-                                      "realize_opcount_threshold": 10000, "realize_acc_reads_threshold": 1000,
-                                      "aggressive_fusion": True, "cpp.max_horizontal_fusion_size": 512})
-
-
-#: which argument dimension is the problem batch R, and the output's, per compiled kernel
-_ROW_DIMS = MappingProxyType({"em_sums": ((0, 0, 0, 0, 0), 0), "gate_lse_sum": ((1, 0), 1), "logit_range": ((0, 0), 0)})
-#: graphs per kernel before dynamo stops recompiling (one per (K, d, dtype, device); dynamo's default is 8)
-_RECOMPILE_LIMIT = 64
-
-
-class KernelCache:
-    """What this process knows about the compiled kernels, in one object with explicit methods.
-
-    * :meth:`get` — a kernel compiled once (per cache) and wrapped;
-    * :meth:`is_broken` / :meth:`mark_broken` — model shapes (K, d, dtype, device type) whose
-      start-up check (:func:`available`) failed, so "auto" does not retry them;
-    * failed calls — kernels whose compiled call failed after the check, run eagerly from then on;
-    * :meth:`clear` — forget all of it (tests; a new torch.compile setting).
-
-    The module owns one instance, :data:`kernels`; dynamo's recompile limit is
-    raised only around the compiled calls, never patched globally.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._compiled: dict = {}
-        self._broken: dict = {}
-        self._failed_calls: dict = {}
-        self._ready: dict = {}
-
-    def clear(self) -> None:
-        with self._lock:
-            self._compiled.clear()
-            self._broken.clear()
-            self._failed_calls.clear()
-            self._ready.clear()
-
-    def is_ready(self, key) -> bool:
-        """Whether the kernels for ``key`` = (K, d, dtype, device type) compiled and passed the check."""
-        return key in self._ready and key not in self._broken
-
-    def mark_ready(self, key) -> None:
-        self._ready[key] = True
-
-    def is_broken(self, key) -> bool:
-        return key in self._broken
-
-    def mark_broken(self, key, why: str) -> None:
-        self._broken[key] = why
-
-    def failed(self, name: str) -> bool:
-        """Whether the compiled kernel ``name`` failed after the start-up check (it runs eagerly)."""
-        return name in self._failed_calls
-
-    def get(self, fn):
-        """``fn`` compiled once, wrapped so that it
-
-        * never sees a batch of one problem (Inductor would specialise and compile
-          that size separately): a single problem is padded to two;
-        * keeps its own recompile limit (a graph per K, d, dtype and device);
-        * mutes torch's own compile-time DeprecationWarnings;
-        * runs the eager ``fn`` (same result) with a RuntimeWarning if the compiled
-          call fails after the start-up check (:func:`available`, which calls it
-          with ``fallback=False`` so that failures surface there).
-        """
-        with self._lock:
-            c = self._compiled.get(fn.__name__)
-            if c is None:
-                c = self._compiled[fn.__name__] = self._wrap(fn)
-            return c
-
-    @staticmethod
-    def _compile_scope():
-        # dynamo's recompile limit has no public setter; raise it only around our own calls
-        return torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)
-
-    def _wrap(self, fn):
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=dict(_INDUCTOR_OPTIONS))
-        in_dims, out_dim = _ROW_DIMS[fn.__name__]
-        name = fn.__name__
-
-        def c(*args, fallback=True):
-            one = args[0].shape[in_dims[0]] == 1
-            if one:
-                args = tuple(torch.cat([a, a], dim) for a, dim in zip(args, in_dims))
-            if not self.failed(name) or not fallback:
-                try:
-                    with warnings.catch_warnings(), self._compile_scope():
-                        # torch.compile imports torch.jit helpers that warn (not actionable by a user)
-                        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                        out = compiled(*args)
-                except Exception as exc:  # e.g. a recompilation that fails mid-run
-                    if not fallback:
-                        raise
-                    self._failed_calls[name] = repr(exc)
-                    warnings.warn(f"compiled EM kernel {name} failed ({type(exc).__name__}); running it eagerly "
-                                  "from now on in this process (same results, slower)", RuntimeWarning, stacklevel=2)
-                    out = fn(*args)
-            else:
-                out = fn(*args)
-            return out.narrow(out_dim, 0, 1) if one else out
-
-        return c
-
-
-#: the process's compiled kernels (see :class:`KernelCache`)
-kernels = KernelCache()
-
-
-def kernel_key(K: int, d: int, dtype, device) -> tuple:
-    """The key of the compiled kernels for K experts, d features, dtype and device type."""
-    return (K, d, str(dtype), torch.device(device).type)
-
-
-def available(K: int, d: int, dtype, device, strict: bool = False) -> bool:
-    """Compile (or load from Inductor's cache) the fused kernels for K experts, d features.
-
-    Runs them once on a small problem and checks them against the eager
-    functions. Returns False (with a warning) if compilation fails, e.g.
-    without a C++ compiler on CPU; ``strict=True`` raises RuntimeError instead.
-    """
-    key = kernel_key(K, d, dtype, device)
-    if kernels.is_ready(key):  # compiled and checked earlier in this process
-        return True
-    if kernels.is_broken(key) and not strict:
-        return False
-    gen = torch.Generator().manual_seed(0)
-    R, n, p = 3, 17, d + 1
-    kw = dict(dtype=dtype)
-    x = torch.rand(R, n, d, generator=gen, **kw).to(device)
-    y = torch.randn(R, n, generator=gen, **kw).to(device)
-    th = torch.randn(R, K, p, generator=gen, **kw).to(device)
-    th[:, -1] = 0
-    eth = torch.randn(R, K, p, generator=gen, **kw).to(device)
-    var = (torch.rand(R, K, generator=gen, **kw) + 0.5).to(device)
-    try:
-        out = unpack_sums(kernels.get(em_sums)(th, eth, var, x, y, fallback=False), K, d)
-        ref = em_statistics(th, eth, var, x, y)
-        cand = torch.stack([th, 0.5 * th, -th])  # the step-size search evaluates several at once
-        torch.testing.assert_close(kernels.get(gate_lse_sum)(cand, x, fallback=False), gate_lse_sum(cand, x))
-        torch.testing.assert_close(kernels.get(logit_range)(eth, x, fallback=False), logit_range(eth, x))
-        for k in ref:
-            torch.testing.assert_close(out[k], ref[k])
-    except Exception as exc:  # compiler missing, Inductor error, or wrong results
-        kernels.mark_broken(key, repr(exc))
-        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        hint = "torch.compile on CPU needs a C++ compiler (g++/clang) if that is the cause"
-        if strict:
-            raise RuntimeError(f"compile=True: torch.compile of the fused EM kernels failed ({cause}); {hint}; "
-                               "or pass compile='auto' (falls back to the eager loop) or compile=False") from exc
-        msg = (f"torch.compile of the fused EM kernels failed ({cause}); running the eager EM loop instead "
-               f"({hint}; pass compile=False to skip this attempt)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return False
-    kernels.mark_ready(key)
-    return True
-
-
 # ------------------------------------------------------------------ M-step from the statistics
-def statistics(gate_theta, expert_theta, var, x, y, compiled: bool = True):
-    """:func:`em_statistics` with the pass compiled (default) or eager."""
-    sums = (kernels.get(em_sums) if compiled else em_sums)(gate_theta, expert_theta, var, x, y)
-    return unpack_sums(sums, gate_theta.shape[1], x.shape[-1])
-
-
 def expert_update(st, expert_theta, var, n: int, var_floor):
     """Expert M-step from :func:`em_statistics`: (θ (R, K, p), variance (R, K)).
 
@@ -446,7 +286,7 @@ def _full(free, K, p):
     return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros], -2)
 
 
-def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
+def gate_proposal(st, gate_theta, x, run, x_range=None):
     """Damped Newton step on Q_gate(θ) = Σ_k θ_k·S_k − Σ_n logsumexp_k θ_k·x1_n from the statistics.
 
     Same system as :func:`moelab.mstep.softmax_gate_newton_step` (ridge, gradient
@@ -455,7 +295,6 @@ def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
     for one feature. Returns the full step's θ (R, K, p) and what
     :func:`gate_verify` needs.
     """
-    range_fn = kernels.get(logit_range) if compiled else logit_range
     R, K, p = gate_theta.shape
     P = (K - 1) * p
     dtype, dev = gate_theta.dtype, gate_theta.device
@@ -475,7 +314,7 @@ def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
         dl = torch.maximum((sk[..., 0] * lo[:, None] + sk[..., 1]).abs(), (sk[..., 0] * hi[:, None] + sk[..., 1]).abs())
         dl = dl.amax(-1)
     else:
-        dl = range_fn(_full(step, K, p), x)
+        dl = run(logit_range, _full(step, K, p), x)
     step = cap_step(dl, step)
     n = x.shape[-2]
     skip = negligible_gain(grad, step, H, q0, n, info == 0)
@@ -483,14 +322,13 @@ def gate_proposal(st, gate_theta, x, compiled: bool = True, x_range=None):
     return _full(cand, K, p), dict(free=free, step=step, q0=q0, Sg=Sg, skip=skip, cand=cand)
 
 
-def gate_verify(lse_gate, pending, x, compiled: bool = True):
+def gate_verify(lse_gate, pending, x, run):
     """Accept the proposed gate where Q_gate increased, else search smaller steps.
 
     ``lse_gate`` (R,): Σ_n logsumexp at the proposed θ (from the next pass of
     :func:`em_statistics`, or :func:`gate_lse_sum`). Returns θ (R, K, p) and the
     indices (tensor) of problems whose θ differs from the proposal, or None.
     """
-    lse_fn = kernels.get(gate_lse_sum) if compiled else gate_lse_sum
     free, step, q0, Sg, skip, cand = (pending[k] for k in ("free", "step", "q0", "Sg", "skip", "cand"))
     R, P = free.shape
     p = x.shape[-1] + 1
@@ -502,14 +340,14 @@ def gate_verify(lse_gate, pending, x, compiled: bool = True):
     idx = (~ok).nonzero().squeeze(-1)
 
     def q_fn(c, sub):
-        return (c * Sg[sub]).sum(-1) - lse_fn(_full(c, K, p).contiguous(), x[sub])
+        return (c * Sg[sub]).sum(-1) - run(gate_lse_sum, _full(c, K, p).contiguous(), x[sub])
 
     new = cand.clone()
     new[idx], _ = backtrack(q_fn, free, step, q0, idx)
     return _full(new, K, p), idx
 
 
-def m_step(st, gate_theta, expert_theta, var, x, var_floor, compiled: bool = True):
+def m_step(st, gate_theta, expert_theta, var, x, var_floor, run):
     """One full M-step from :func:`em_statistics` (gate line search by its own pass).
 
     Returns new (gate_theta, expert_theta, var), the updates of
@@ -517,8 +355,7 @@ def m_step(st, gate_theta, expert_theta, var, x, var_floor, compiled: bool = Tru
     :func:`moelab.mstep.softmax_gate_newton_step`. The EM loop instead checks the
     proposed gate with the next iteration's pass (see ``moelab.em._run_em``).
     """
-    lse_fn = kernels.get(gate_lse_sum) if compiled else gate_lse_sum
     new_theta, new_var = expert_update(st, expert_theta, var, x.shape[-2], var_floor)
-    prop, pending = gate_proposal(st, gate_theta, x, compiled)
-    gth, _ = gate_verify(lse_fn(prop.unsqueeze(0), x)[0], pending, x, compiled)
+    prop, pending = gate_proposal(st, gate_theta, x, run)
+    gth, _ = gate_verify(run(gate_lse_sum, prop.unsqueeze(0), x)[0], pending, x, run)
     return gth, new_theta, new_var
