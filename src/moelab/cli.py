@@ -206,10 +206,11 @@ def check_fit_flags(args) -> dict:
         raise CLIError("--n-candidates applies to --estimator em only")
     if args.tol is not None and not (math.isfinite(args.tol) and args.tol >= 0):
         raise CLIError(f"--tol must be a number >= 0, got {args.tol}")
-    if not (math.isfinite(args.level) and 0 < args.level < 1):
-        raise CLIError(f"--level must be a number in (0, 1), e.g. 0.95, got {args.level}")
-    if args.bootstrap is not None and args.bootstrap < 2:
-        raise CLIError(f"--bootstrap must be >= 2 (resamples, e.g. 200), got {args.bootstrap}")
+    level, n_boot = getattr(args, "level", 0.95), getattr(args, "bootstrap", None)  # moelab fit's flags only
+    if not (math.isfinite(level) and 0 < level < 1):
+        raise CLIError(f"--level must be a number in (0, 1), e.g. 0.95, got {level}")
+    if n_boot is not None and n_boot < 2:
+        raise CLIError(f"--bootstrap must be >= 2 (resamples, e.g. 200), got {n_boot}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
     if args.compile == "on" and family.em_pass is None:
