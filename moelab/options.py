@@ -102,6 +102,10 @@ class FitOptions:
             raise ValueError(f"unknown init {self.init!r}; choose one of auto, {', '.join(INIT_METHODS)}, "
                              "or pass init_model")
         spec = gate_spec(self.gate, gate_options, n_experts=check_n_experts(self.n_experts))
+        if not spec.family.normalised:
+            raise ValueError(f"gate {spec.name!r} is not normalised (its weights do not sum to 1), so it defines no "
+                             f"mixture density for {self.estimator.upper()}; fit the regression model by least squares "
+                             f"with moelab.fit_lse(x, y, n_experts, gate={spec.name!r}), or use a softmax-type gate")
         object.__setattr__(self, "gate", spec)
         if em:
             _check_compile(self.compile, spec, self.gate_steps, self.dtype)

@@ -54,6 +54,10 @@ class Gate:
         model first and starts from :meth:`from_dense`.
     rate_studies : bool
         Usable as the gate of a rate study (Voronoi losses of dense gates).
+    normalised : bool
+        True when the weights sum to 1 over experts (a mixture density); the
+        likelihood estimators (``fit_em``, ``fit_mle``) need it. The sigmoid
+        gate is not, and is fitted by least squares (:func:`moelab.fit_lse`).
 
     Register a subclass with :func:`moelab.gates.register_gate` to make it
     usable by ``fit_em``, ``fit_mle``, the estimator and study files.
@@ -65,6 +69,7 @@ class Gate:
     kernels: ClassVar[frozenset] = frozenset()
     sparse_routing: ClassVar[bool] = False
     rate_studies: ClassVar[bool] = True
+    normalised: ClassVar[bool] = True
     linear_logits: ClassVar[bool] = False
     affine_invariant: ClassVar[bool] = True
     #: parameters constrained to be positive (optimised on the log scale)
@@ -229,6 +234,13 @@ class Gate:
             return self.replace(slope=slope)
         shift = (self.slope * x_loc.unsqueeze(-2)).sum(-1)
         return self.replace(slope=slope, intercept=self.intercept + self.absorb_linear_shift(shift))
+
+    def atom_masses(self) -> torch.Tensor:
+        """Per-expert masses (..., K) of the Voronoi losses: the weights at x = 0 with the slopes removed.
+
+        Default (softmax-type gates): softmax(β_0), the normalised exp(β_0).
+        """
+        return torch.softmax(self.intercept, -1)
 
     @classmethod
     def from_dense(cls, dense: "Gate", **options) -> "Gate":

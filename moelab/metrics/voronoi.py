@@ -173,7 +173,7 @@ def normalised_atoms(model: GaussianMoE, centre: Optional[torch.Tensor] = None) 
         s = s - centre.unsqueeze(-2)
     tau = getattr(gate, "temperature", None)
     out = {
-        "mass": torch.softmax(gate.intercept, -1),
+        "mass": gate.atom_masses(),
         "gate_slope": s if tau is None else s * tau[..., None, None],
         "expert_slope": ex.slope,
         "expert_intercept": ex.intercept.unsqueeze(-1),
