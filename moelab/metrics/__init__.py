@@ -4,12 +4,16 @@
   (general exponents; presets D1 and D2) and per-parameter-group errors.
 * :mod:`~moelab.metrics.density` — Hellinger and total-variation distances
   between conditional densities, averaged over the x distribution.
+* :mod:`~moelab.metrics.regression` — least-squares (regression) MoE: the
+  over-specified Voronoi loss of the LSE theory and the L² distance of
+  regression functions.
 * :mod:`~moelab.metrics.rates` — empirical rates: least-squares slope of
   log(loss) on log(n) with a bootstrap interval over replicates.
 """
 
 from .density import density_distances
 from .rates import RateFit, fit_rate
+from .regression import lse_exponents, lse_loss, regression_distance
 from .voronoi import (
     D1_EXPONENTS,
     PARAMETER_GROUPS,
@@ -35,6 +39,9 @@ __all__ = [
     "normalised_atoms",
     "parameter_errors",
     "density_distances",
+    "lse_exponents",
+    "lse_loss",
+    "regression_distance",
     "fit_rate",
     "RateFit",
 ]
