@@ -29,6 +29,7 @@ Marquardt (1963), Moré (1978) for the algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -165,47 +166,55 @@ def _rss(st, theta, x1, phi1, y):
 
 
 def _levenberg_marquardt(st: _Setup, theta, x1, phi1, y, max_iter: int, tol: float, history):
-    """Iterate until every problem stops; returns θ, RSS (R,), iterations (R,), converged (R,)."""
+    """Iterate until every problem stops; returns θ, RSS (R,), iterations (R,), converged (R,).
+
+    The active problems are kept compacted (data, θ, JᵀJ, Jᵀr, λ), re-indexed only when some stop.
+    """
     R = theta.shape[0]
     n = y.shape[-1]
     dev, dt = theta.device, theta.dtype
-    theta = theta.clone()
-    A, grad, rss = _normal_equations(st, theta, x1, phi1, y)
+    theta_out = theta.clone()
+    A, grad, rss = _normal_equations(st, theta_out, x1, phi1, y)
     rss = torch.nan_to_num(rss, nan=math.inf)
+    rss_out = rss.clone()
     history[:, 0] = rss / n
-    lam = torch.full((R,), _LAMBDA0, dtype=dt, device=dev)
     n_iter = torch.zeros(R, dtype=torch.long, device=dev)
     converged = torch.zeros(R, dtype=torch.bool, device=dev)
     active = torch.arange(R, device=dev)
+    th, xa, pa, ya = theta_out.clone(), x1, phi1, y
+    lam = torch.full((R,), _LAMBDA0, dtype=dt, device=dev)
     eye = torch.eye(st.n_params, dtype=dt, device=dev)
     for it in range(1, max_iter + 1):
-        if active.numel() == 0:
-            break
-        Aa, ga = A[active], grad[active]
-        diag = Aa.diagonal(dim1=-2, dim2=-1)
+        diag = A.diagonal(dim1=-2, dim2=-1)
         D = torch.maximum(diag, 1e-12 * diag.amax(-1, keepdim=True) + 1e-300)
-        M = Aa + lam[active, None, None] * torch.diag_embed(D) + 1e-14 * D.amax(-1)[:, None, None] * eye
+        M = A + lam[:, None, None] * torch.diag_embed(D) + 1e-14 * D.amax(-1)[:, None, None] * eye
         L, info = torch.linalg.cholesky_ex(M)
-        delta = -torch.cholesky_solve(ga.unsqueeze(-1), L).squeeze(-1)
-        delta = torch.where((info > 0)[:, None] | ~torch.isfinite(delta), torch.zeros_like(delta), delta)
-        trial = theta[active] + delta
-        new = _rss(st, trial, x1[active], phi1[active], y[active])
-        old = rss[active]
-        ok = (new < old) & (info == 0)
-        n_iter[active] += 1
-        lam[active] = torch.where(ok, (lam[active] * _LAMBDA_DOWN).clamp_min(1e-12), lam[active] * _LAMBDA_UP)
-        done = ok & ((old - new) <= tol * old)
-        stuck = lam[active] > _LAMBDA_MAX
+        delta = -torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
+        bad = (info > 0) | ~torch.isfinite(delta).all(-1)
+        trial = th + torch.where(bad[:, None], torch.zeros_like(delta), delta)
+        new = _rss(st, trial, xa, pa, ya)
+        ok = (new < rss) & ~bad
+        lam = torch.where(ok, (lam * _LAMBDA_DOWN).clamp_min(1e-12), lam * _LAMBDA_UP)
+        done = ok & ((rss - new) <= tol * rss)
         if bool(ok.any()):
-            acc = active[ok]
-            theta[acc] = trial[ok]
-            A_new, g_new, rss_new = _normal_equations(st, theta[acc], x1[acc], phi1[acc], y[acc])
-            A[acc], grad[acc], rss[acc] = A_new, g_new, rss_new
-        history[active, it] = rss[active] / n
-        stop = done | stuck
-        converged[active[stop]] = True
-        active = active[~stop]
-    return theta, rss, n_iter, converged
+            idx = ok.nonzero().squeeze(-1)
+            th[idx] = trial[idx]
+            A_new, g_new, rss_new = _normal_equations(st, th[idx], xa[idx], pa[idx], ya[idx])
+            A[idx], grad[idx], rss[idx] = A_new, g_new, torch.nan_to_num(rss_new, nan=math.inf)
+        n_iter[active] += 1
+        history[active, it] = rss / n
+        stop = done | (lam > _LAMBDA_MAX)
+        if it == max_iter or bool(stop.all()):
+            theta_out[active], rss_out[active] = th, rss
+            converged[active[stop]] = True
+            break
+        if bool(stop.any()):
+            theta_out[active[stop]], rss_out[active[stop]] = th[stop], rss[stop]
+            converged[active[stop]] = True
+            keep = ~stop
+            active, th, lam, A, grad, rss = active[keep], th[keep], lam[keep], A[keep], grad[keep], rss[keep]
+            xa, pa, ya = xa[keep], pa[keep], ya[keep]
+    return theta_out, rss_out, n_iter, converged
 
 
 # ------------------------------------------------------------------ starts
@@ -274,6 +283,21 @@ def _user_starts(st: _Setup, model: RegressionMoE, gate_name: str, batch, scalin
         g_rows = g_rows - g_rows[:, -1:]  # re-reference to the last expert (softmax translation invariance)
     e_rows = torch.cat([experts.slope, experts.intercept.unsqueeze(-1)], -1)
     return st.flat(g_rows, e_rows), S
+
+
+@contextlib.contextmanager
+def _threads_for(work: int):
+    """One intra-op thread for small problems (below ~10^7 Jacobian entries), restored afterwards:
+    thread synchronisation dominates there, badly so on a busy machine (see moelab.fitcore.threads_for)."""
+    before = torch.get_num_threads()
+    small = work < 10_000_000 and before > 1
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ entry point
@@ -387,7 +411,8 @@ def fit_lse(
     x1r, phir, yr = (design(xs), phi1, yb) if S == 1 else (design(xs).repeat_interleave(S, 0),
                                                            phi1.repeat_interleave(S, 0), yb.repeat_interleave(S, 0))
     history = torch.full((B * S, max_iter + 1), math.nan, dtype=dtype, device=xb.device)
-    theta, rss, n_iter, conv = _levenberg_marquardt(st, theta0, x1r, phir, yr, max_iter, float(tol), history)
+    with _threads_for(B * S * n * st.n_params):
+        theta, rss, n_iter, conv = _levenberg_marquardt(st, theta0, x1r, phir, yr, max_iter, float(tol), history)
     score = torch.nan_to_num(rss, nan=math.inf).reshape(B, S)
     pick = score.argmin(-1) + torch.arange(B, device=xb.device) * S
     g_rows, e_rows = st.split(theta[pick])

@@ -27,7 +27,7 @@ RATE_COLUMNS = ("study", "gate", "setting", "n_experts", "quantity", "aggregate"
 
 AGGREGATES = ("mean", "median")
 
-QUANTITIES = ("loss", "hellinger", "tv", "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
+QUANTITIES = ("loss", "hellinger", "tv", "regression_l2", "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
               "err_expert_slope", "err_expert_intercept", "err_variance")
 
 

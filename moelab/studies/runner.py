@@ -36,6 +36,7 @@ from ..em import fit_em
 from ..metrics import d1_loss, d2_loss, density_distances, parameter_errors
 from ..mle import fit_mle
 from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
+from .lse import fit_batch as lse_fit_batch, truth_perturbed as lse_starts
 from .simulate import cell_seed, simulate_cells, true_model, truth_perturbed, x_points
 
 __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
@@ -43,7 +44,7 @@ __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "ga
 METRIC_COLUMNS = (
     "loss", "loss_D1", "loss_D2", "hellinger", "tv",
     "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
-    "err_expert_slope", "err_expert_intercept", "err_variance",
+    "err_expert_slope", "err_expert_intercept", "err_variance", "regression_l2",
 )
 RESULT_COLUMNS = (
     "study", "setting", "gate", "n_experts", "estimator", "init", "loss_name", "n", "replicate",
@@ -90,11 +91,16 @@ def read_results(path) -> pd.DataFrame:
 
 def _append_rows(path: Path, rows: List[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-    if not path.exists() or path.stat().st_size == 0:
+    new = not path.exists() or path.stat().st_size == 0
+    columns = RESULT_COLUMNS
+    if not new:  # resuming a file written by an earlier version: keep its columns, so rows stay aligned
+        with open(path) as fh:
+            columns = tuple(next(csv.reader(fh)))
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    if new:
         w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k])) else r[k]) for k in RESULT_COLUMNS})
+        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k])) else r[k]) for k in columns})
     with open(path, "a") as fh:
         fh.write(buf.getvalue())
         fh.flush()
@@ -126,7 +132,7 @@ def start_seeds(study: Study, fi: int, n: int, r: int, tries: int) -> List[int]:
 def _starts(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int]):
     """Truth-perturbed starts of the replicates ``reps``: batch shape (R,), or (R, tries) with several tries."""
     seeds = [s for r in reps for s in start_seeds(study, fi, n, r, fit.tries)]
-    model = truth_perturbed(truth, fit, seeds, n)
+    model = lse_starts(truth, fit, seeds) if fit.estimator == "lse" else truth_perturbed(truth, fit, seeds, n)
     if fit.tries == 1:
         return model
     shape = lambda t: t.reshape(len(reps), fit.tries, *t.shape[1:])  # noqa: E731  replicate-major
@@ -137,6 +143,11 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
     """Fit replicates ``reps`` at sample size n as one batched problem; one row per replicate."""
     x, y = simulate_cells(study, truth, n, reps)
     K = fit.n_experts
+    if fit.estimator == "lse":
+        base = dict(study=study.name, setting=fit.name, gate=gate_label(fit), n_experts=K, estimator=fit.estimator,
+                    init=fit.init, loss_name=fit.loss_name(truth.n_experts), n=n)
+        starts = _starts(study, fi, fit, truth, n, reps) if fit.init == "truth-perturbed" else None
+        return lse_fit_batch(x, y, truth, fit, starts, base, reps, xpts, cell_seed(study.seed, n, reps[0], fi, 1))
     kwargs = dict(gate=fit.gate, gate_options=fit.gate_options or None, max_iter=fit.max_iter, tol=fit.tol,
                   warn=False, random_state=cell_seed(study.seed, n, reps[0], fi, 1))
     if fit.estimator == "em":
