@@ -232,3 +232,14 @@ def test_likelihood_estimators_refuse_the_sigmoid_gate():
     for fit in (moelab.fit_em, moelab.fit_mle):
         with pytest.raises(ValueError, match="gate 'sigmoid' is not normalised .* moelab.fit_lse"):
             fit(x, x[:, 0], 2, gate="sigmoid")
+
+
+def test_cli_fit_refuses_the_sigmoid_gate_in_one_line(tmp_path, capsys):
+    from moelab.cli import main
+
+    x = torch.linspace(0, 1, 60, dtype=DT)
+    path = tmp_path / "d.csv"
+    path.write_text("x,y\n" + "\n".join(f"{float(a)},{float(2 * a + 0.1 * math.sin(40 * a))}" for a in x))
+    assert main(["fit", str(path), "--x", "x", "--y", "y", "--experts", "2", "--gate", "sigmoid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not normalised" in err and "fit_lse" in err
