@@ -124,13 +124,15 @@ def compare_gates(results, rates):
     """Sigmoid vs softmax on the same data, per paired setting and quantity (moelab's comparison rule).
 
     Columns: ``setting`` (the pair's key, e.g. ``relu-over-K3``), ``quantity``, ``slope_sigmoid``,
-    ``slope_softmax`` (log-log slopes of the mean, with 95% intervals ``ci_*``), ``mean_sigmoid``,
-    ``mean_softmax`` (mean over replicates at the largest common n, ``n_max``), ``ratio`` (softmax /
-    sigmoid there), ``n_sigmoid_to_match`` (the smallest n of the grid at which the sigmoid fit's
-    mean is at most the softmax fit's mean at ``n_max``: the sample size sigmoid gating needs for
-    the error softmax gating has at n_max; NaN if none), and ``verdict`` on the published claim
-    "sigmoid gating needs fewer samples": ``consistent`` if the sigmoid mean is lower at each of
-    the three largest n, ``inconsistent`` if higher at each, else ``unclear``.
+    ``slope_softmax`` (log-log slopes of the mean, with 95% intervals ``ci_*``), ``median_sigmoid``,
+    ``median_softmax`` and ``mean_sigmoid``, ``mean_softmax`` over replicates at the largest common n
+    (``n_max``), ``ratio`` (softmax / sigmoid median there), ``n_sigmoid_to_match`` (the smallest n of
+    the grid at which the sigmoid fit's median is at most the softmax fit's median at ``n_max``: the
+    sample size sigmoid gating needs for the error softmax gating has at n_max; NaN if none), and
+    ``verdict`` on the published claim "sigmoid gating needs fewer samples": ``consistent`` if the
+    sigmoid median is lower at each of the three largest n, ``inconsistent`` if higher at each, else
+    ``unclear``. Medians, because a few over-specified fits with diverging gate parameters dominate
+    the means.
     """
     import numpy as np
     import pandas as pd
@@ -138,40 +140,40 @@ def compare_gates(results, rates):
     rows = []
     for key, by in _pairs(results).items():
         for q in COMPARED:
-            means, rr = {}, {}
+            stats, rr = {}, {}
             for g in ("sigmoid", "softmax"):
                 df = results[results["setting"] == by[g]]
                 if q not in df:
                     continue
-                v = pd.to_numeric(df[q], errors="coerce")
-                means[g] = v.groupby(df["n"].astype(int)).mean()
+                v = pd.to_numeric(df[q], errors="coerce").groupby(df["n"].astype(int))
+                stats[g] = (v.median(), v.mean())
                 qname = f"loss_{df['loss_name'].iloc[0]}" if q == "loss" else q
                 sel = rates[(rates["setting"] == by[g]) & (rates["quantity"] == qname) & (rates["aggregate"] == "mean")]
                 rr[g] = sel.iloc[0] if len(sel) else None
-            if len(means) < 2 or not all(np.isfinite(m).any() for m in means.values()):
+            if len(stats) < 2 or not all(np.isfinite(m[0]).any() for m in stats.values()):
                 continue
-            common = sorted(set(means["sigmoid"].index) & set(means["softmax"].index))
-            s, f = means["sigmoid"][common], means["softmax"][common]
-            top = common[-3:]
-            lower = [bool(s[n] < f[n]) for n in top]
+            common = sorted(set(stats["sigmoid"][0].index) & set(stats["softmax"][0].index))
+            s, f = stats["sigmoid"][0][common], stats["softmax"][0][common]
+            lower = [bool(s[n] < f[n]) for n in common[-3:]]
             verdict = "consistent" if all(lower) else ("inconsistent" if not any(lower) else "unclear")
             target = f[common[-1]]
             match = [n for n in common if s[n] <= target]
-            row = dict(setting=key, quantity=qname, n_max=common[-1],
-                       mean_sigmoid=float(s[common[-1]]), mean_softmax=float(target), ratio=float(target / s[common[-1]]),
+            row = dict(setting=key, quantity=qname, n_max=common[-1], median_sigmoid=float(s[common[-1]]),
+                       median_softmax=float(target), mean_sigmoid=float(stats["sigmoid"][1][common[-1]]),
+                       mean_softmax=float(stats["softmax"][1][common[-1]]), ratio=float(target / s[common[-1]]),
                        n_sigmoid_to_match=float(match[0]) if match else float("nan"), verdict=verdict)
             for g in ("sigmoid", "softmax"):
                 r = rr.get(g)
                 row[f"slope_{g}"] = float(r["slope"]) if r is not None else float("nan")
                 row[f"ci_{g}"] = f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r is not None else ""
             rows.append(row)
-    cols = ["setting", "quantity", "slope_sigmoid", "ci_sigmoid", "slope_softmax", "ci_softmax", "n_max", "mean_sigmoid",
-            "mean_softmax", "ratio", "n_sigmoid_to_match", "verdict"]
+    cols = ["setting", "quantity", "slope_sigmoid", "ci_sigmoid", "slope_softmax", "ci_softmax", "n_max", "median_sigmoid",
+            "median_softmax", "mean_sigmoid", "mean_softmax", "ratio", "n_sigmoid_to_match", "verdict"]
     return pd.DataFrame(rows, columns=cols)
 
 
 def plot_gate_comparison(results, path, title: str, quantities=("loss", "err_expert_slope", "err_expert_intercept")) -> None:
-    """One row per paired setting, one panel per quantity: mean over replicates, sigmoid vs softmax."""
+    """One row per paired setting, one panel per quantity: median over replicates (10–90% band), sigmoid vs softmax."""
     import numpy as np
     import pandas as pd
 
@@ -191,9 +193,11 @@ def plot_gate_comparison(results, path, title: str, quantities=("loss", "err_exp
             for g, c in (("sigmoid", "C0"), ("softmax", "C3")):
                 df = results[results["setting"] == by[g]]
                 v = pd.to_numeric(df[q], errors="coerce")
-                m = v.groupby(df["n"].astype(int)).mean()
+                m = v.groupby(df["n"].astype(int)).median()
+                lo, hi = v.groupby(df["n"].astype(int)).quantile(0.1), v.groupby(df["n"].astype(int)).quantile(0.9)
                 if np.isfinite(m).any():
-                    ax.plot(m.index, m.values, "o-", color=c, lw=2, ms=6, label=f"{g} gate")
+                    ax.fill_between(lo.index, lo.values, hi.values, color=c, alpha=0.15, lw=0)
+                    ax.plot(m.index, m.values, "o-", color=c, lw=2, ms=6, label=f"{g} gate (median, 10-90%)")
             ax.set_xscale("log")
             ax.set_yscale("log")
             name = f"loss_{results[results['setting'] == by['sigmoid']]['loss_name'].iloc[0]}" if q == "loss" else q
@@ -202,7 +206,7 @@ def plot_gate_comparison(results, path, title: str, quantities=("loss", "err_exp
             ax.tick_params(labelsize=FONT["tick"])
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=FONT["legend"])
-    fig.suptitle(f"{title}: sigmoid vs softmax gating on the same data (mean over replicates)", fontsize=FONT["suptitle"])
+    fig.suptitle(f"{title}: sigmoid vs softmax gating on the same data (median over replicates)", fontsize=FONT["suptitle"])
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -68,7 +68,7 @@ def test_preset_has_six_studies_on_the_same_data():
     assert {(s.truth.gate, s.truth.expert_kind) for s in full} == {(g, e) for g in ("sigmoid", "softmax")
                                                                    for e in ("linear", "relu", "gelu")}
     assert all(f.estimator == "lse" for s in full for f in s.fits)
-    assert quick[0].all_n()[-1] == 20000 and quick[0].replicates == 8
+    assert quick[0].all_n()[-1] == 20000 and quick[0].replicates == 6
     by = {(s.truth.gate, s.truth.expert_kind): s for s in quick}
     for kind in ("linear", "relu", "gelu"):
         a, b = by["sigmoid", kind], by["softmax", kind]
