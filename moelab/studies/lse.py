@@ -207,6 +207,6 @@ def plot_gate_comparison(results, path, title: str, quantities=("loss", "err_exp
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=FONT["legend"])
     fig.suptitle(f"{title}: sigmoid vs softmax gating on the same data (median over replicates)", fontsize=FONT["suptitle"])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / len(pairs) / 4.2))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

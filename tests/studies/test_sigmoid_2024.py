@@ -69,6 +69,7 @@ def test_preset_has_six_studies_on_the_same_data():
                                                                    for e in ("linear", "relu", "gelu")}
     assert all(f.estimator == "lse" for s in full for f in s.fits)
     assert quick[0].all_n()[-1] == 20000 and quick[0].replicates == 6
+    assert all(len(f.n) == 10 and f.n[0] == 500 and f.n[-1] == 100000 and f.replicates == 20 for f in full)
     by = {(s.truth.gate, s.truth.expert_kind): s for s in quick}
     for kind in ("linear", "relu", "gelu"):
         a, b = by["sigmoid", kind], by["softmax", kind]
