@@ -144,7 +144,7 @@ def test_a_tiny_lse_study_runs_resumes_and_reports(tmp_path):
     rates = pd.read_csv(tmp_path / "rates.csv")
     assert {"loss_D1", "loss_D2", "regression_l2", "err_expert_slope"} <= set(rates["quantity"])
     assert (tmp_path / "rates-over.png").exists()
-    again = run_study(st, tmp_path, progress=False)  # resumed: nothing refitted
+    again = run_study(st, tmp_path, progress=False, report=False)  # resumed: nothing refitted
     pd.testing.assert_frame_equal(again.reset_index(drop=True), read_results(tmp_path / "results.csv").reset_index(drop=True))
 
 
