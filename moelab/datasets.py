@@ -14,12 +14,13 @@ diamonds   53,940  carat, cut, color, clarity, depth, table, price (USD), x, y,
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["DATASETS", "load_dataset", "read_table"]
+__all__ = ["DATASETS", "load_dataset", "read_table", "csv_dialect"]
 
 DATASETS = {
     "mcycle": "Motorcycle crash head acceleration (accel ~ times); Silverman 1985, R MASS",
@@ -42,8 +43,30 @@ def load_dataset(name: str) -> pd.DataFrame:
         return pd.read_csv(fh)
 
 
+#: a field that is a number with a decimal comma (European CSV), e.g. "-1,25" or "3,5e-2"
+_DECIMAL_COMMA_FIELD = re.compile(r"(?:^|;)\s*\"?[+-]?\d+,\d+(?:[eE][+-]?\d+)?\"?\s*(?=;|$)", re.M)
+
+
+def csv_dialect(path, n_lines: int = 200) -> dict:
+    """``pandas.read_csv`` options for a .csv file: ``{}``, or semicolon-delimited (European CSV).
+
+    A file is semicolon-delimited when its header line has a ``;`` and no ``,``;
+    it then uses decimal commas (``decimal=","``) when one of the first ``n_lines`` data
+    lines has a field like ``1,5`` (digits, comma, digits), else decimal points.
+    """
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        lines = [line for _, line in zip(range(n_lines + 1), fh)]
+    header = lines[0] if lines else ""
+    if ";" not in header or "," in header:
+        return {}
+    body = "".join(line.rstrip("\r\n") + "\n" for line in lines[1:])
+    return {"sep": ";", "decimal": "," if _DECIMAL_COMMA_FIELD.search(body) else "."}
+
+
 def read_table(source: str) -> pd.DataFrame:
     """Read ``source``: a bundled data set name, or a path to a .csv/.tsv/.parquet file.
+
+    CSV files may be semicolon-delimited with decimal commas (detected, :func:`csv_dialect`).
 
     Raises
     ------
@@ -68,7 +91,7 @@ def read_table(source: str) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         elif suffix in (".csv", ".txt"):
-            df = pd.read_csv(path)
+            df = pd.read_csv(path, **csv_dialect(path))
         elif suffix == ".tsv":
             df = pd.read_csv(path, sep="\t")
         else:

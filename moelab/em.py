@@ -48,9 +48,10 @@ from .gates import Gate, gate_spec
 from .model import GaussianMoE
 from . import _fused
 from .mstep import expert_m_step, outer_design
+from .diagnostics import warn_few_starts
 from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, e_step, finish, gate_step,
-                      gate_theta, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate, threads_for,
-                      user_starts)
+                      gate_theta, loglik_offset, make_starts, prepare_xy, scatter_gate, setup_problem, theta_gate,
+                      threads_for, user_starts)
 from .options import CONVERGENCE_RULES, FitOptions
 
 __all__ = ["fit_em", "fit_em_with", "prepare_compiled", "FitOptions", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
@@ -247,6 +248,7 @@ def fit_em(
     warn: bool = True,
     compile="auto",
     convergence: str = "mean",
+    feature_names=None,
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by EM, batched over problems and restarts.
 
@@ -258,10 +260,13 @@ def fit_em(
         Responses (broadcast against x's leading dimensions).
     n_experts : int
         K ≥ 1.
-    gate : {"softmax", "temperature", "activation", "topk"}, default "softmax"
+    gate : {"softmax", "temperature", "activation", "topk", "gaussian"}, default "softmax"
+        "gaussian" is the Gaussian-gated MoE, a model of (x, y): EM then maximises the joint
+        likelihood (closed-form M-steps), ``loglik`` and ``history`` are Σ log p(x, y) and
+        ``x_loglik`` holds Σ log p(x) (:class:`moelab.gates.GaussianGate`).
     gate_options : dict, optional
         ``temperature`` (float > 0), ``learn_temperature`` (bool), ``activation``
-        (name or callable), ``top_k`` (int) as the family takes them.
+        (name or callable), ``top_k`` (int), ``reg_covariance`` (float > 0) as the family takes them.
     n_init : int, default 160
         Starts per problem run to convergence, all in one batch (the best
         valid one is returned).
@@ -310,7 +315,8 @@ def fit_em(
     dtype : torch.dtype, default torch.float64
     device : torch device, optional
     warn : bool, default True
-        Emit :class:`ConvergenceWarning` / :class:`DegenerateFitWarning`.
+        Emit :class:`ConvergenceWarning` / :class:`DegenerateFitWarning` and the checks of
+        :mod:`moelab.diagnostics` (rank of x, expert sizes, number of starts).
     compile : {"auto", True, False}, default "auto"
         Run each EM iteration as one fused pass over the data compiled with
         ``torch.compile`` (:mod:`moelab._fused`; softmax and temperature gates,
@@ -327,6 +333,8 @@ def fit_em(
         may differ from its eager twin at the ~1e-13 relative level depending
         on what the process compiled before). True requires it (RuntimeError
         if it fails).
+    feature_names : sequence of str, optional
+        Names of the x columns, used in warnings (default ``x[:, j]``).
 
     Returns
     -------
@@ -345,7 +353,7 @@ def fit_em(
     opts = FitOptions(n_experts, gate, gate_options, estimator="em", n_init=n_init, init=init, n_candidates=n_candidates,
                       max_iter=max_iter, tol=tol, convergence=convergence, reg_variance=reg_variance,
                       min_expert_size=min_expert_size, min_expert_sd=min_expert_sd, gate_steps=gate_steps,
-                      compile=compile, dtype=dtype, device=device, warn=warn)
+                      compile=compile, dtype=dtype, device=device, warn=warn, feature_names=feature_names)
     result = fit_em_with(x, y, opts, init_model=init_model, random_state=random_state)
     result.seconds = time.perf_counter() - t0
     result.settings.update(gate=gate, gate_options=dict(gate_options or {}))  # as the caller gave them
@@ -363,6 +371,8 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         # positive responsibility makes Q = -inf), so a top-K fit is only as good as its
         # routing at the start: fit the dense softmax model first, then sparsify it.
         dense = fit_em_with(x, y, replace(opts, gate="softmax", warn=False), random_state=random_state)
+        if opts.warn:  # the sparse fit below runs from this start only: the starts were the dense fit's
+            warn_few_starts(opts.n_init, dense.start_loglik, stacklevel=3)
         init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
     prob = setup_problem(x, y, opts, random_state)
     with threads_for(prob):
@@ -373,7 +383,7 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         fused = _use_fused(opts, state.gate, R, prob.n, xr.device)
         sizes = torch.zeros(R, prob.n_experts, dtype=prob.dtype, device=xr.device) if fused else None
         # ℓ_scaled − ℓ_original = n log s_y per start, for the relative rule
-        offset = (prob.n * prob.scaling.y_scale.log()).repeat_interleave(n_keep) if opts.convergence == "relative" else None
+        offset = loglik_offset(prob).repeat_interleave(n_keep) if opts.convergence == "relative" else None
         state, ll, it, conv = _run_em(state, xr, x1r, yr, opts, history, fused, sizes, ll_offset=offset)
     settings = dict(gate=spec.name, gate_options=dict(spec.options),
                     n_init=n_keep if init_model is not None else opts.n_init,

@@ -31,6 +31,8 @@ from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
 from ._validation import as_tensor, check_xy
+from .diagnostics import warn_fit
+from .exceptions import DegenerateFitWarning, MoelabWarning
 from .experts import GaussianExperts
 from .gates import Gate, GateSpec
 from .gates.identifiability import warn_if_temperature_not_identified
@@ -42,20 +44,17 @@ from .mstep import expert_m_step, gate_newton_step, softmax_gate_newton_step
 __all__ = ["ConvergenceWarning", "DegenerateFitWarning", "EMResult", "prepare_xy", "check_n_experts", "Problem",
            "setup_problem", "State", "e_step", "gate_step", "gate_theta", "theta_gate", "index_gate", "scatter_gate",
            "init_state", "gate_template", "threads_for", "design", "make_starts", "start_plan", "cat_states",
-           "user_starts", "collapsed", "finish"]
+           "user_starts", "collapsed", "loglik_offset", "finish"]
 
 
-class ConvergenceWarning(_SklearnConvergenceWarning):
+class ConvergenceWarning(MoelabWarning, _SklearnConvergenceWarning):
     """EM (or L-BFGS) stopped at ``max_iter`` before the log-likelihood settled.
 
-    A subclass of scikit-learn's ``sklearn.exceptions.ConvergenceWarning``, so
+    A :class:`moelab.exceptions.MoelabWarning` and a subclass of scikit-learn's
+    ``sklearn.exceptions.ConvergenceWarning``, so
     ``warnings.filterwarnings(..., category=sklearn.exceptions.ConvergenceWarning)``
     covers moelab's fits too.
     """
-
-
-class DegenerateFitWarning(UserWarning):
-    """Every start collapsed an expert (tiny variance or almost no samples)."""
 
 
 @dataclass
@@ -67,7 +66,12 @@ class EMResult:
     model : GaussianMoE
         Fitted model in the original units of x and y, batch shape B.
     loglik : tensor of shape B
-        Total log-likelihood Σ_n log p(y_n | x_n) at ``model``.
+        Total log-likelihood at ``model``, the one the fit maximised:
+        Σ_n log p(y_n | x_n), or Σ_n log p(x_n, y_n) for a gate that models x
+        (``Gate.models_x``, the Gaussian gate).
+    x_loglik : tensor of shape B
+        Σ_n log p(x_n) (0 for gates that model only y given x), so
+        ``loglik - x_loglik`` is the conditional log-likelihood Σ_n log p(y_n | x_n).
     n_iter : tensor of shape B (int64)
         EM iterations (M-steps) of the selected start.
     converged : tensor of shape B (bool)
@@ -94,6 +98,7 @@ class EMResult:
     seconds: float = 0.0
     n_samples: int = 0
     settings: dict = field(default_factory=dict)
+    x_loglik: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------ helpers
@@ -129,6 +134,8 @@ def theta_gate(gate: Gate, theta: torch.Tensor) -> Gate:
 
 
 def gate_step(gate: Gate, x, x1, resp, n_steps, xx=None):
+    if gate.models_x:  # closed form on the joint likelihood (Gaussian gate)
+        return gate.m_step(x, resp)
     if gate.linear_logits:
         return theta_gate(gate, softmax_gate_newton_step(x1, resp, gate_theta(gate), n_steps, xx))
     return gate_newton_step(gate, x, resp, n_steps)
@@ -156,8 +163,12 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def e_step(gate, theta_e, var, x, x1, y):
-    """log g + log f, then logsumexp over experts: resp (R, K, n) and loglik (R,)."""
-    logw = log_gate_kn(gate, x, x1)
+    """log g + log f, then logsumexp over experts: resp (R, K, n) and loglik (R,).
+
+    The loglik is Σ log p(y | x); for gates that model x (``models_x``) it is the joint
+    Σ log p(x, y) that their EM maximises (log π_k N(x; c_k, Γ_k) in place of log g_k(x)).
+    """
+    logw = gate.logits_kn(x) if gate.models_x else log_gate_kn(gate, x, x1)
     mean = linear_kn(theta_e, x)  # [R, K, n]
     if torch.is_grad_enabled() and (logw.requires_grad or mean.requires_grad or var.requires_grad):
         v = var.unsqueeze(-1)  # autograd path (fit_mle): no in-place updates
@@ -260,6 +271,8 @@ def setup_problem(x, y, opts: FitOptions, random_state) -> Problem:
     K, gate = opts.n_experts, opts.gate
     x, y, batch = prepare_xy(x, y, dtype=opts.dtype, device=opts.device)
     B, n, d = x.shape
+    if opts.feature_names is not None and len(opts.feature_names) != d:
+        raise ValueError(f"feature_names has {len(opts.feature_names)} names but x has {d} columns; give one name per column")
     n_params = gate.n_free_parameters(K, d) + K * (d + 2)
     if n < n_params:
         raise ValueError(
@@ -411,6 +424,14 @@ def user_starts(init_model, batch) -> int:
     return 1
 
 
+def loglik_offset(prob: Problem) -> torch.Tensor:
+    """ℓ_standardised − ℓ_original per problem (B,): n log s_y, plus n Σ_j log s_xj for gates that model x."""
+    off = prob.n * prob.scaling.y_scale.log()
+    if prob.gate.family.models_x:
+        off = off + prob.n * prob.scaling.x_scale.log().sum(-1)
+    return off
+
+
 def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_keep: int, *, settings: dict, t0: float,
            final=None) -> "EMResult":
     """Pick the best valid start per problem, map it back to original units, warn.
@@ -439,12 +460,17 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
     best = torch.where(all_bad, torch.nan_to_num(llB, nan=-math.inf).argmax(-1), score.argmax(-1))
     pick = best + torch.arange(B, device=yr.device) * n_keep
     final = state.take(pick)
-    shift = n * scaling.y_scale.log()  # ll_original = ll_scaled − n log s_y
+    shift = loglik_offset(prob)  # ll_original = ll_scaled − n log s_y (− n Σ log s_x for gates that model x)
     experts_s = GaussianExperts(final.theta[..., :-1], final.theta[..., -1], final.var)
     model = scaling.model_to_original(GaussianMoE(final.gate, experts_s))
     reshape = lambda t: t.reshape(tuple(batch) + tuple(t.shape[1:]))  # noqa: E731
     model = GaussianMoE(model.gate.map_tensors(reshape), model.experts.map_tensors(reshape))
     conv_sel = conv[pick]
+    if final.gate.models_x:
+        with torch.no_grad():
+            x_ll = final.gate.log_marginal(xr[pick]).sum(-1) - n * scaling.x_scale.log().sum(-1)
+    else:
+        x_ll = torch.zeros_like(shift)
     hist = history[pick] - shift.unsqueeze(-1)
     last = int((~torch.isnan(hist)).sum(-1).max()) if hist.numel() else 0
     hist = hist[:, :last]
@@ -460,6 +486,7 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
         seconds=time.perf_counter() - t0,
         n_samples=n,
         settings=settings,
+        x_loglik=x_ll.reshape(batch),
     )
     if opts.warn:
         warn_if_temperature_not_identified(final.gate, xr[pick], stacklevel=4)
@@ -479,4 +506,6 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
                 ConvergenceWarning,
                 stacklevel=3,
             )
+        warn_fit(prob.x, result.expert_size, result.start_loglik, n_init=n_keep, user_starts=settings.get("init") == "user",
+                 degenerate=result.degenerate, feature_names=opts.feature_names, stacklevel=4)
     return result

@@ -43,6 +43,7 @@ def fit_mle(
     dtype=torch.float64,
     device=None,
     warn: bool = True,
+    feature_names=None,
 ) -> EMResult:
     """Fit a Gaussian mixture of experts by L-BFGS on the log-likelihood.
 
@@ -64,7 +65,7 @@ def fit_mle(
     t0 = time.perf_counter()
     opts = FitOptions(n_experts, gate, gate_options, estimator="mle", n_init=n_init, init=init, max_iter=max_iter,
                       tol=tol, reg_variance=reg_variance, min_expert_size=min_expert_size, min_expert_sd=min_expert_sd,
-                      dtype=dtype, device=device, warn=warn)
+                      dtype=dtype, device=device, warn=warn, feature_names=feature_names)
     prob = setup_problem(x, y, opts, random_state)
     S = 1 if init_model is not None else opts.n_init
     state, xr, x1r, yr = make_starts(prob, S, init_model)

@@ -124,12 +124,29 @@ class GaussianMoE:
         return (self.gate.weights(x) * self.experts.mean(x)).sum(-1)
 
     def variance(self, x) -> torch.Tensor:
-        """Conditional variance Var[y | x] (law of total variance): shape (..., n_samples)."""
+        """Conditional variance Var[y | x] = Σ_k g_k(x)(ν_k + (a_kᵀx + b_k − E[y | x])²) (law of total
+        variance): shape (..., n_samples).
+
+        Where the direct sum overflows (x far outside the data: an expert with weight
+        g_k = exp(−10^200) = 0 but (a_kᵀx + b_k − E[y | x])² = inf, which would give 0·inf = NaN)
+        the same sum is evaluated in log space, log g_k + log(ν_k + d_k²) with
+        log(ν_k + d_k²) = logaddexp(log ν_k, 2 log|d_k|), so such an expert contributes 0 as
+        it should. The result is +inf only where Var[y | x] itself exceeds the dtype's range,
+        and NaN only where the gate weights or expert means are (logits or means that overflow).
+        """
         x, _ = self._xy(x)
-        g = self.gate.weights(x)
+        logw = self.gate.log_weights(x)
+        g = logw.exp()
         m = self.experts.mean(x)
         mean = (g * m).sum(-1, keepdim=True)
-        return (g * (self.experts.variance.unsqueeze(-2) + (m - mean).square())).sum(-1)
+        nu = self.experts.variance.unsqueeze(-2)
+        direct = (g * (nu + (m - mean).square())).sum(-1)
+        bad = ~torch.isfinite(direct)
+        if bool(bad.any()):
+            log_dev = 2 * (m - mean).abs().log()  # finite wherever m and the mean are
+            log_var = torch.logsumexp(logw + torch.logaddexp(nu.log().expand_as(log_dev), log_dev), -1)
+            direct = torch.where(bad, log_var.exp(), direct)
+        return direct
 
     def sample(self, x, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Draw y ~ p(y | x) for every row of x: shape (..., n_samples).

@@ -78,6 +78,7 @@ class FitOptions:
     dtype: torch.dtype = torch.float64
     device: Any = None
     warn: bool = True
+    feature_names: Optional[tuple] = None
 
     def __post_init__(self, gate_options):
         if self.estimator not in ESTIMATORS:
@@ -102,11 +103,15 @@ class FitOptions:
             raise ValueError(f"unknown init {self.init!r}; choose one of auto, {', '.join(INIT_METHODS)}, "
                              "or pass init_model")
         spec = gate_spec(self.gate, gate_options, n_experts=check_n_experts(self.n_experts))
-        if not spec.family.normalised:
+        object.__setattr__(self, "gate", spec)
+        if self.estimator not in spec.family.estimators and not set(spec.family.estimators) & set(ESTIMATORS):
             raise ValueError(f"gate {spec.name!r} is not normalised (its weights do not sum to 1), so it defines no "
                              f"mixture density for {self.estimator.upper()}; fit the regression model by least squares "
                              f"with moelab.fit_lse(x, y, n_experts, gate={spec.name!r}), or use a softmax-type gate")
-        object.__setattr__(self, "gate", spec)
+        if self.estimator not in spec.family.estimators:
+            raise ValueError(f"estimator {self.estimator!r} cannot fit the {spec.name!r} gate; it is fitted by "
+                             f"{' or '.join(map(repr, spec.family.estimators))}"
+                             + (" (closed-form EM on the joint likelihood of x and y)" if spec.family.models_x else ""))
         if em:
             _check_compile(self.compile, spec, self.gate_steps, self.dtype)
         if self.min_expert_size != "auto":
@@ -116,6 +121,11 @@ class FitOptions:
                 raise ValueError(f"min_expert_size must be a number >= 0 or 'auto', got {self.min_expert_size!r}") from None
             if not size >= 0:
                 raise ValueError(f"min_expert_size must be >= 0 or 'auto', got {self.min_expert_size!r}")
+        if self.feature_names is not None:
+            names = self.feature_names
+            if isinstance(names, str) or not all(isinstance(c, str) for c in names):
+                raise ValueError(f"feature_names must be a sequence of str (one per x column), got {names!r}")
+            object.__setattr__(self, "feature_names", tuple(names))
         if self.n_candidates is not None and int(self.n_candidates) < 1:
             raise ValueError(f"n_candidates must be a positive integer, got {self.n_candidates!r}")
 

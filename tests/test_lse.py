@@ -173,7 +173,7 @@ def test_sigmoid_gate_is_not_normalised_and_has_no_reference():
     assert not torch.allclose(w.sum(-1), torch.ones(1, dtype=DT))
     torch.testing.assert_close(w, torch.sigmoid(torch.tensor([[0.5, 1.0, -0.5]], dtype=DT)))
     assert g.n_free_parameters() == 3 * 2
-    assert "sigmoid" in moelab.gates.GATES and not moelab.gates.GATES["sigmoid"].normalised
+    assert "sigmoid" in moelab.gates.GATES and moelab.gates.GATES["sigmoid"].estimators == ("lse",)
 
 
 @pytest.mark.parametrize("kwargs, match", [

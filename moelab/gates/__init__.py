@@ -8,6 +8,7 @@ temperature     (β_{1k}ᵀx)/τ + β_{0k}, τ fixed or estimated       Temperat
 activation      σ(β_{1k}ᵀx)/τ + β_{0k}                            ActivationGate
 topk            softmax over the top_k largest linear logits      TopKGate
 sigmoid         sigmoid(β_{1k}ᵀx + β_{0k}), not normalised         SigmoidGate
+gaussian        log π_k + log N(x; c_k, Γ_k) (models x too)       GaussianGate
 ==============  ===============================================  =================
 
 Which parameters a gate identifies (translation of the slopes, (β_1, τ)
@@ -21,6 +22,7 @@ import torch
 
 from .activation import ActivationGate
 from .base import Gate
+from .gaussian import GaussianGate
 from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, temperature_identified
 from .registry import (GATES, GateOption, GateSpec, families_taking, gate_family, gate_spec, register_gate,
                        unregister_gate)
@@ -28,11 +30,12 @@ from .sigmoid import SigmoidGate
 from .softmax import SoftmaxGate, TemperatureGate
 from .topk import TopKGate
 
-__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "SigmoidGate", "GATES", "make_gate",
+__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "SigmoidGate", "GaussianGate",
+           "GATES", "make_gate",
            "GateOption", "GateSpec", "gate_spec", "gate_family", "register_gate", "unregister_gate", "families_taking",
            "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified"]
 
-for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate, SigmoidGate):
+for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate, SigmoidGate, GaussianGate):
     register_gate(_cls)
 del _cls
 
@@ -53,19 +56,21 @@ def make_gate(
     ----------
     name : str
         A registered family (:data:`GATES`): "softmax", "temperature",
-        "activation", "topk", or one added with :func:`register_gate`.
+        "activation", "topk", "gaussian", or one added with :func:`register_gate`.
     n_experts, n_features : int
     batch_shape : tuple of int
         Leading batch dimensions of the parameters.
     **options
         Hyper-parameters of the family, as it declares them (``Gate.options``):
         ``temperature``, ``learn_temperature`` (temperature, activation),
-        ``activation`` (activation), ``top_k`` (topk). None means "not set".
+        ``activation`` (activation), ``top_k`` (topk), ``reg_covariance``
+        (gaussian). None means "not set".
 
     Returns
     -------
     Gate
-        Parameters of shape batch_shape + (n_experts, n_features) and batch_shape + (n_experts,).
+        Parameters of shape batch_shape + (n_experts, n_features) and batch_shape + (n_experts,)
+        (the Gaussian gate: π_k = 1/K, c_k = 0, Γ_k = I).
 
     Raises
     ------

@@ -54,10 +54,16 @@ class Gate:
         model first and starts from :meth:`from_dense`.
     rate_studies : bool
         Usable as the gate of a rate study (Voronoi losses of dense gates).
-    normalised : bool
-        True when the weights sum to 1 over experts (a mixture density); the
-        likelihood estimators (``fit_em``, ``fit_mle``) need it. The sigmoid
-        gate is not, and is fitted by least squares (:func:`moelab.fit_lse`).
+    models_x : bool
+        True when the gate is a model of x too (the Gaussian gate): its fits
+        maximise the joint likelihood p(x, y) = p(x) p(y | x), the family has
+        :meth:`log_marginal` (log p(x)) and a closed-form ``m_step(x, resp)``,
+        and BIC/AIC count its x-model parameters.
+    estimators : tuple of str
+        The estimators that can fit the family (``"em"``, ``"mle"``; ``"lse"``,
+        least squares with :func:`moelab.fit_lse`). A gate whose weights do not
+        sum to 1 over experts (the sigmoid gate) defines no mixture density and
+        declares ``("lse",)``: the likelihood estimators refuse it.
 
     Register a subclass with :func:`moelab.gates.register_gate` to make it
     usable by ``fit_em``, ``fit_mle``, the estimator and study files.
@@ -69,9 +75,10 @@ class Gate:
     kernels: ClassVar[frozenset] = frozenset()
     sparse_routing: ClassVar[bool] = False
     rate_studies: ClassVar[bool] = True
-    normalised: ClassVar[bool] = True
     linear_logits: ClassVar[bool] = False
     affine_invariant: ClassVar[bool] = True
+    models_x: ClassVar[bool] = False
+    estimators: ClassVar[tuple] = ("em", "mle")
     #: parameters constrained to be positive (optimised on the log scale)
     positive_params: ClassVar[tuple] = ()
     #: tensor attributes whose leading dimensions are the batch shape
@@ -94,6 +101,27 @@ class Gate:
         check_finite(intercept, "gate intercept")
         self.slope = slope  # [..., K, d]
         self.intercept = intercept  # [..., K]
+
+    @classmethod
+    def uniform(cls, n_experts: int, n_features: int, batch_shape=(), *, dtype=torch.float64, device=None, **options):
+        """The gate with equal weights everywhere (all-zero slope and intercept), of the given batch shape.
+
+        The estimators' template; families with other parameters override it.
+        """
+        shape = tuple(batch_shape)
+        slope = torch.zeros(*shape, n_experts, n_features, dtype=dtype, device=device)
+        intercept = torch.zeros(*shape, n_experts, dtype=dtype, device=device)
+        return cls(slope, intercept, **options)
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) per sample, (..., n), for gates that model x (``models_x``).
+
+        Raises
+        ------
+        TypeError
+            The gate models only y given x.
+        """
+        raise TypeError(f"the {self.name!r} gate models y given x only; it has no density of x")
 
     def _check_temperature(self, temperature) -> torch.Tensor:
         """τ as a tensor of the batch shape; ValueError if non-finite, ≤ 0 or mis-shaped."""

@@ -39,14 +39,13 @@ from typing import Optional
 
 import torch
 
+from ..exceptions import IdentifiabilityWarning
 from .base import Gate
 
 __all__ = ["GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified",
            "temperature_identified_generically", "default_x", "warn_if_temperature_not_identified"]
 
 
-class IdentifiabilityWarning(UserWarning):
-    """An estimated parameter is not identified by the model (e.g. τ for a homogeneous σ)."""
 
 
 @dataclass(frozen=True)

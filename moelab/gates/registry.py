@@ -223,11 +223,8 @@ class GateSpec:
         return self.family(slope, intercept, **self.options)
 
     def template(self, n_experts: int, n_features: int, batch_shape=(), *, dtype=torch.float64, device=None):
-        """The gate with all-zero slope and intercept (uniform weights) of the given batch shape."""
-        shape = tuple(batch_shape)
-        slope = torch.zeros(*shape, n_experts, n_features, dtype=dtype, device=device)
-        intercept = torch.zeros(*shape, n_experts, dtype=dtype, device=device)
-        return self.build(slope, intercept)
+        """The family's :meth:`~moelab.gates.Gate.uniform` gate (equal weights) of the given batch shape."""
+        return self.family.uniform(n_experts, n_features, batch_shape, dtype=dtype, device=device, **self.options)
 
     def n_free_parameters(self, n_experts: int, n_features: int) -> int:
         """Free gate parameters per problem (``Gate.n_free_parameters`` of this family and options)."""

@@ -6,7 +6,7 @@ regression function f(x) = Σ_k sigmoid(β_{1k}ᵀx + β_{0k}) h(x, η_k),
 estimated by least squares (:func:`moelab.fit_lse`).
 
 The weights do not sum to 1, so the gate defines no mixture density: it is
-usable by the least-squares estimator only (``normalised = False``; ``fit_em``
+usable by the least-squares estimator only (``estimators = ("lse",)``; ``fit_em``
 and ``fit_mle`` refuse it). There is no translation invariance either (adding
 c to every logit changes every weight), so all K rows are free parameters and
 no expert is a reference.
@@ -42,7 +42,7 @@ class SigmoidGate(Gate):
 
     name: ClassVar[str] = "sigmoid"
     description: ClassVar[str] = "sigmoid(b1'x + b0) per expert, not normalised (least squares only: fit_lse)"
-    normalised: ClassVar[bool] = False
+    estimators: ClassVar[tuple] = ("lse",)  # no mixture density: fit_em / fit_mle refuse it
     linear_logits: ClassVar[bool] = False  # the EM gate step (softmax IRLS) does not apply
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Estimation-error metrics for mixtures of experts.
 
 * :mod:`~moelab.metrics.voronoi` — Voronoi cells, the Voronoi loss family
-  (general exponents; presets D1 and D2) and per-parameter-group errors.
+  (general exponents; presets D1 and D2) and per-parameter-group errors;
+  :mod:`~moelab.metrics.gaussian_voronoi`: the losses D̄/D̃ of the Gaussian-gated MoE.
 * :mod:`~moelab.metrics.density` — Hellinger and total-variation distances
   between conditional densities, averaged over the x distribution.
 * :mod:`~moelab.metrics.regression` — least-squares (regression) MoE: the
@@ -12,6 +13,7 @@
 """
 
 from .density import density_distances
+from .gaussian_voronoi import gaussian_cells, gaussian_parameter_errors, gaussian_voronoi_loss
 from .rates import RateFit, fit_rate
 from .regression import lse_exponents, lse_loss, regression_distance
 from .voronoi import (
@@ -42,6 +44,9 @@ __all__ = [
     "lse_exponents",
     "lse_loss",
     "regression_distance",
+    "gaussian_voronoi_loss",
+    "gaussian_cells",
+    "gaussian_parameter_errors",
     "fit_rate",
     "RateFit",
 ]

@@ -175,6 +175,11 @@ class MoEConfig:
                 "router 'softmax' (the dense statistical gate) has no sparse layer router of that name; "
                 "use router='topk_softmax' with top_k=n_experts for the dense softmax gate, or a smaller top_k"
             )
+        if self.router == "gaussian":
+            raise ValueError(
+                "router 'gaussian' (the statistical Gaussian gate, a density model of x fitted by EM on the joint "
+                "likelihood of (x, y)) has no layer router; use a token-choice router such as 'topk_softmax'"
+            )
         if self.router not in ROUTERS:
             raise ValueError(
                 f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)} "

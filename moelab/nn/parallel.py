@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from moelab.nn.config import MoEConfig
 from moelab.nn.dispatch import Dispatch, combine
@@ -14,6 +13,29 @@ from moelab.nn.experts import Experts
 from moelab.nn.layer import MoELayer
 
 __all__ = ["ExpertParallelMoE"]
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``dist.all_to_all_single`` with split sizes (public collective only).
+
+    The adjoint of an all-to-all is the all-to-all with the split sizes swapped, so the
+    backward pass is a collective as well: every rank of the group must run it.
+    (``torch.distributed.nn.functional.all_to_all_single`` did this and is deprecated.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, group):
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_splits, send_splits = ctx.splits
+        grad_in = grad.new_empty((sum(send_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(grad_in, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return grad_in, None, None, None
 
 
 class ExpertParallelMoE(MoELayer):
@@ -97,6 +119,45 @@ class ExpertParallelMoE(MoELayer):
                 ep.shared_experts.load_state_dict(layer.shared_experts.state_dict())
         return ep
 
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """:meth:`MoELayer.forward` on this rank's tokens, with the group told of a bad input.
+
+        If this rank's input is rejected (or routing fails) before the tokens are exchanged,
+        the rank still joins the first collective with a failure flag and then raises its own
+        error; every peer raises ``RuntimeError`` naming the failed rank(s) instead of waiting
+        in the all-to-all until the process-group timeout. The group stays usable: every rank
+        has run the same collectives, so the next ``forward`` works.
+
+        Raises
+        ------
+        TypeError, ValueError
+            This rank's input (see :meth:`MoELayer.check_input`).
+        RuntimeError
+            Another rank of the group failed before the exchange.
+        """
+        self._exchanged = False
+        try:
+            return super().forward(x, mask)
+        except Exception:
+            if not self._exchanged:  # the peers wait in the count exchange: tell them, then raise
+                self._exchange_counts(torch.zeros(self.world, self.n_local, dtype=torch.long, device=self.experts.w_in.device), failed=True)
+            raise
+
+    def _exchange_counts(self, send_counts: torch.Tensor, failed: bool = False) -> torch.Tensor:
+        """All-to-all of the token counts [dest rank, local expert] with a failure flag per rank."""
+        self._exchanged = True
+        flag = torch.full((self.world, 1), int(failed), dtype=send_counts.dtype, device=send_counts.device)
+        send = torch.cat([send_counts, flag], 1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        bad = [r for r in range(self.world) if recv[r, -1] and r != self.rank]
+        if bad and not failed:
+            raise RuntimeError(
+                f"rank(s) {bad} of the expert-parallel group failed before the token exchange (their own error "
+                f"says why); this rank ({self.rank}) stops too instead of waiting for their tokens"
+            )
+        return recv[:, :-1]
+
     def global_expert_load(self, load: torch.Tensor) -> torch.Tensor:
         """``load`` summed over the process group (an all-reduce: every rank must call it)."""
         dist.all_reduce(load, group=self.group)
@@ -107,8 +168,7 @@ class ExpertParallelMoE(MoELayer):
         world, n_local = self.world, self.n_local
         with torch.no_grad():
             send_counts = dispatch.counts.view(world, n_local)  # [dest rank, local expert]
-            recv_counts = torch.empty_like(send_counts)  # [source rank, local expert]
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            recv_counts = self._exchange_counts(send_counts).contiguous()  # [source rank, local expert]
             send_splits = send_counts.sum(1).tolist()
             recv_splits = recv_counts.sum(1).tolist()
             # received rows are ordered (source rank, local expert); regroup by local expert
@@ -121,12 +181,10 @@ class ExpertParallelMoE(MoELayer):
             # the backward of this all-to-all is a collective too: join it even when this rank's x
             # needs no gradient (e.g. an empty batch that is a plain tensor), or the peers would hang
             x_send = x_send.detach().requires_grad_(True)
-        x_recv = dist_fn.all_to_all_single(
-            x.new_empty(sum(recv_splits), x.shape[1]), x_send, recv_splits, send_splits, group=self.group
-        )
-        y_local = self.experts(x_recv.index_select(0, perm), local_counts)
-        y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local)
-        y_sorted = dist_fn.all_to_all_single(
-            x.new_empty(sum(send_splits), x.shape[1]), y_recv, send_splits, recv_splits, group=self.group
-        )
+        x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
+        # the fused gather -> experts -> scatter of the single-process layer (its workspace included), with
+        # weight 1: row perm[a] of the result is expert e(a) applied to received row perm[a]
+        ones = x_recv.new_ones(perm.shape[0])
+        y_recv = self.experts.routed(x_recv, perm, ones, local_counts)
+        y_sorted = _AllToAll.apply(y_recv, send_splits, recv_splits, self.group)
         return combine(y_sorted, dispatch, x.shape[0])

@@ -26,6 +26,13 @@ Schema (every key listed; anything else is rejected)::
     intercept = [-8.0, 0.0]        # (K*,)
     temperature = 1.0              # temperature/activation only, > 0
     activation = "tanh"            # activation only
+    # a gate that models x (family = "gaussian") is given by its own parameters instead, and x is
+    # drawn from it (truth.x omitted or x = { distribution = "gate" }):
+    # [truth.gate]
+    # family = "gaussian"
+    # proportions = [0.3, 0.4, 0.3]                  # π (K*,), > 0, sum 1
+    # means = [[-0.1], [0.1], [0.5]]                 # c (K*, d)
+    # covariances = [[[0.042824]], [[0.0175]], [[0.01]]]   # Γ (K*, d, d), symmetric positive definite
     [truth.experts]
     slope = [[-20.0], [20.0]]      # (K*, d)
     intercept = [15.0, -5.0]       # (K*,)
@@ -58,7 +65,8 @@ Schema (every key listed; anything else is rejected)::
                                    # fits only if every try collapsed, as fit_em's n_init)
 
     [fit.start]                    # optional, truth-perturbed only: the start in full (replaces perturbation)
-    assign = "cover"               # which true expert each fitted one starts from:
+    assign = "cover"               # which true expert each fitted one starts from (gaussian gate: "resample-all",
+                                   #   K uniform draws until every true expert appears, no reference):
                                    # "cover": every true expert once, the extra ones drawn uniformly;
                                    # "resample": all K drawn uniformly with the last fixed to the true
                                    #   reference, redrawn until every true expert is drawn
@@ -71,6 +79,8 @@ Schema (every key listed; anything else is rejected)::
     variance = { sd = 0.005, n_power = -0.25, mode = "additive-abs" }
                                    # mode "additive-abs": ν + |N(0, s²)|; "multiplicative": ν·exp(N(0, s²))
     temperature = { sd = 0.0, n_power = 0.0 }    # estimated τ only: τ·exp(N(0, s²)); default 0
+    covariance = { sd = 0.0005, n_power = -0.25 }  # gaussian gate only (required there): Γ + diag|N(0, s²)|;
+                                   # "gate" is then the noise on the gate means c
 
     [fit.theory]                   # optional: the theory's rate per rates.csv quantity (moelab.studies.theory)
     loss_D1 = { slope = -0.5, source = "NeurIPS 2023, exact-specified" }   # slope <= 0, or
@@ -109,7 +119,7 @@ ESTIMATORS = ("em", "mle", "lse")
 LOSSES = ("auto", "D1", "D2")
 DESIGNS = ("linspace",)
 CONVERGENCE = ("mean", "relative")
-START_ASSIGN = ("cover", "resample")
+START_ASSIGN = ("cover", "resample", "resample-all")
 START_MASS = ("split", "copy")
 START_DRAW = ("independent", "shared")
 VARIANCE_MODES = ("multiplicative", "additive-abs")
@@ -150,6 +160,9 @@ class TruthSpec:
     expert_kind: str = "gaussian"
     degree: Optional[int] = None
     noise_sd: Optional[float] = None
+    #: parameters of a gate that models x (family "gaussian": proportions, means, covariances); then
+    #: gate_slope and gate_intercept are empty and x is drawn from the gate; omitted from study.json when empty
+    gate_params: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def regression(self) -> bool:
@@ -158,11 +171,11 @@ class TruthSpec:
 
     @property
     def n_experts(self) -> int:
-        return len(self.gate_intercept)
+        return len(self.gate_params["proportions"]) if self.gate_params else len(self.gate_intercept)
 
     @property
     def n_features(self) -> int:
-        return len(self.gate_slope[0])
+        return len(self.gate_params["means"][0]) if self.gate_params else len(self.gate_slope[0])
 
 
 @dataclass
@@ -218,6 +231,8 @@ class Study:
         for k, v in (("expert_kind", "gaussian"), ("degree", None), ("noise_sd", None)):
             if d["truth"].get(k) == v:
                 del d["truth"][k]
+        if not d["truth"].get("gate_params"):
+            del d["truth"]["gate_params"]
         for f in d["fits"]:
             for k, v in _LATER_FIT_DEFAULTS.items():
                 if f.get(k) == v:
@@ -366,6 +381,8 @@ def _truth(t: dict) -> TruthSpec:
     from ..gates import gate_family
 
     model_options = [o for o in gate_family(fam).options if not o.of_estimation]
+    if gate_family(fam).models_x:
+        return _gaussian_truth(t, fam)
     _check_keys(g, ("family", "slope", "intercept", "temperature", "activation") + tuple(o.name for o in model_options),
                 "truth.gate")
     if "activation" in g and fam != "activation":
@@ -414,7 +431,7 @@ def _truth(t: dict) -> TruthSpec:
         for k in ("degree", "noise_sd"):
             if k in e:
                 raise _err(f"truth.experts.{k}", f"only regression experts (kind = one of {list(EXPERT_KINDS)}) take {k}")
-        if not gate_family(fam).normalised:
+        if not set(gate_family(fam).estimators) & {"em", "mle"}:  # least squares only (the sigmoid gate)
             raise _err("truth.gate.family", f"the {fam} gate is not normalised, so it has no Gaussian mixture density; "
                                             f"give regression experts (truth.experts.kind, one of {list(EXPERT_KINDS)})")
     else:
@@ -472,6 +489,58 @@ def _truth(t: dict) -> TruthSpec:
     return TruthSpec(fam, gs, gi, temp, act, es, ei, var, x, other, **reg)
 
 
+def _experts(e, K, d):
+    """[truth.experts] for K true experts and d features: slope, intercept, variance."""
+    _check_keys(e, ("slope", "intercept", "sd", "variance"), "truth.experts")
+    for k in ("slope", "intercept"):
+        if k not in e:
+            raise _err(f"truth.experts.{k}", "missing")
+    es = _matrix(e["slope"], "truth.experts.slope", K)
+    if len(es[0]) != d:
+        raise _err("truth.experts.slope", f"rows have {len(es[0])} entries but the gate has {d} features; both need n_features")
+    ei = _vector(e["intercept"], "truth.experts.intercept", K)
+    if ("sd" in e) == ("variance" in e):
+        raise _err("truth.experts.sd", "give exactly one of sd or variance (one positive number per expert)")
+    if "sd" in e:
+        return es, ei, [v * v for v in _vector(e["sd"], "truth.experts.sd", K, positive=True)]
+    return es, ei, _vector(e["variance"], "truth.experts.variance", K, positive=True)
+
+
+def _gaussian_truth(t: dict, fam: str) -> TruthSpec:
+    """[truth] of a gate that models x: proportions π, means c (K, d), covariances Γ (K, d, d); x ~ Σ π N(c, Γ)."""
+    g = t["gate"]
+    _check_keys(g, ("family", "proportions", "means", "covariances"), "truth.gate")
+    for k in ("proportions", "means", "covariances"):
+        if k not in g:
+            raise _err(f"truth.gate.{k}", f"missing; the {fam!r} gate needs proportions (K,), means (K, d) and covariances (K, d, d)")
+    means = _matrix(g["means"], "truth.gate.means")
+    K, d = len(means), len(means[0])
+    props = _vector(g["proportions"], "truth.gate.proportions", K, positive=True)
+    if abs(sum(props) - 1) > 1e-9:
+        raise _err("truth.gate.proportions", f"must sum to 1, got {sum(props):g}")
+    covs = g["covariances"]
+    if not (isinstance(covs, list) and len(covs) == K):
+        raise _err("truth.gate.covariances", f"must be a list of {K} d x d matrices (one per true expert), got {covs!r}")
+    covs = [_matrix(m, f"truth.gate.covariances[{i}]", d) for i, m in enumerate(covs)]
+    if any(len(m[0]) != d for m in covs):
+        raise _err("truth.gate.covariances", f"every matrix must be {d} x {d} (d = number of features of the means)")
+    import numpy as np
+
+    for i, m in enumerate(covs):
+        a = np.asarray(m)
+        if not np.allclose(a, a.T) or np.linalg.eigvalsh(a).min() <= 0:
+            raise _err(f"truth.gate.covariances[{i}]", "must be symmetric positive definite")
+    xd = t.get("x", {"distribution": "gate"})
+    if xd != {"distribution": "gate"}:
+        raise _err("truth.x", f"the {fam!r} gate is a model of x: x is drawn from it; remove truth.x or write "
+                              "x = { distribution = \"gate\" }")
+    if "experts" not in t:
+        raise _err("truth.experts", "missing; the true model needs [truth.gate] and [truth.experts]")
+    es, ei, var = _experts(t["experts"], K, d)
+    return TruthSpec(fam, [], [], None, None, es, ei, var, {"distribution": "gate"},
+                     gate_params={"proportions": props, "means": means, "covariances": covs})
+
+
 def _option(o, value, key, n_experts=None):
     """One gate option validated by its registry constraint; StudyError naming ``key`` otherwise."""
     try:
@@ -525,15 +594,18 @@ def _noise(v, key, modes=None) -> Dict[str, Any]:
     return out
 
 
-def _start(v, where: str) -> Dict[str, Any]:
+def _start(v, where: str, models_x: bool = False) -> Dict[str, Any]:
     """Validate a [fit.start] table into its complete form (see the module docstring)."""
     key = f"{where}.start"
-    _check_keys(v, ("assign", "mass", "draw", "gate", "experts", "variance", "temperature"), key)
-    for g in ("gate", "experts", "variance"):
+    _check_keys(v, ("assign", "mass", "draw", "gate", "experts", "variance", "temperature", "covariance"), key)
+    groups = ("gate", "experts", "variance") + (("covariance",) if models_x else ())
+    for g in groups:
         if g not in v:
             raise _err(f"{key}.{g}", "missing; [fit.start] gives every group's noise, e.g. "
                                      f"{g} = {{ sd = 0.05, n_power = -0.083 }} (sd = 0 for none)")
-    return {
+    if "covariance" in v and not models_x:
+        raise _err(f"{key}.covariance", "only a gate that models x (family \"gaussian\") has gate covariances")
+    out = {
         "assign": _str(v.get("assign", "cover"), f"{key}.assign", START_ASSIGN),
         "mass": _str(v.get("mass", "split"), f"{key}.mass", START_MASS),
         "draw": _str(v.get("draw", "independent"), f"{key}.draw", START_DRAW),
@@ -542,6 +614,9 @@ def _start(v, where: str) -> Dict[str, Any]:
         "variance": _noise(v["variance"], f"{key}.variance", VARIANCE_MODES),
         "temperature": _noise(v.get("temperature", {"sd": 0.0}), f"{key}.temperature"),
     }
+    if models_x:
+        out["covariance"] = _noise(v["covariance"], f"{key}.covariance", ("additive-abs",))
+    return out
 
 
 def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
@@ -600,7 +675,7 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
         if "perturbation" in f:
             raise _err(f"{where}.start", "give either perturbation (moelab's start: N(0, p²) noise everywhere) or a "
                                          "[fit.start] table, not both")
-        spec.start = _start(f["start"], where)
+        spec.start = _start(f["start"], where, gate_family(gate).models_x)
         spec.perturbation = None
     if (spec.estimator == "lse") != truth.regression:
         raise _err(f"{where}.estimator", "least squares (estimator = \"lse\") fits regression truths (truth.experts.kind "

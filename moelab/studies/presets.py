@@ -27,6 +27,11 @@ sigmoid-2024         ``sigmoid-2024-{sigmoid,softmax}-{linear,relu,gelu}.toml`` 
                      the same data, linear, ReLU and GELU experts, exact (K=2)
                      and over-specified (K=3) fits; moelab's design. Writes
                      ``gate-comparison.csv`` and ``gate-comparison.png``.
+gaussian-gate-2024   ``gaussian-gate-2024-type{I,II}-d{1,2}.toml`` — Nguyen,
+                     Nguyen, Nguyen & Ho (AISTATS 2024) in the authors' design
+                     (CRPE-GMoE): Gaussian-gated MoE, K* = 3 fitted with K = 4, 5
+                     (and one EM step at K = 5, what their code runs), Type I
+                     (every c* ≠ 0) and II (c*_1 = 0), d = 1 and 2, the losses D̄/D̃.
 ===================  ===========================================================
 """
 
@@ -46,6 +51,12 @@ PRESETS = {
     "softmax-2023": ("softmax-2023.toml",),
     "softmax-2023-paper": ("softmax-2023-paper.toml",),
     "sigmoid-2024": tuple(f"sigmoid-2024-{g}-{e}.toml" for e in ("linear", "relu", "gelu") for g in ("sigmoid", "softmax")),
+    "gaussian-gate-2024": (
+        "gaussian-gate-2024-typeI-d1.toml",
+        "gaussian-gate-2024-typeII-d1.toml",
+        "gaussian-gate-2024-typeI-d2.toml",
+        "gaussian-gate-2024-typeII-d2.toml",
+    ),
     "temperature-2024": (
         "temperature-2024-temperature.toml",
         "temperature-2024-tanh.toml",

@@ -27,18 +27,19 @@ RATE_COLUMNS = ("study", "gate", "setting", "n_experts", "quantity", "aggregate"
 
 AGGREGATES = ("mean", "median")
 
-QUANTITIES = ("loss", "hellinger", "tv", "regression_l2", "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
-              "err_expert_slope", "err_expert_intercept", "err_variance")
+QUANTITIES = ("loss", "hellinger", "tv", "regression_l2", "err_gate_mass", "err_gate_slope", "err_temperature",
+              "err_gate_slope_over_tau", "err_expert_slope", "err_expert_intercept", "err_variance", "err_gate_mean",
+              "err_gate_covariance")
 
 
 def _identification(study: Optional[Study]) -> dict:
     """setting → {quantity: identified} from the study's truth on its x points (empty without a study)."""
     if study is None:
         return {}
-    from .simulate import true_model, x_points
+    from .simulate import study_x_points, true_model
 
     truth = true_model(study.truth)
-    xpts = x_points(study.truth.x, study.x_points, truth.n_features, seed=study.seed)
+    xpts = study_x_points(study, truth)
     return {f.name: identified_quantities(truth, bool(f.gate_options.get("learn_temperature")), xpts) for f in study.fits}
 
 

@@ -33,18 +33,19 @@ import pandas as pd
 import torch
 
 from ..em import fit_em
-from ..metrics import d1_loss, d2_loss, density_distances, parameter_errors
+from ..metrics import (d1_loss, d2_loss, density_distances, gaussian_parameter_errors, gaussian_voronoi_loss,
+                       parameter_errors)
 from ..mle import fit_mle
 from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
 from .lse import fit_batch as lse_fit_batch, truth_perturbed as lse_starts
-from .simulate import cell_seed, simulate_cells, true_model, truth_perturbed, x_points
+from .simulate import cell_seed, simulate_cells, study_x_points, true_model, truth_perturbed
 
 __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
 
 METRIC_COLUMNS = (
     "loss", "loss_D1", "loss_D2", "hellinger", "tv",
     "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
-    "err_expert_slope", "err_expert_intercept", "err_variance", "regression_l2",
+    "err_expert_slope", "err_expert_intercept", "err_variance", "err_gate_mean", "err_gate_covariance", "regression_l2",
 )
 RESULT_COLUMNS = (
     "study", "setting", "gate", "n_experts", "estimator", "init", "loss_name", "n", "replicate",
@@ -91,16 +92,16 @@ def read_results(path) -> pd.DataFrame:
 
 def _append_rows(path: Path, rows: List[dict]) -> None:
     buf = io.StringIO()
+    fields = RESULT_COLUMNS
     new = not path.exists() or path.stat().st_size == 0
-    columns = RESULT_COLUMNS
-    if not new:  # resuming a file written by an earlier version: keep its columns, so rows stay aligned
-        with open(path) as fh:
-            columns = tuple(next(csv.reader(fh)))
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    if not new:  # a file started by an earlier version keeps its header (columns added later are left out)
+        with open(path, newline="") as fh:
+            fields = tuple(next(csv.reader(fh), RESULT_COLUMNS))
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     if new:
         w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k])) else r[k]) for k in columns})
+        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k])) else r[k]) for k in fields})
     with open(path, "a") as fh:
         fh.write(buf.getvalue())
         fh.flush()
@@ -167,9 +168,13 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
             res = (fit_em if fit.estimator == "em" else fit_mle)(x, y, K, **kwargs)
         model = res.model
         with torch.no_grad():
-            d1, d2 = d1_loss(model, truth, xpts), d2_loss(model, truth, xpts)
+            if truth.gate.models_x:  # Gaussian gate: the authors' D̄/D̃ (D2 column) and the all-ones loss (D1)
+                d1, d2 = gaussian_voronoi_loss(model, truth, "exact"), gaussian_voronoi_loss(model, truth, "over")
+                errs = gaussian_parameter_errors(model, truth)
+            else:
+                d1, d2 = d1_loss(model, truth, xpts), d2_loss(model, truth, xpts)
+                errs = parameter_errors(model, truth, xpts)
             dens = density_distances(model, truth, xpts)
-            errs = parameter_errors(model, truth, xpts)
     except Exception as exc:  # recorded, never dropped
         msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
         return [dict(base, replicate=r, status="failed", converged=False, degenerate=False, error=msg,
@@ -254,7 +259,7 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
     cells = [(n, r) for n in study.all_n() for r in range(study.replicates)][i::N]
     truth = true_model(study.truth)
     d = truth.n_features
-    xpts = x_points(study.truth.x, study.x_points, d, seed=study.seed)
+    xpts = study_x_points(study, truth)
     todo = []
     grids = [set(study.grid(f)) for f in study.fits]
     for n in study.all_n():

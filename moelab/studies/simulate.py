@@ -18,15 +18,21 @@ from ..experts import GaussianExperts
 from ..gates import gate_family
 from ..model import GaussianMoE
 from .config import FitSpec, Study, TruthSpec
-from .starts import table_start
+from .starts import gaussian_start, table_start
 
-__all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", "truth_perturbed"]
+__all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", "study_x_points", "truth_perturbed"]
 
 DTYPE = torch.float64
 
 
 def true_model(truth: TruthSpec, learn_temperature: bool = False):
     """The true model (batch shape ()) of a study: a GaussianMoE, or a RegressionMoE for a regression truth."""
+    family = gate_family(truth.gate)
+    experts = GaussianExperts(torch.tensor(truth.expert_slope, dtype=DTYPE), torch.tensor(truth.expert_intercept, dtype=DTYPE),
+                              torch.tensor(truth.variance, dtype=DTYPE))
+    if truth.gate_params:  # a gate that models x (Gaussian)
+        p = {k: torch.tensor(v, dtype=DTYPE) for k, v in truth.gate_params.items()}
+        return GaussianMoE(family(**p), experts)
     slope = torch.tensor(truth.gate_slope, dtype=DTYPE)
     icpt = torch.tensor(truth.gate_intercept, dtype=DTYPE)
     family = gate_family(truth.gate)
@@ -45,8 +51,6 @@ def true_model(truth: TruthSpec, learn_temperature: bool = False):
         return RegressionMoE(gate, RegressionExperts(torch.tensor(truth.expert_slope, dtype=DTYPE),
                                                      torch.tensor(truth.expert_intercept, dtype=DTYPE),
                                                      truth.expert_kind, truth.degree))
-    experts = GaussianExperts(torch.tensor(truth.expert_slope, dtype=DTYPE), torch.tensor(truth.expert_intercept, dtype=DTYPE),
-                              torch.tensor(truth.variance, dtype=DTYPE))
     return GaussianMoE(gate, experts)
 
 
@@ -75,19 +79,35 @@ def x_points(xspec: dict, m: int, d: int, seed: int = 0) -> torch.Tensor:
     tends to Uniform(low, high)): midpoints of m equal bins (midpoint rule);
     otherwise a fixed-seed Monte Carlo sample.
     """
+    if xspec.get("distribution") == "gate":
+        raise ValueError("x drawn from the true gate: use study_x_points(study, truth)")
     if xspec.get("design") == "linspace" or (xspec["distribution"] == "uniform" and d == 1):
         u = (torch.arange(m, dtype=DTYPE) + 0.5) / m
         return (xspec["low"] + (xspec["high"] - xspec["low"]) * u).unsqueeze(-1)
     return sample_x(xspec, m, d, torch.Generator().manual_seed(seed))
 
 
+def study_x_points(study: Study, truth: GaussianMoE) -> torch.Tensor:
+    """:func:`x_points` of a study; for a gate that models x, a fixed-seed sample of ``study.x_points`` draws from it."""
+    if study.truth.x.get("distribution") == "gate":
+        return truth.gate.sample_x(study.x_points, torch.Generator().manual_seed(study.seed))[0]
+    return x_points(study.truth.x, study.x_points, truth.n_features, seed=study.seed)
+
+
 def simulate_cells(study: Study, truth: GaussianMoE, n: int, replicates: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Data of cells (n, r) for r in ``replicates``: x (R, n, d), y (R, n)."""
+    """Data of cells (n, r) for r in ``replicates``: x (R, n, d), y (R, n).
+
+    With ``x = { distribution = "gate" }`` (a gate that models x) x is drawn from the
+    true gate's mixture Σ π_k N(c_k, Γ_k), then y from p(y | x).
+    """
     d = truth.n_features
     xs, ys = [], []
     for r in replicates:
         gen = torch.Generator().manual_seed(cell_seed(study.seed, n, r))
-        x = sample_x(study.truth.x, n, d, gen)
+        if study.truth.x.get("distribution") == "gate":
+            x = truth.gate.sample_x(n, gen)[0]
+        else:
+            x = sample_x(study.truth.x, n, d, gen)
         xs.append(x)
         ys.append(truth.sample(x, study.truth.noise_sd, gen) if study.truth.regression else truth.sample(x, gen))
     return torch.stack(xs), torch.stack(ys)
@@ -115,6 +135,8 @@ def truth_perturbed(truth: GaussianMoE, fit: FitSpec, seeds: Sequence[int], n: O
     g, e = truth.gate, truth.experts
     Kt, K, d = truth.n_experts, fit.n_experts, truth.n_features
     p = fit.perturbation
+    if g.models_x:
+        return gaussian_start(truth, fit, seeds, n)
     if fit.start is not None and n is None:
         raise ValueError(f"setting {fit.name!r} has a [fit.start] table, whose noise depends on n; pass n")
     sl, ic, es, ei, ev, tau = [], [], [], [], [], []

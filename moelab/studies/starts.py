@@ -34,7 +34,7 @@ from typing import List
 
 import torch
 
-__all__ = ["assign_atoms", "table_start"]
+__all__ = ["assign_atoms", "table_start", "gaussian_start"]
 
 DTYPE = torch.float64
 
@@ -49,7 +49,7 @@ def assign_atoms(n_true: int, n_fit: int, rule: str, generator: torch.Generator)
     ----------
     n_true, n_fit : int
         K* true and K ≥ K* fitted experts.
-    rule : {"cover", "resample"}
+    rule : {"cover", "resample", "resample-all"}
         See the module docstring.
     generator : torch.Generator
 
@@ -69,6 +69,12 @@ def assign_atoms(n_true: int, n_fit: int, rule: str, generator: torch.Generator)
     if rule == "cover":
         atoms = list(range(n_true)) + torch.randint(n_true, (n_fit - n_true,), generator=generator).tolist()
         return [a for a in atoms if a != ref] + [a for a in atoms if a == ref]
+    if rule == "resample-all":  # no reference expert (Gaussian gate): K uniform draws until every true expert appears
+        for _ in range(_MAX_REDRAWS):
+            s = torch.randint(n_true, (n_fit,), generator=generator).tolist()
+            if len(set(s)) == n_true:
+                return s
+        raise RuntimeError(f"resample-all: no covering assignment in {_MAX_REDRAWS} draws")  # pragma: no cover
     if rule == "resample":
         for _ in range(_MAX_REDRAWS):
             s = torch.randint(n_true, (n_fit,), generator=generator).tolist()
@@ -76,7 +82,7 @@ def assign_atoms(n_true: int, n_fit: int, rule: str, generator: torch.Generator)
             if len(set(s)) == n_true:
                 return s
         raise RuntimeError(f"resample: no covering assignment in {_MAX_REDRAWS} draws")  # pragma: no cover
-    raise ValueError(f"unknown assignment rule {rule!r}; choose 'cover' or 'resample'")
+    raise ValueError(f"unknown assignment rule {rule!r}; choose 'cover', 'resample' or 'resample-all'")
 
 
 def _sd(group: dict, n: int) -> float:
@@ -135,3 +141,56 @@ def table_start(truth, fit, generator: torch.Generator, n: int):
     if tau is not None and fit.gate_options.get("learn_temperature"):
         tau = tau * (_sd(spec["temperature"], n) * torch.randn((), generator=generator, dtype=DTYPE)).exp()
     return gs, gi, es, ei, var, tau
+
+
+def gaussian_start(truth, fit, seeds, n=None):
+    """Truth-perturbed starts of a Gaussian-gated fit, one per seed (batch shape (len(seeds),)).
+
+    With a ``[fit.start]`` table (the CRPE-GMoE design, ``init_params_GLLiM`` re-implemented
+    from its description): atoms by ``assign`` ("resample-all" there: K uniform draws until
+    every true expert appears); π_i = π*_j / copies ("split"; "copy" keeps π*_j, then
+    renormalised); c, A, b + N(0, s²) per coefficient with s = sd·n^n_power of groups ``gate``
+    (c) and ``experts`` (A, b); Γ + diag|N(0, s²)| (group ``covariance``); ν + |N(0, s²)|
+    (group ``variance``, "additive-abs"; "multiplicative": ν·exp(N(0, s²))).
+    Without it (moelab's start): "cover", split masses, N(0, p²) on c, A, b and Γ, ν
+    multiplied by exp(N(0, p²)), p = ``fit.perturbation``.
+
+    Raises
+    ------
+    ValueError
+        ``fit.start`` is given without ``n``.
+    """
+    g, e = truth.gate, truth.experts
+    Kt, K, d = truth.n_experts, fit.n_experts, truth.n_features
+    spec = fit.start
+    if spec is not None and n is None:
+        raise ValueError(f"setting {fit.name!r} has a [fit.start] table, whose noise depends on n; pass n")
+    out = {k: [] for k in ("pi", "c", "G", "A", "b", "nu")}
+    eye = torch.eye(d, dtype=DTYPE)
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        atoms = assign_atoms(Kt, K, spec["assign"] if spec else "cover", gen)
+        idx = torch.tensor(atoms)
+        counts = torch.bincount(idx, minlength=Kt).to(DTYPE)
+        pi = g.proportions[idx] / (counts[idx] if spec is None or spec["mass"] == "split" else 1.0)
+        sd = (lambda grp: _sd(spec[grp], n)) if spec else (lambda grp: fit.perturbation)  # noqa: E731
+        noise = lambda grp, *shape: sd(grp) * torch.randn(*shape, generator=gen, dtype=DTYPE)  # noqa: E731
+        c = g.means[idx] + noise("gate", K, d)
+        if spec is not None:
+            G = g.covariances[idx] + noise("covariance", K, d).abs().unsqueeze(-1) * eye
+        else:
+            G = g.covariances[idx] * noise("gate", K, 1, 1).exp()
+        A = e.slope[idx] + noise("experts", K, d)
+        b = e.intercept[idx] + noise("experts", K)
+        if spec is not None and spec["variance"]["mode"] == "additive-abs":
+            nu = e.variance[idx] + noise("variance", K).abs()
+        else:
+            nu = e.variance[idx] * noise("variance", K).exp()
+        for k, v in zip(out, (pi / pi.sum(), c, G, A, b, nu)):
+            out[k].append(v)
+    S = {k: torch.stack(v) for k, v in out.items()}
+    opts = {k: v for k, v in fit.gate_options.items() if k in {o.name for o in type(g).options}}
+    from ..experts import GaussianExperts
+    from ..model import GaussianMoE
+
+    return GaussianMoE(type(g)(S["pi"], S["c"], S["G"], **opts), GaussianExperts(S["A"], S["b"], S["nu"]))

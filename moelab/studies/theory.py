@@ -48,7 +48,8 @@ __all__ = ["QUANTITY_NAMES", "RATE_CLAIMS", "VERDICTS", "log_rate_slope", "verdi
 
 #: quantities of rates.csv a claim can name
 QUANTITY_NAMES = ("loss_D1", "loss_D2", "hellinger", "tv", "regression_l2", "err_gate_mass", "err_gate_slope", "err_temperature",
-                  "err_gate_slope_over_tau", "err_expert_slope", "err_expert_intercept", "err_variance")
+                  "err_gate_slope_over_tau", "err_expert_slope", "err_expert_intercept", "err_variance",
+                  "err_gate_mean", "err_gate_covariance")
 RATE_CLAIMS = ("slower-than-polynomial", "polynomial")
 VERDICTS = ("consistent", "inconsistent", "not identified", "no theory", "no estimate")
 
@@ -142,6 +143,8 @@ def identified_quantities(truth, learn_temperature: bool, x) -> Dict[str, bool]:
     from ..gates.identifiability import temperature_identified
 
     gate = truth.gate
+    if gate.models_x:  # Gaussian gate: no temperature; every quantity identified
+        return {}
     if learn_temperature and hasattr(gate, "learn_temperature"):
         import copy
 
