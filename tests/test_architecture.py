@@ -1,9 +1,12 @@
 """Structure checks (issue 10): no private names across modules, small estimator modules."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "moelab"
+ROOT = Path(__file__).resolve().parents[1] / "src" / "moelab"
 
 
 def _module_exists(pkg: Path, name: str) -> bool:
@@ -129,3 +132,16 @@ def test_the_two_command_lines_do_not_import_each_other():
     assert r.returncode == 0, r.stderr
     src = (ROOT / "studies" / "cli.py").read_text()
     assert "from ..cli import" not in src and "moelab.cli import" not in src
+
+
+def test_a_clone_named_moelab_in_the_working_directory_is_not_imported(tmp_path):
+    """src layout (issue 15 item 7): run from the folder above a clone called ``moelab``, Python must
+    import the package (src/moelab), not the clone's folder as a namespace package."""
+    clone = tmp_path / "moelab"
+    (clone / "src").mkdir(parents=True)
+    (clone / "tests").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", "import moelab; print(moelab.__file__); moelab.fit_em"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve() == (ROOT / "__init__.py").resolve()

@@ -149,14 +149,15 @@ def bad_files(tmp_path, fitted):
     doc["format_version"] = 99
     (d / "v99.json").write_text(json.dumps(doc))
     del doc["params"]
-    doc["format_version"] = 1
+    doc["format_version"] = 2
     (d / "noparams.json").write_text(json.dumps(doc))
     return d
 
 
 PREDICT_ERRORS = [
     (["{m}", "{d}/noinput.csv"], "no column(s) 'times' that the model was fitted on; available columns: t"),
-    (["{m}", "{d}/text.csv"], "column 'times', row 2: 'abc' is not a number"),
+    (["{m}", "{d}/text.csv"], "column 'times' is numeric but 1 value is not a number: row 2: 'abc' (data rows "
+                              "counted from 1 after the header); fix or remove those rows."),
     (["{m}", "mcycle", "--level", "1.5"], "--level must be a probability strictly between 0 and 1"),
     (["{m}", "mcycle", "--out", "{d}/mine.csv"], "mine.csv exists and was not written by moelab predict"),
     (["{m}", "mcycle", "--out", "{d}"], "is a directory; give a file name"),
@@ -182,7 +183,7 @@ def test_fit_refuses_to_overwrite_a_foreign_model_json(tmp_path, capsys):
 
 def test_predict_via_python_m(fitted, tmp_path):
     """``python -m moelab predict`` in a fresh process (the README's last step) writes the CSV."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "moelab", "predict", str(fitted / "model.json"), "mcycle",
                            "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,6 @@
 """Gaussian-gated MoE (issue 12, part 2): gate maths, closed-form EM, recovery, units, errors, BIC."""
 
+import json
 import math
 
 import numpy as np
@@ -206,3 +207,19 @@ def test_cli_bad_flags_for_gaussian(capsys, flags, match):
     assert main(["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "2", "--gate", "gaussian"] + flags) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
+
+
+def test_gaussian_gate_model_file_round_trip(tmp_path):
+    """save/load of a Gaussian-gated fit: π, c, Γ stored; the loaded model predicts identically."""
+    import moelab
+
+    df = moelab.load_dataset("mcycle")
+    est = moelab.MixtureOfExpertsRegressor(2, gate="gaussian", n_init=4, random_state=0).fit(df[["times"]], df["accel"])
+    path = est.save(tmp_path / "model.json")
+    doc = json.loads(path.read_text())
+    assert set(doc["params"]["gate"]) >= {"proportions", "means", "covariances"}
+    back = moelab.MixtureOfExpertsRegressor.load(path)
+    X = df[["times"]]
+    np.testing.assert_allclose(back.predict(X), est.predict(X), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(back.predict_proba(X), est.predict_proba(X), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(back.gate_means_, est.gate_means_)

@@ -72,7 +72,7 @@ def test_file_contents(saved):
     assert doc["format"] == "moelab-model" and doc["format_version"] == FORMAT_VERSION
     assert doc["moelab_version"] == moelab.__version__
     assert doc["gate"]["family"] == "softmax" and doc["response"] == "accel"
-    assert doc["inputs"]["features"] == ["times"] and doc["inputs"]["encodings"] == {}
+    assert doc["inputs"]["features"] == doc["inputs"]["columns"] == ["times"] and doc["inputs"]["encoding"] is None
     assert np.array(doc["params"]["gate"]["slope"]).shape == (3, 1)
     np.testing.assert_array_equal(doc["params"]["experts"]["variance"], est.expert_variance_)  # exact floats
 
@@ -112,7 +112,8 @@ def _set(keys, value):
 
 
 EDITS = [
-    (_set(["format_version"], 2), r"model format version 2 .*reads format version 1"),
+    (_set(["format_version"], 3), r"model format version 3 .*reads format versions 1, 2"),
+    (_set(["format_version"], True), r"model format version True"),
     (_set(["format"], "something"), r"is not a moelab model file \(format 'something'"),
     (_del(["params", "experts", "slope"]), r"missing key 'params.experts.slope'"),
     (_del(["gate"]), r"missing key 'gate'"),
@@ -129,7 +130,9 @@ EDITS = [
     (_set(["inputs", "features"], ["a", "b"]), r"inputs.features has 2 names but n_features is 1"),
     (_set(["params", "gate", "temperature"], "hot"), r"params.gate.temperature must be a finite number"),
     (_set(["estimator", "colour"], 1), r"estimator has unknown setting\(s\) colour"),
-    (_set(["inputs", "encodings"], {"times": {"kind": "one-hot"}}), r"inputs.encodings.times must be"),
+    (_set(["inputs", "encoding"], {"columns": [{"name": "times", "kind": "categorical"}]}),
+     r"inputs.encoding: encoding column 'times' needs 'levels'"),
+    (_set(["inputs", "columns"], ["t"]), r"inputs.features \['times'\] must equal inputs.columns \['t'\]"),
 ]
 
 
@@ -184,33 +187,16 @@ def test_save_errors(tmp_path, mcycle):
     assert not (tmp_path / "m.json").exists()
 
 
-def test_one_hot_encoding_hook(saved, tmp_path):
-    """A file whose input column is one-hot encoded (drop-first): new data are encoded from the saved levels."""
-    doc = json.loads(json.dumps(saved[2]))
-    K = doc["n_experts"]
-    doc.update(n_features=2)
-    doc["inputs"].update(columns=["times", "cut"], features=["times", "cut[b]", "cut[c]"][:2] + [],
-                         encodings={"cut": {"kind": "one-hot", "levels": ["a", "b"], "dropped": "a"}}, training=None)
-    doc["inputs"]["features"] = ["times", "cut[b]"]
-    for part in ("gate", "experts"):
-        doc["params"][part]["slope"] = [row + [0.5 * (k + 1)] for k, row in enumerate(doc["params"][part]["slope"])]
-    doc["params"]["gate"]["slope"][K - 1][1] = 0.0
-    path = tmp_path / "enc.json"
-    path.write_text(json.dumps(doc))
-    mf = read_model_file(path)
-    df = pd.DataFrame({"cut": ["b", "a", "b"], "times": [1.0, 2.0, 3.0], "other": ["x", "y", "z"]})
-    np.testing.assert_array_equal(encode_inputs(df, mf), [[1.0, 1.0], [2.0, 0.0], [3.0, 1.0]])
-    with pytest.raises(ValueError, match=r"column 'cut', row 2: 'z' is not a level the model was fitted on \(a, b\)"):
-        encode_inputs(df.assign(cut=["a", "z", "b"]), mf)
-    est = MixtureOfExpertsRegressor.load(path)
-    assert list(est.feature_names_in_) == ["times", "cut[b]"]
-
-
 def test_encode_inputs_errors(saved):
     mf = read_model_file(saved[1])
     with pytest.raises(ValueError, match=r"no column\(s\) 'times' that the model was fitted on; available columns: t"):
         encode_inputs(pd.DataFrame({"t": [1.0]}), mf)
-    with pytest.raises(ValueError, match=r"column 'times', row 2: 'abc' is not a number"):
-        encode_inputs(pd.DataFrame({"times": ["1.5", "abc"]}), mf)
+    with pytest.raises(ValueError, match=r"column 'times' is numeric but 1 value is not a number: row 2: 'abc' "
+                                         r"\(data rows counted from 1 after the header\); fix or remove those rows\.$"):
+        encode_inputs(pd.DataFrame({"times": ["1.5", "abc"]}), mf, rows="file")
     with pytest.raises(ValueError, match=r"1 missing or infinite value\(s\) \(first in data row 3\)"):
-        encode_inputs(pd.DataFrame({"times": [1.0, 2.0, np.nan]}), mf)
+        encode_inputs(pd.DataFrame({"times": [1.0, 2.0, np.nan]}), mf, rows="file")
+    with pytest.raises(ValueError, match=r"1 missing or infinite value\(s\) \(first in index 'c'\)"):
+        encode_inputs(pd.DataFrame({"times": [1.0, 2.0, np.inf]}, index=["a", "b", "c"]), mf)
+    df = pd.DataFrame({"other": ["x", "y"], "times": [1.0, 2.0]})  # other columns are ignored
+    np.testing.assert_array_equal(encode_inputs(df, mf), [[1.0], [2.0]])

@@ -85,11 +85,14 @@ def load_preset(name: str, *, quick: bool = False) -> List[Study]:
     return [load_study(p, quick=quick) for p in preset_paths(name)]
 
 
-def reproduce(name: str, out, *, quick: bool = False, progress: bool = True) -> Tuple[pd.DataFrame, pd.DataFrame]:
+def reproduce(name: str, out, *, quick: bool = False, progress: bool = True, client=None,
+              torch_threads: int = 1) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Run preset ``name`` into ``out``: one sub-directory per study file when
     there are several, plus the combined ``rates.csv`` and ``results.csv`` in ``out``.
 
-    Resumable like :func:`moelab.studies.run_study`. Returns (results, rates).
+    Resumable like :func:`moelab.studies.run_study`; ``client`` and
+    ``torch_threads`` are passed to it (the studies run one after the other on
+    the one cluster). Returns (results, rates).
     """
     from .report import plot_overview
     from .runner import run_study
@@ -97,12 +100,12 @@ def reproduce(name: str, out, *, quick: bool = False, progress: bool = True) -> 
     out = Path(out)
     studies = load_preset(name, quick=quick)
     if len(studies) == 1:
-        res = run_study(studies[0], out, progress=progress)
+        res = run_study(studies[0], out, progress=progress, client=client, torch_threads=torch_threads)
         return res, pd.read_csv(out / "rates.csv")
     frames, rates = [], []
     for st in studies:
         sub = out / st.name
-        frames.append(run_study(st, sub, progress=progress))
+        frames.append(run_study(st, sub, progress=progress, client=client, torch_threads=torch_threads))
         rates.append(pd.read_csv(sub / "rates.csv"))
     res, rt = pd.concat(frames, ignore_index=True), pd.concat(rates, ignore_index=True)
     res.to_csv(out / "results.csv", index=False)

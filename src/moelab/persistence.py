@@ -5,22 +5,23 @@ keep; loading it runs no code. Every number is written with Python's
 shortest round-trip repr, so a loaded model predicts bit for bit what the
 saved one did.
 
-Format (``format_version`` 1)::
+Format (``format_version`` 2)::
 
     {
-      "format": "moelab-model", "format_version": 1, "moelab_version": "0.1.0",
+      "format": "moelab-model", "format_version": 2, "moelab_version": "0.1.0",
       "n_experts": K, "n_features": d,
       "gate": {"family": "softmax", "options": {...}},        # options as gate_spec validates them
       "inputs": {
-        "columns": [...],        # data columns read, in order (before encoding)
-        "features": [...],       # the model's d inputs (after encoding), e.g. "times", "cut[Good]"
+        "columns": [...],        # data columns read, in order (before encoding), e.g. "carat", "cut"
+        "features": [...],       # the model's d inputs (after encoding), e.g. "carat", "cut[Good]"
         "feature_names_in": true,  # the estimator was fitted on named columns
-        "encodings": {...},      # column -> encoding of a categorical column (see below); {} if none
+        "encoding": {"columns": [...]} or null,  # the estimator's encoding_.to_dict() (see below)
         "training": {"mean": [...], "sd": [...], "min": [...], "max": [...]} or null
       },
       "response": "accel",
       "params": {
-        "gate": {"slope": [[...]] (K, d), "intercept": [...] (K,), "temperature": τ (if the gate has one)},
+        "gate": {"slope": [[...]] (K, d), "intercept": [...] (K,), "temperature": τ (if the gate has one)}
+                or, for the Gaussian gate, {"proportions" (K,), "means" (K, d), "covariances" (K, d, d)},
         "experts": {"slope": [[...]] (K, d), "intercept": [...] (K,), "variance": [...] (K,)}
       },
       "estimator": {...},        # MixtureOfExpertsRegressor hyper-parameters (get_params)
@@ -32,10 +33,21 @@ used while fitting is already undone), so prediction applies no scaling;
 ``inputs.training`` (when known) records the training inputs' location,
 scale and range, for reference and extrapolation checks.
 
-Categorical inputs (hook): ``inputs.encodings[column] = {"kind": "one-hot",
-"levels": [l_1, ..., l_m], "dropped": l_1}`` means the column becomes the m−1
-indicator features ``column[l_j]`` (j ≥ 2), in that order, at the column's
-place in ``inputs.columns``; :func:`encode_inputs` applies it to new data.
+Categorical inputs: ``inputs.encoding`` is the fitted estimator's
+:class:`~moelab.encoding.DesignEncoding` (``est.encoding_.to_dict()``), one
+entry per data column: ``{"name": "carat", "kind": "numeric"}`` or
+``{"name": "cut", "kind": "categorical", "levels": [l_1, ..., l_m]}``, the
+latter becoming the m−1 indicator features ``cut[l_j]`` (j ≥ 2; l_1 is the
+reference, treatment contrasts). ``inputs.columns`` and ``inputs.features``
+are its ``column_names`` and ``feature_names``; the reader checks that they
+agree. ``null`` means the inputs were numeric (arrays, or a DataFrame of
+numeric columns) and ``columns == features``. :func:`encode_inputs`, the
+loaded estimator and ``moelab predict`` apply the encoding to new data with
+:meth:`DesignEncoding.transform`, so a level the model was not fitted on is
+an error naming its rows and values.
+
+Format version 1 (the first files, numeric inputs only) had an empty
+``inputs.encodings`` object in place of ``inputs.encoding``; it is still read.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .encoding import ColumnEncoding, DesignEncoding
 from .experts import GaussianExperts
 from .gates import GATES, gate_spec
 from .model import GaussianMoE
@@ -59,7 +72,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "ModelFile", "model_to_
            "read_model_file", "load_estimator", "fitted_estimator", "encode_inputs"]
 
 FORMAT = "moelab-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format versions this moelab reads (1: numeric inputs only, ``inputs.encodings`` empty)
+READS_VERSIONS = (1, 2)
 _HYPERPARAMS = ("n_experts", "gate", "activation", "temperature", "learn_temperature", "top_k", "gate_options",
                 "estimator", "n_init", "n_candidates", "init", "max_iter", "tol", "random_state", "compile")
 
@@ -77,9 +92,9 @@ class ModelFile:
     model : GaussianMoE
         Batch shape (), original units.
     columns, features : list of str
-        Data columns read (before encoding) and the model's inputs (after), of length n_features.
-    encodings : dict
-        Column → encoding (see the module docstring).
+        Data columns read (before encoding) and the model's inputs (after, n_features of them).
+    encoding : DesignEncoding or None
+        How the columns become the features (None: numeric inputs, ``columns == features``).
     response : str
     feature_names_in : bool
     estimator_params : dict
@@ -95,13 +110,20 @@ class ModelFile:
     model: GaussianMoE
     columns: list
     features: list
-    encodings: dict
+    encoding: Optional[DesignEncoding]
     response: str
     feature_names_in: bool
     estimator_params: dict
     fit: dict
     training: Optional[dict] = None
     raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def design_encoding(self) -> DesignEncoding:
+        """:attr:`encoding`, or for numeric inputs the encoding that reads each column as a number."""
+        if self.encoding is not None:
+            return self.encoding
+        return DesignEncoding(tuple(ColumnEncoding(c, "numeric") for c in self.columns))
 
 
 # ------------------------------------------------------------------ writing
@@ -125,8 +147,7 @@ def _floats(t) -> list:
     return a.tolist()
 
 
-def model_to_dict(est, *, feature_names=None, response_name: Optional[str] = None, columns=None,
-                  encodings=None, x_train=None) -> dict:
+def model_to_dict(est, *, feature_names=None, response_name: Optional[str] = None, x_train=None) -> dict:
     """A fitted :class:`~moelab.MixtureOfExpertsRegressor` as a JSON-ready dict (the model file).
 
     Parameters
@@ -135,12 +156,10 @@ def model_to_dict(est, *, feature_names=None, response_name: Optional[str] = Non
         Fitted (``model_`` set).
     feature_names : sequence of str of length n_features_in_, optional
         Default: ``feature_names_in_`` when fitted on a DataFrame, else x0, x1, ...
+        With an encoding (``est.encoding_``, categorical inputs) the names are the
+        encoding's design columns and may only be given equal to them.
     response_name : str, optional
         Name of y; default "y".
-    columns : sequence of str, optional
-        Data columns before encoding; default ``feature_names``.
-    encodings : dict, optional
-        Column → encoding of categorical columns (module docstring); default none.
     x_train : array-like of shape (n_samples, n_features), optional
         Training inputs, to record their mean, sd, min and max.
 
@@ -151,20 +170,24 @@ def model_to_dict(est, *, feature_names=None, response_name: Optional[str] = Non
     Raises
     ------
     ValueError
-        Not fitted, names of the wrong length, or settings that JSON cannot
-        hold (a callable activation, a RandomState).
+        Not fitted, names of the wrong length (or other than the encoding's),
+        or settings that JSON cannot hold (a callable activation, a RandomState).
     """
     model = getattr(est, "model_", None)
     if model is None:
         raise ValueError("this MixtureOfExpertsRegressor is not fitted yet; call fit(X, y) before save")
     d, K = model.n_features, model.n_experts
     named = hasattr(est, "feature_names_in_")
+    encoding = getattr(est, "encoding_", None)
     if feature_names is None:
         feature_names = list(est.feature_names_in_) if named else [f"x{j}" for j in range(d)]
     feature_names = [str(c) for c in feature_names]
     if len(feature_names) != d:
         raise ValueError(f"feature_names has {len(feature_names)} names for {d} input features")
-    columns = feature_names if columns is None else [str(c) for c in columns]
+    if encoding is not None and feature_names != encoding.feature_names:
+        raise ValueError(f"feature_names {feature_names} differ from the design columns of the estimator's "
+                         f"encoding {encoding.feature_names}; leave feature_names unset (the encoding names them)")
+    columns = feature_names if encoding is None else encoding.column_names
     from .estimator import gate_options_from
 
     params = est.get_params()
@@ -207,7 +230,7 @@ def model_to_dict(est, *, feature_names=None, response_name: Optional[str] = Non
         "n_features": int(d),
         "gate": {"family": gate.name, "description": gate.describe(), "options": options},
         "inputs": {"columns": columns, "features": feature_names, "feature_names_in": bool(named),
-                   "encodings": dict(encodings or {}), "training": training},
+                   "encoding": None if encoding is None else encoding.to_dict(), "training": training},
         "response": "y" if response_name is None else str(response_name),
         "params": {
             "gate": gate_params,
@@ -228,7 +251,7 @@ def save_model(est, path, **kwargs) -> Path:
     path : str or Path
         File to write (its directory must exist); overwritten if present.
     **kwargs
-        ``feature_names``, ``response_name``, ``columns``, ``encodings``, ``x_train`` (see :func:`model_to_dict`).
+        ``feature_names``, ``response_name``, ``x_train`` (see :func:`model_to_dict`).
 
     Raises
     ------
@@ -329,7 +352,9 @@ def read_model_file(path) -> ModelFile:
         The file is missing or not JSON; another format or format version; a
         key missing or of the wrong type; parameters of the wrong shape,
         non-finite or out of range (variance ≤ 0); an unknown gate family or
-        invalid options. The message names the file and the key.
+        invalid options; an ``inputs.encoding`` that is malformed or disagrees
+        with ``inputs.columns`` / ``inputs.features``. The message names the
+        file and the key.
     """
     source, doc = _read_json(path)
     r = _Reader(source)
@@ -340,10 +365,10 @@ def read_model_file(path) -> ModelFile:
         hint = " (that is moelab fit's params.json; load DIR/model.json instead)" if doc.get("moelab") == "fit" else ""
         r.fail(f"is not a moelab model file (format {fmt!r}, expected {FORMAT!r}){hint}")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READS_VERSIONS:
         r.fail(f"has model format version {version!r} (written by moelab {doc.get('moelab_version', '?')}); "
-               f"this moelab {__version__} reads format version {FORMAT_VERSION}: refit the model with this "
-               "version, or load it with the version that wrote it")
+               f"this moelab {__version__} reads format versions {', '.join(map(str, READS_VERSIONS))}: refit the "
+               "model with this version, or load it with the version that wrote it")
     K = r.get(doc, "n_experts", "", int)
     d = r.get(doc, "n_features", "", int)
     if K < 1 or d < 1:
@@ -367,8 +392,7 @@ def read_model_file(path) -> ModelFile:
     if len(features) != d:
         r.fail(f"inputs.features has {len(features)} names but n_features is {d}")
     named = r.get(inputs, "feature_names_in", "inputs", bool)
-    encodings = r.get(inputs, "encodings", "inputs", dict)
-    _check_encodings(r, columns, features, encodings)
+    encoding = _read_encoding(r, inputs, version, columns, features, named)
     training = r.get(inputs, "training", "inputs", dict, optional=True)
     if training is not None:
         training = {k: (None if training.get(k) is None else r.array(training, k, "inputs.training", (d,)).tolist())
@@ -377,11 +401,13 @@ def read_model_file(path) -> ModelFile:
     params = r.get(doc, "params", "", dict)
     gp = r.get(params, "gate", "params", dict)
     ep = r.get(params, "experts", "params", dict)
-    g_slope = r.array(gp, "slope", "params.gate", (K, d))
-    g_int = r.array(gp, "intercept", "params.gate", (K,))
+    models_x = bool(getattr(spec.family, "models_x", False))  # Gaussian gate: π (K,), c (K, d), Γ (K, d, d)
+    shapes = ({"proportions": (K,), "means": (K, d), "covariances": (K, d, d)} if models_x
+              else {"slope": (K, d), "intercept": (K,)})
+    g_arrays = {k: r.array(gp, k, "params.gate", shape) for k, shape in shapes.items()}
     extra = {}
     for k, v in gp.items():
-        if k in ("slope", "intercept"):
+        if k in shapes:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             r.fail(f"params.gate.{k} must be a finite number, got {json.dumps(v)[:40]}")
@@ -394,7 +420,7 @@ def read_model_file(path) -> ModelFile:
     try:
         opts = dict(spec.options)
         opts.update(extra)
-        gate = spec.family(torch.tensor(g_slope), torch.tensor(g_int), **opts)
+        gate = spec.family(*(torch.tensor(g_arrays[k]) for k in shapes), **opts)
         model = GaussianMoE(gate, GaussianExperts(torch.tensor(e_slope), torch.tensor(e_int), torch.tensor(e_var)))
     except (TypeError, ValueError) as exc:
         r.fail(f"params: {exc}")
@@ -413,46 +439,59 @@ def read_model_file(path) -> ModelFile:
         "converged": r.get(fit, "converged", "fit", bool),
         "expert_size": (None if fit.get("expert_size") is None else r.array(fit, "expert_size", "fit", (K,))),
     }
-    return ModelFile(model=model, columns=list(columns), features=list(features), encodings=dict(encodings),
+    return ModelFile(model=model, columns=list(columns), features=list(features), encoding=encoding,
                      response=response, feature_names_in=named, estimator_params=dict(hyper), fit=fit_info,
                      training=training, raw=doc)
 
 
-def _one_hot_features(column: str, enc: dict) -> list:
-    return [f"{column}[{lvl}]" for lvl in enc["levels"] if lvl != enc["dropped"]]
+def _read_encoding(r: _Reader, inputs: dict, version: int, columns, features, named: bool):
+    """``inputs.encoding`` as a DesignEncoding (None: numeric inputs), checked against columns and features."""
+    for name, lst in (("columns", columns), ("features", features)):
+        dup = sorted({c for c in lst if lst.count(c) > 1})
+        if dup:
+            r.fail(f"inputs.{name} names {', '.join(map(repr, dup))} more than once")
+    if version == 1:
+        if r.get(inputs, "encodings", "inputs", dict):
+            r.fail("inputs.encodings of format version 1 must be empty (moelab never wrote categorical codings in "
+                   "that version); refit the model with this moelab")
+        doc = None
+    else:
+        if "encoding" not in inputs:
+            r.fail("missing key 'inputs.encoding'; the file is incomplete (re-save it with moelab fit --out)")
+        doc = inputs["encoding"]
+    if doc is None:
+        if list(columns) != list(features):
+            r.fail(f"inputs.features {features} must equal inputs.columns {columns} when inputs.encoding is null "
+                   "(numeric inputs)")
+        return None
+    try:
+        encoding = DesignEncoding.from_dict(doc)
+    except ValueError as exc:
+        r.fail(f"inputs.encoding: {exc}")
+    if encoding.column_names != list(columns):
+        r.fail(f"inputs.columns {columns} disagree with the columns of inputs.encoding {encoding.column_names}")
+    if encoding.feature_names != list(features):
+        r.fail(f"inputs.features {features} do not follow from inputs.encoding (expected {encoding.feature_names})")
+    if not named:
+        r.fail("inputs.feature_names_in must be true when inputs.encoding is given (the model reads named columns)")
+    return encoding
 
 
-def _check_encodings(r: _Reader, columns, features, encodings) -> None:
-    expected = []
-    for c in columns:
-        if c in encodings:
-            enc = encodings[c]
-            if not (isinstance(enc, dict) and enc.get("kind") == "one-hot" and isinstance(enc.get("levels"), list)
-                    and all(isinstance(v, str) for v in enc["levels"]) and enc.get("dropped") in enc["levels"]):
-                r.fail(f"inputs.encodings.{c} must be {{\"kind\": \"one-hot\", \"levels\": [strings], "
-                       f"\"dropped\": one of the levels}}, got {json.dumps(enc)[:80]}")
-            expected += _one_hot_features(c, enc)
-        else:
-            expected.append(c)
-    extra = sorted(set(encodings) - set(columns))
-    if extra:
-        r.fail(f"inputs.encodings names column(s) {', '.join(extra)} that are not in inputs.columns")
-    if expected != list(features):
-        r.fail(f"inputs.features {features} do not follow from inputs.columns and inputs.encodings "
-               f"(expected {expected})")
-
-
-def encode_inputs(df, mf: ModelFile) -> np.ndarray:
+def encode_inputs(df, mf: ModelFile, *, rows: str = "index") -> np.ndarray:
     """The model's inputs (n_samples, n_features) from a table holding the columns it was fitted on.
 
-    Numeric columns are taken as they are; columns with a one-hot encoding
-    become the indicator columns of the saved levels (the dropped level is
-    all zeros). Extra columns in ``df`` are ignored.
+    The columns ``mf.columns`` are taken from ``df`` (others are ignored) and
+    coded by the model's encoding (:meth:`moelab.encoding.DesignEncoding.transform`):
+    numeric columns as numbers, categorical ones as the indicator columns of
+    the saved levels.
 
     Parameters
     ----------
-    df : pandas.DataFrame
+    df : pandas.DataFrame of shape (n_samples, n_columns)
     mf : ModelFile
+    rows : {"index", "file"}, default "index"
+        How rows are named in messages: index labels, or data rows counted from 1 after a file's
+        header (what ``moelab predict`` uses).
 
     Returns
     -------
@@ -461,47 +500,27 @@ def encode_inputs(df, mf: ModelFile) -> np.ndarray:
     Raises
     ------
     ValueError
-        A column is missing, a numeric column holds non-numbers, NaN or inf,
-        or a categorical column holds a level the model was not fitted on
-        (each names the column, row and value).
+        A column is missing; a numeric column holds values that are not
+        numbers, or NaN/inf; a categorical column holds a missing value or a
+        level the model was not fitted on (each names the column, the rows and
+        the values).
     """
-    import pandas as pd
-
     by_name = {str(c): c for c in df.columns}
     missing = [c for c in mf.columns if c not in by_name]
     if missing:
         raise ValueError(f"the data have no column(s) {', '.join(map(repr, missing))} that the model was fitted on; "
                          f"available columns: {', '.join(by_name)}")
-    parts = []
-    for c in mf.columns:
-        s = df[by_name[c]]
-        if c in mf.encodings:
-            enc = mf.encodings[c]
-            values = s.astype("string")
-            unknown = ~values.isin(enc["levels"]) | values.isna()
-            if unknown.any():
-                i = int(np.flatnonzero(unknown.to_numpy())[0])
-                raise ValueError(f"column {c!r}, row {i + 1}: {s.iloc[i]!r} is not a level the model was fitted on "
-                                 f"({', '.join(enc['levels'])})")
-            for lvl in enc["levels"]:
-                if lvl != enc["dropped"]:
-                    parts.append((values == lvl).to_numpy(dtype=np.float64))
-            continue
-        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
-            num = pd.to_numeric(s, errors="coerce")
-            bad = num.isna() & s.notna()
-            if bad.any():
-                i = int(np.flatnonzero(bad.to_numpy())[0])
-                raise ValueError(f"column {c!r}, row {i + 1}: {s.iloc[i]!r} is not a number")
-            s = num
-        v = s.to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(v)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"column {c!r} has {int(bad.sum())} missing or infinite value(s) (first in data row "
-                             f"{i + 1}); drop or impute those rows first")
-        parts.append(v)
-    return np.column_stack(parts)
+    X = df[[by_name[c] for c in mf.columns]]
+    X.columns = list(mf.columns)
+    v = mf.design_encoding.transform(X, rows=rows).to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        j = int(np.flatnonzero(bad.any(0))[0])
+        i = int(np.flatnonzero(bad[:, j])[0])
+        where = f"data row {i + 1}" if rows == "file" else f"index {df.index[i]!r}"
+        raise ValueError(f"column {mf.features[j]!r} has {int(bad[:, j].sum())} missing or infinite value(s) "
+                         f"(first in {where}); drop or impute those rows first")
+    return v
 
 
 def load_estimator(path, cls=None):
@@ -512,8 +531,9 @@ def load_estimator(path, cls=None):
     ``gate_intercept_``, ``temperature_``, ``expert_slope_``,
     ``expert_intercept_``, ``expert_variance_``, ``expert_size_``,
     ``loglik_``, ``n_iter_``, ``converged_``, ``n_features_in_``,
-    ``feature_names_in_``); the training history and ``result_`` are not
-    saved. It predicts exactly what the saved estimator predicted.
+    ``feature_names_in_``, ``encoding_``); the training history and
+    ``result_`` are not saved. It predicts exactly what the saved estimator
+    predicted, from the same raw columns (categorical ones included).
 
     Parameters
     ----------
@@ -535,11 +555,12 @@ def load_estimator(path, cls=None):
         raise ModelFileError(f"{path}: estimator settings do not fit {cls.__name__}: {exc}") from None
     return fitted_estimator(est, mf.model, loglik=mf.fit["loglik"], n_iter=mf.fit["n_iter"],
                             converged=mf.fit["converged"], expert_size=mf.fit["expert_size"],
-                            n_samples=mf.fit["n_samples"], feature_names=mf.features if mf.feature_names_in else None)
+                            n_samples=mf.fit["n_samples"], feature_names=mf.features if mf.feature_names_in else None,
+                            encoding=mf.encoding)
 
 
 def fitted_estimator(est, model, *, loglik=None, n_iter=0, converged=True, expert_size=None, n_samples=None,
-                     feature_names=None):
+                     feature_names=None, encoding=None):
     """Set the fitted attributes of an unfitted ``MixtureOfExpertsRegressor`` from a model; returns ``est``.
 
     For models that were not fitted by ``est.fit`` (a loaded file, the K = 1
@@ -547,11 +568,20 @@ def fitted_estimator(est, model, *, loglik=None, n_iter=0, converged=True, exper
     the parameter attributes (``gate_slope_`` ... ``expert_variance_``,
     ``temperature_`` where the gate has one), ``n_features_in_``, and where
     given ``loglik_``, ``n_iter_``, ``converged_``, ``expert_size_`` (K,),
-    ``n_samples_`` and ``feature_names_in_`` (n_features,).
+    ``n_samples_`` and ``feature_names_in_`` (n_features,); ``encoding_`` is
+    ``encoding`` (a :class:`~moelab.encoding.DesignEncoding` whose
+    ``feature_names`` are ``feature_names``, or None for numeric inputs).
     """
+    if encoding is not None and (feature_names is None or list(feature_names) != encoding.feature_names):
+        raise ValueError(f"feature_names {feature_names} must be the encoding's design columns {encoding.feature_names}")
     est.model_ = model
-    est.gate_slope_ = model.gate.slope.numpy().copy()
-    est.gate_intercept_ = model.gate.intercept.numpy().copy()
+    if model.gate.models_x:  # Gaussian gate
+        est.gate_proportions_ = model.gate.proportions.numpy().copy()
+        est.gate_means_ = model.gate.means.numpy().copy()
+        est.gate_covariances_ = model.gate.covariances.numpy().copy()
+    else:
+        est.gate_slope_ = model.gate.slope.numpy().copy()
+        est.gate_intercept_ = model.gate.intercept.numpy().copy()
     if hasattr(model.gate, "temperature"):
         est.temperature_ = float(model.gate.temperature)
     est.expert_slope_ = model.experts.slope.numpy().copy()
@@ -568,4 +598,5 @@ def fitted_estimator(est, model, *, loglik=None, n_iter=0, converged=True, exper
     est.n_features_in_ = model.n_features
     if feature_names is not None:
         est.feature_names_in_ = np.asarray(feature_names, dtype=object)
+    est.encoding_ = encoding
     return est

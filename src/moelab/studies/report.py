@@ -63,7 +63,8 @@ def rate_table(results: pd.DataFrame, study: Union[Study, str, None] = None, *, 
 
     Notes
     -----
-    Failed fits have NaN losses and are left out of the slope but counted in
+    The rates depend on the rows, not on their order (each setting's rows
+    are sorted by n and replicate before the bootstrap). Failed fits have NaN losses and are left out of the slope but counted in
     ``n_failed``; fits that did not converge (or collapsed) are kept in the
     slope and counted in ``n_not_converged`` / ``n_degenerate``. The ``loss``
     quantity is the setting's Voronoi loss (``loss_name``: D1 or D2).
@@ -74,6 +75,9 @@ def rate_table(results: pd.DataFrame, study: Union[Study, str, None] = None, *, 
     claims = {f.name: f.theory for f in st.fits} if st is not None else {}
     rows = []
     for setting, df in results.groupby("setting", sort=False):
+        # the bootstrap resamples rows within each n: fix their order, so the intervals depend on the
+        # table's contents only (a run on a cluster appends rows in the order its tasks finish)
+        df = df.sort_values([c for c in ("n", "replicate") if c in df], kind="stable")
         first = df.iloc[0]
         counts = dict(n_fits=len(df), n_failed=int((df["status"] == "failed").sum()),
                       n_not_converged=int((df["status"] == "not_converged").sum()),

@@ -4,10 +4,12 @@ sample sizes with many replicates, and measure how fast each parameter converges
 * :mod:`~moelab.studies.config` — the study TOML schema and its validation.
 * :mod:`~moelab.studies.simulate` — true model, data, truth-perturbed starts.
 * :mod:`~moelab.studies.runner` — batched, checkpointed, resumable, shardable runs.
+* :mod:`~moelab.studies.cluster` — the same runs on a Dask cluster (``--scheduler``).
 * :mod:`~moelab.studies.report` — rates.csv and log-log plots.
 * :mod:`~moelab.studies.presets` — named published studies (``moelab reproduce``).
 """
 
+from .cluster import dask_client
 from .config import FitSpec, Study, StudyError, load_study, parse_study
 from .presets import PRESETS, load_preset
 from .report import rate_table, write_report
@@ -21,6 +23,7 @@ __all__ = [
     "parse_study",
     "run_study",
     "merge_results",
+    "dask_client",
     "rate_table",
     "write_report",
     "PRESETS",

@@ -8,13 +8,17 @@ Registered in :data:`moelab.cli.COMMANDS` as ``"moelab.studies.cli:register_run"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 from .._cli_errors import EXIT_USAGE, CLIError, user_errors
 
-__all__ = ["register_run", "register_merge", "register_reproduce", "main"]
+__all__ = ["register_run", "register_merge", "register_reproduce", "main", "EXIT_INTERRUPTED"]
+
+#: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
 
 
 def _shard(text: str):
@@ -49,16 +53,54 @@ def _print_rates(rates, stream=None) -> None:
     print("verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=stream)
 
 
+def _threads(text: str) -> int:
+    try:
+        t = int(text)
+    except ValueError:
+        t = 0
+    if t < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return t
+
+
+def _add_scheduler(p) -> None:
+    p.add_argument("--scheduler", metavar="local:N|tcp://HOST:PORT|FILE.json",
+                   help="run the batches on Dask (pip install \"moelab[dask]\"): local:N starts N worker processes "
+                   "on this machine, tcp://HOST:PORT joins a running `dask scheduler`, FILE.json is its "
+                   "--scheduler-file; default: serial, in this process")
+    p.add_argument("--torch-threads", type=_threads, metavar="T",
+                   help="with --scheduler: torch threads per worker process (default 1)")
+
+
+def _client(args):
+    """A Dask client for ``--scheduler`` (closed, and a local cluster shut down, on leaving), or None."""
+    if not args.scheduler:
+        if args.torch_threads is not None:
+            raise CLIError("--torch-threads sets the threads of Dask worker processes; give --scheduler too "
+                           "(a serial run uses torch's default, or OMP_NUM_THREADS)")
+        return contextlib.nullcontext(None)
+    from .cluster import dask_client
+
+    return dask_client(args.scheduler)
+
+
+def _interrupted(out) -> int:
+    print(f"interrupted; every finished fit is in {out}; rerun the same command to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def register_run(sub) -> None:
-    """Add ``run STUDY.toml --out DIR [--shard I/N] [--quick]``."""
+    """Add ``run STUDY.toml --out DIR [--shard I/N] [--quick] [--scheduler local:N|tcp://HOST:PORT]``."""
     p = sub.add_parser("run", help="run a rate study from a TOML file (resumable)",
                        description="Fit every (n, replicate) cell of a study, batched over replicates, appending to "
                        "DIR/results.csv as fits finish (rerun the same command to resume); then write rates.csv and plots.",
-                       epilog="example: moelab run study.toml --out out/study --shard 0/8")
+                       epilog="examples: moelab run study.toml --out out/study --shard 0/8; "
+                       "moelab run study.toml --out out/study --scheduler local:8")
     p.add_argument("study", type=Path, metavar="STUDY.toml")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="run every N-th cell starting at I (job arrays)")
     p.add_argument("--quick", action="store_true", help="apply the study's [quick] overrides")
+    _add_scheduler(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run)
 
@@ -80,6 +122,7 @@ def register_reproduce(sub) -> None:
     p.add_argument("name", choices=list(PRESETS), metavar="NAME", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--quick", action="store_true", help="reduced grid and replicates (< 10 min on 2 cores)")
+    _add_scheduler(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_reproduce)
 
@@ -88,10 +131,15 @@ def _run(args) -> int:
     from .config import load_study
     from .runner import run_study
 
-    with user_errors():
-        study = load_study(args.study, quick=args.quick)
-        t0 = time.perf_counter()
-        run_study(study, args.out, shard=args.shard, progress=not args.no_progress)
+    try:
+        with user_errors():
+            study = load_study(args.study, quick=args.quick)
+            t0 = time.perf_counter()
+            with _client(args) as client:
+                run_study(study, args.out, shard=args.shard, progress=not args.no_progress, client=client,
+                          torch_threads=args.torch_threads or 1)
+    except KeyboardInterrupt:
+        return _interrupted(args.out)
     if args.shard[1] == 1:
         import pandas as pd
 
@@ -115,8 +163,12 @@ def _reproduce(args) -> int:
     from .presets import reproduce
 
     t0 = time.perf_counter()
-    with user_errors():
-        _, rates = reproduce(args.name, args.out, quick=args.quick, progress=not args.no_progress)
+    try:
+        with user_errors(), _client(args) as client:
+            _, rates = reproduce(args.name, args.out, quick=args.quick, progress=not args.no_progress, client=client,
+                                 torch_threads=args.torch_threads or 1)
+    except KeyboardInterrupt:
+        return _interrupted(args.out)
     _print_rates(rates)
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {args.out}", file=sys.stderr)
     return 0

@@ -99,8 +99,10 @@ def numeric_column(s: pd.Series, name: str, *, rows: str = "index", role: str = 
         The column's name, for the message.
     rows : {"index", "file"}, default "index"
         How rows are named (see the module docstring).
-    role : {"response", "input"}
-        Inputs get the hint to declare the column categorical.
+    role : {"response", "input", "model input"}
+        What the column is, for the message. ``"input"`` (a column a model is being fitted on) gets the
+        hint to declare the column categorical; ``"model input"`` (new data for a fitted model, whose
+        coding is fixed) does not.
 
     Returns
     -------
@@ -308,7 +310,7 @@ class DesignEncoding:
         for col in self.columns:
             s = X[col.name]
             if col.kind == "numeric":
-                parts[col.name] = numeric_column(s, col.name, rows=rows, role="input").to_numpy()
+                parts[col.name] = numeric_column(s, col.name, rows=rows, role="model input").to_numpy()
                 continue
             codes = _codes(s, col.levels)
             na = np.flatnonzero(s.isna().to_numpy())
@@ -331,8 +333,9 @@ class DesignEncoding:
     @classmethod
     def from_dict(cls, d) -> "DesignEncoding":
         """Inverse of :meth:`to_dict`; ``ValueError`` naming what is wrong in an edited or foreign dict."""
-        if not isinstance(d, dict) or not isinstance(d.get("columns"), list):
-            raise ValueError("an encoding must be a dict with a 'columns' list, as DesignEncoding.to_dict() writes")
+        if not isinstance(d, dict) or not isinstance(d.get("columns"), list) or not d["columns"]:
+            raise ValueError("an encoding must be a dict with a non-empty 'columns' list, as DesignEncoding.to_dict() "
+                             "writes")
         cols = []
         for i, c in enumerate(d["columns"]):
             if not isinstance(c, dict) or not isinstance(c.get("name"), str) or c.get("kind") not in ("numeric", "categorical"):
@@ -347,7 +350,16 @@ class DesignEncoding:
                 raise ValueError(f"encoding column {c['name']!r} needs 'levels': a list of at least 2 distinct strings "
                                  f"or numbers, got {levels!r}")
             cols.append(ColumnEncoding(c["name"], "categorical", tuple(levels)))
-        return cls(tuple(cols))
+        names = [c.name for c in cols]
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise ValueError(f"encoding names column(s) {', '.join(map(repr, dup))} more than once")
+        enc = cls(tuple(cols))
+        fn = enc.feature_names
+        clash = sorted({c for c in fn if fn.count(c) > 1})
+        if clash:
+            raise ValueError(f"encoding gives design column name(s) {', '.join(map(repr, clash))} twice")
+        return enc
 
 
 def _codes(s: pd.Series, levels: Sequence) -> np.ndarray:

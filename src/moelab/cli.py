@@ -366,7 +366,7 @@ def _write_outputs(est, X, y, report, paths) -> None:
         params.parent.mkdir(parents=True, exist_ok=True)
         params.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         with user_errors(f"cannot save {model}: "):
-            save_model(est, model, feature_names=report["x"], response_name=report["y"], x_train=X.to_numpy())
+            save_model(est, model, response_name=report["y"], x_train=X.to_numpy())  # with est.encoding_
     except OSError as exc:
         raise CLIError(f"cannot write {exc.filename or params}: {exc.strerror or exc}; "
                        "choose a writable --out directory") from exc

@@ -15,6 +15,11 @@ grids; a setting fits only the cells of its own grid), into
 ``results-shard-I-of-N.csv``;
 :func:`merge_results` combines shards (any directories) into one table and
 writes the report.
+
+On a Dask cluster (``client=``, ``moelab run --scheduler``) every batch is one
+task; the driver appends each task's rows as it finishes (so the file is in
+completion order) and nothing else changes: the same batches, seeds and
+numbers, the same resume (see :mod:`moelab.studies.cluster`).
 """
 
 from __future__ import annotations
@@ -140,6 +145,18 @@ def _starts(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[i
     return type(model)(model.gate.map_tensors(shape), model.experts.map_tensors(shape))
 
 
+def _base_row(study: Study, fit: FitSpec, truth, n: int) -> dict:
+    return dict(study=study.name, setting=fit.name, gate=gate_label(fit), n_experts=fit.n_experts, estimator=fit.estimator,
+                init=fit.init, loss_name=fit.loss_name(truth.n_experts), n=n)
+
+
+def _failed_rows(base: dict, reps: Sequence[int], exc: BaseException, seconds: float) -> List[dict]:
+    """Rows of cells whose fit raised (or whose task killed its workers): recorded, never dropped."""
+    msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+    return [dict(base, replicate=r, status="failed", converged=False, degenerate=False, error=msg, seconds=seconds)
+            for r in reps]
+
+
 def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int], xpts) -> List[dict]:
     """Fit replicates ``reps`` at sample size n as one batched problem; one row per replicate."""
     x, y = simulate_cells(study, truth, n, reps)
@@ -159,8 +176,7 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
         kwargs.update(init=fit.init, n_init=fit.n_init)
         if fit.estimator == "em" and fit.init != "auto":
             kwargs["n_candidates"] = fit.n_init
-    base = dict(study=study.name, setting=fit.name, gate=gate_label(fit), n_experts=K, estimator=fit.estimator,
-                init=fit.init, loss_name=fit.loss_name(truth.n_experts), n=n)
+    base = _base_row(study, fit, truth, n)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -176,9 +192,7 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
                 errs = parameter_errors(model, truth, xpts)
             dens = density_distances(model, truth, xpts)
     except Exception as exc:  # recorded, never dropped
-        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-        return [dict(base, replicate=r, status="failed", converged=False, degenerate=False, error=msg,
-                     seconds=(time.perf_counter() - t0) / len(reps)) for r in reps]
+        return _failed_rows(base, reps, exc, (time.perf_counter() - t0) / len(reps))
     seconds = (time.perf_counter() - t0) / len(reps)
     rows = []
     for j, r in enumerate(reps):
@@ -195,29 +209,80 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
     return rows
 
 
-def _prepare_kernels(todo, d: int) -> None:
-    """Compile the fused EM kernels up front for settings whose remaining work would pay for it.
+def _compile_keys(todo) -> set:
+    """The EM settings (K, gate, options) whose remaining work pays for compiling the fused kernels up front.
 
     ``fit_em(compile="auto")`` decides per call, so in a study the mid sizes (run
     before the large ones) would stay eager; summed over the study, the EM work
     of a setting (replicates × tries × n × K × max_iter) is known in advance:
-    where it reaches fit_em's cold-compile threshold, compile once here and every
-    batch with starts × n × K ≥ 10^4 takes the fused pass.
+    where it reaches fit_em's cold-compile threshold, the kernels are compiled
+    once (in the driver, or in each worker process) and every batch with
+    starts × n × K ≥ 10^4 takes the fused pass.
     """
     from .. import em as em_mod
 
     work = {}
     for n, _fi, fit, reps in todo:
         if fit.estimator == "em":
-            key = (fit.n_experts, fit.gate, json.dumps(fit.gate_options, sort_keys=True, default=str))
+            key = _kernel_setting(fit)
             work[key] = work.get(key, 0) + len(reps) * fit.tries * n * fit.n_experts * fit.max_iter
-    for (K, gate, opts), w in work.items():
-        if w >= em_mod._AUTO_COMPILE_WORK:
-            em_mod.prepare_compiled(K, d, gate=gate, gate_options=json.loads(opts) or None)
+    return {key for key, w in work.items() if w >= em_mod._AUTO_COMPILE_WORK}
+
+
+def _kernel_setting(fit: FitSpec) -> tuple:
+    return (fit.n_experts, fit.gate, json.dumps(fit.gate_options, sort_keys=True, default=str))
+
+
+def _prepare_kernels(keys, d: int) -> None:
+    from .. import em as em_mod
+
+    for K, gate, opts in sorted(keys):
+        em_mod.prepare_compiled(K, d, gate=gate, gate_options=json.loads(opts) or None)
+
+
+def _fit_task(study: Study, fi: int, n: int, reps: Sequence[int], truth, xpts, compile_keys, torch_threads: int) -> List[dict]:
+    """One batch on a Dask worker: torch threads set, then the fit.
+
+    Before it, the worker process holds the fused kernels of *every* setting
+    the serial driver compiles up front (a no-op once done): ``compile="auto"``
+    uses the kernels a process has for (K, d), whichever setting compiled them,
+    so this keeps each fit's eager/fused choice, and its numbers, those of the
+    serial run, whatever ran on the worker before.
+    """
+    if torch_threads and torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    _prepare_kernels(compile_keys, truth.n_features)
+    return _fit_batch(study, fi, study.fits[fi], truth, n, reps, xpts)
+
+
+def _run_on_client(client, study: Study, todo, truth, xpts, compile_keys, torch_threads: int, write, bar) -> None:
+    """Every batch of ``todo`` as one task on ``client``; ``write(rows)`` in the driver as each finishes."""
+    import uuid
+
+    from .cluster import run_tasks
+
+    run_id = uuid.uuid4().hex[:8]
+    tasks, keys = [], tuple(sorted(compile_keys))
+    for n, fi, fit, reps in todo:
+        key = f"moelab-{study.name}-{fit.name}-n{n}-r{reps[0]}-{run_id}"
+        tasks.append((key, _fit_task, (study, fi, n, list(reps), truth, xpts, keys, torch_threads), (n, fi, fit, reps)))
+    if bar is not None and not bar.disable and not client.scheduler_info().get("workers"):
+        bar.write(f"no Dask workers at {client.scheduler.address} yet; the run starts when workers join")
+
+    def handle(info, result):
+        n, fi, fit, reps = info
+        if isinstance(result, BaseException):  # KilledWorker: the task took down every worker it ran on
+            result = _failed_rows(_base_row(study, fit, truth, n), reps, result, float("nan"))
+        write(result)
+        bar.set_postfix_str(f"{fit.name} n={n}")
+        bar.update(len(reps))
+
+    run_tasks(client, tasks, handle)
 
 
 def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: bool = True,
-              report: bool = True, max_batches: Optional[int] = None) -> pd.DataFrame:
+              report: bool = True, max_batches: Optional[int] = None, client=None,
+              torch_threads: int = 1) -> pd.DataFrame:
     """Run (or resume) a study into directory ``out``.
 
     Parameters
@@ -236,18 +301,36 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
         Write rates and plots at the end (unsharded runs only).
     max_batches : int, optional
         Stop after this many batches (tests use it to simulate an interruption).
+    client : distributed.Client, optional
+        Run the batches on this Dask cluster (:func:`moelab.studies.dask_client`
+        makes one from ``local:N`` or an address): one task per batch, the
+        rows appended here in the driver as tasks finish (so in completion
+        order), a task lost with its worker resubmitted by Dask. Cells, seeds
+        and therefore every fitted number are those of the serial run. Default:
+        serial, in this process.
+    torch_threads : int, default 1
+        With ``client``: torch's intra-op threads in each worker process (set
+        by every task; one per single-threaded worker process uses one core
+        each). Ignored without ``client``.
 
     Returns
     -------
     pandas.DataFrame
-        This run's (shard's) full results table, resumed rows included.
+        This run's (shard's) full results table, resumed rows included, in the
+        serial run's order (n, setting as in the study, replicate) whatever the
+        order the rows were appended in.
 
     Raises
     ------
     StudyError
-        Bad shard, or ``out`` holds a different study.
+        Bad shard or torch_threads, or ``out`` holds a different study.
+    Exception
+        With ``client``, an error raised inside a task (not a fit's own
+        failure, which is a ``failed`` row) after the finished batches are written.
     """
     i, N = shard
+    if not (isinstance(torch_threads, int) and torch_threads >= 1):
+        raise StudyError(f"torch_threads: expected an integer >= 1, got {torch_threads!r}")
     if not (isinstance(i, int) and isinstance(N, int) and N >= 1 and 0 <= i < N):
         raise StudyError(f"--shard: expected I/N with 0 <= I < N, got {i}/{N}")
     out = Path(out)
@@ -270,25 +353,39 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
             bs = study.batch_size or len(reps) or 1
             for s in range(0, len(reps), bs):
                 todo.append((n, fi, fit, reps[s : s + bs]))
-    _prepare_kernels(todo, d)
+    compile_keys = _compile_keys(todo)
     from tqdm.auto import tqdm
 
+    batches = todo if max_batches is None else todo[:max_batches]
     total = sum(len(t[3]) for t in todo)
     bar = tqdm(total=total, disable=not progress, unit="fit", desc=study.name)
-    for b, (n, fi, fit, reps) in enumerate(todo):
-        if max_batches is not None and b >= max_batches:
-            break
-        bar.set_postfix_str(f"{fit.name} n={n}")
-        rows = _fit_batch(study, fi, fit, truth, n, reps, xpts)
-        _append_rows(path, rows)
-        bar.update(len(reps))
-    bar.close()
-    results = read_results(path)
+    try:
+        if client is not None:
+            _run_on_client(client, study, batches, truth, xpts, compile_keys, torch_threads,
+                           lambda rows: _append_rows(path, rows), bar)
+        else:
+            _prepare_kernels(compile_keys, d)
+            for n, fi, fit, reps in batches:
+                bar.set_postfix_str(f"{fit.name} n={n}")
+                rows = _fit_batch(study, fi, fit, truth, n, reps, xpts)
+                _append_rows(path, rows)
+                bar.update(len(reps))
+    finally:
+        bar.close()
+    results = _in_study_order(read_results(path), study)
     if report and N == 1 and (max_batches is None or max_batches >= len(todo)):
         from .report import write_report
 
         write_report(results, study, out)
     return results
+
+
+def _in_study_order(results: pd.DataFrame, study: Study) -> pd.DataFrame:
+    """Rows in the serial run's order (n, then setting as in the study, then replicate), whatever the file's order."""
+    order = {f.name: i for i, f in enumerate(study.fits)}
+    key = results["setting"].map(order).fillna(len(order))
+    return (results.assign(_setting_order=key).sort_values(["n", "_setting_order", "replicate"], kind="stable")
+            .drop(columns="_setting_order").reset_index(drop=True))
 
 
 def merge_results(dirs: Iterable, out=None, *, study: Optional[Study] = None) -> pd.DataFrame:

@@ -7,6 +7,12 @@ equal-tailed prediction interval of the mixture at ``--level``), ``expert``
 (argmax of the gate g_k(x), 1..K) and ``gate_1`` … ``gate_K``. Without
 ``--out`` the CSV goes to stdout. Numbers are written at full float64
 precision.
+
+DATA needs the raw columns the model was fitted on (``inputs.columns`` of the
+model file, e.g. ``carat`` and ``cut``; others are ignored): they are coded by
+the model's saved encoding (:class:`moelab.encoding.DesignEncoding`), so a
+categorical level the model was not fitted on, or a value that is not a
+number, is an error naming its data rows (counted from 1 after the header).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ def run_predict(args) -> int:
         mf = read_model_file(args.model)
     df = read_data(args.data)
     with user_errors(f"{args.data}: "):
-        X = encode_inputs(df, mf)
+        X = encode_inputs(df, mf, rows="file")
     if mf.training is not None and mf.training.get("min") is not None:
         lo, hi = np.asarray(mf.training["min"]), np.asarray(mf.training["max"])
         outside = ((X < lo) | (X > hi)).any(1)

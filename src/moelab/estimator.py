@@ -598,8 +598,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
         Format: :mod:`moelab.persistence` (gate family and options, every
         parameter in original units, feature and response names, moelab and
-        format versions). :meth:`load` reads it back; the loaded estimator
-        predicts identically.
+        format versions, and the encoding ``encoding_`` of categorical
+        inputs). :meth:`load` reads it back; the loaded estimator predicts
+        identically from the same raw columns.
 
         Parameters
         ----------
@@ -607,7 +608,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         response_name : str, optional
             Name of y recorded in the file (default "y").
         feature_names : sequence of str, optional
-            Default ``feature_names_in_`` (fitted on a DataFrame) or x0, x1, ...
+            Default ``feature_names_in_`` (fitted on a DataFrame) or x0, x1, ...; with
+            categorical inputs the encoding names the design columns and they cannot be renamed.
 
         Returns
         -------
