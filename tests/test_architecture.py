@@ -92,7 +92,7 @@ def test_tiny_floor_per_dtype():
     assert torch.tensor(tiny(torch.float16), dtype=torch.float16) > 0
 
 
-FITTING_MODULES = ("em", "mle", "fitcore", "options", "mstep", "init", "_fused", "_scaling", "_validation")
+FITTING_MODULES = ("em", "mle", "fitcore", "options", "mstep", "init", "_fused", "_scaling", "_validation", "lse", "regression")
 
 
 def test_no_module_level_mutable_state_in_the_fitting_code():

@@ -1,7 +1,9 @@
 """moelab: mixture-of-experts models with any gating function.
 
 Statistical side: :class:`GaussianMoE` with gates from :mod:`moelab.gates`,
-fitted by :func:`fit_em` (batched EM) or :func:`fit_mle` (L-BFGS).
+fitted by :func:`fit_em` (batched EM) or :func:`fit_mle` (L-BFGS);
+regression mixtures :class:`RegressionMoE` (sigmoid or softmax gates) by
+least squares, :func:`fit_lse`.
 Neural side: :mod:`moelab.nn`.
 
 Names are imported on first use (PEP 562 module ``__getattr__``), so
@@ -34,6 +36,11 @@ _LAZY = {
     "ConvergenceWarning": "em",
     "DegenerateFitWarning": "exceptions",
     "fit_mle": "mle",
+    "fit_lse": "lse",
+    "LSEResult": "lse",
+    "RegressionMoE": "regression",
+    "RegressionExperts": "regression",
+    "SigmoidGate": "gates",
     "DATASETS": "datasets",
     "load_dataset": "datasets",
     "read_table": "datasets",
@@ -64,6 +71,11 @@ __all__ = [
     "make_gate",
     "fit_em",
     "fit_mle",
+    "fit_lse",
+    "LSEResult",
+    "RegressionMoE",
+    "RegressionExperts",
+    "SigmoidGate",
     "EMResult",
     "ConvergenceWarning",
     "DegenerateFitWarning",

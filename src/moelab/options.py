@@ -105,6 +105,10 @@ class FitOptions:
                              "or pass init_model")
         spec = gate_spec(self.gate, gate_options, n_experts=check_n_experts(self.n_experts))
         object.__setattr__(self, "gate", spec)
+        if self.estimator not in spec.family.estimators and not set(spec.family.estimators) & set(ESTIMATORS):
+            raise ValueError(f"gate {spec.name!r} is not normalised (its weights do not sum to 1), so it defines no "
+                             f"mixture density for {self.estimator.upper()}; fit the regression model by least squares "
+                             f"with moelab.fit_lse(x, y, n_experts, gate={spec.name!r}), or use a softmax-type gate")
         if self.estimator not in spec.family.estimators:
             raise ValueError(f"estimator {self.estimator!r} cannot fit the {spec.name!r} gate; it is fitted by "
                              f"{' or '.join(map(repr, spec.family.estimators))}"

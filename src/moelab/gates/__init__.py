@@ -7,6 +7,7 @@ softmax         β_{1k}ᵀx + β_{0k}                                 SoftmaxGat
 temperature     (β_{1k}ᵀx)/τ + β_{0k}, τ fixed or estimated       TemperatureGate
 activation      σ(β_{1k}ᵀx)/τ + β_{0k}                            ActivationGate
 topk            softmax over the top_k largest linear logits      TopKGate
+sigmoid         sigmoid(β_{1k}ᵀx + β_{0k}), not normalised         SigmoidGate
 gaussian        log π_k + log N(x; c_k, Γ_k) (models x too)       GaussianGate
 ==============  ===============================================  =================
 
@@ -25,14 +26,16 @@ from .gaussian import GaussianGate
 from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, temperature_identified
 from .registry import (GATES, GateOption, GateSpec, families_taking, gate_family, gate_spec, register_gate,
                        unregister_gate)
+from .sigmoid import SigmoidGate
 from .softmax import SoftmaxGate, TemperatureGate
 from .topk import TopKGate
 
-__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "GaussianGate", "GATES", "make_gate",
+__all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "SigmoidGate", "GaussianGate",
+           "GATES", "make_gate",
            "GateOption", "GateSpec", "gate_spec", "gate_family", "register_gate", "unregister_gate", "families_taking",
            "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified"]
 
-for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate, GaussianGate):
+for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate, SigmoidGate, GaussianGate):
     register_gate(_cls)
 del _cls
 

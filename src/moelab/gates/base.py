@@ -65,7 +65,10 @@ class Gate:
         :meth:`log_marginal` (log p(x)) and a closed-form ``m_step(x, resp)``,
         and BIC/AIC count its x-model parameters.
     estimators : tuple of str
-        The estimators that can fit the family (``"em"``, ``"mle"``).
+        The estimators that can fit the family (``"em"``, ``"mle"``; ``"lse"``,
+        least squares with :func:`moelab.fit_lse`). A gate whose weights do not
+        sum to 1 over experts (the sigmoid gate) defines no mixture density and
+        declares ``("lse",)``: the likelihood estimators refuse it.
 
     Register a subclass with :func:`moelab.gates.register_gate` to make it
     usable by ``fit_em``, ``fit_mle``, the estimator and study files.
@@ -273,6 +276,13 @@ class Gate:
             return self.replace(slope=slope)
         shift = (self.slope * x_loc.unsqueeze(-2)).sum(-1)
         return self.replace(slope=slope, intercept=self.intercept + self.absorb_linear_shift(shift))
+
+    def atom_masses(self) -> torch.Tensor:
+        """Per-expert masses (..., K) of the Voronoi losses: the weights at x = 0 with the slopes removed.
+
+        Default (softmax-type gates): softmax(β_0), the normalised exp(β_0).
+        """
+        return torch.softmax(self.intercept, -1)
 
     @classmethod
     def from_dense(cls, dense: "Gate", **options) -> "Gate":

@@ -5,6 +5,9 @@
   :mod:`~moelab.metrics.gaussian_voronoi`: the losses D̄/D̃ of the Gaussian-gated MoE.
 * :mod:`~moelab.metrics.density` — Hellinger and total-variation distances
   between conditional densities, averaged over the x distribution.
+* :mod:`~moelab.metrics.regression` — least-squares (regression) MoE: the
+  over-specified Voronoi loss of the LSE theory and the L² distance of
+  regression functions.
 * :mod:`~moelab.metrics.rates` — empirical rates: least-squares slope of
   log(loss) on log(n) with a bootstrap interval over replicates.
 """
@@ -12,6 +15,7 @@
 from .density import density_distances
 from .gaussian_voronoi import gaussian_cells, gaussian_parameter_errors, gaussian_voronoi_loss
 from .rates import RateFit, fit_rate
+from .regression import lse_exponents, lse_loss, regression_distance
 from .voronoi import (
     D1_EXPONENTS,
     PARAMETER_GROUPS,
@@ -37,6 +41,9 @@ __all__ = [
     "normalised_atoms",
     "parameter_errors",
     "density_distances",
+    "lse_exponents",
+    "lse_loss",
+    "regression_distance",
     "gaussian_voronoi_loss",
     "gaussian_cells",
     "gaussian_parameter_errors",

@@ -21,6 +21,11 @@ variance ν} (and temperature τ for gates with a temperature). Presets:
   and ν, with r̄(2) = 4 and r̄(3) = 6 (the solvability thresholds of the
   paper's polynomial system, its Table/eq. 8).
 
+Regression mixtures of experts (least squares, :class:`moelab.RegressionMoE`)
+use the same losses with atoms ω_i = (β_{1i}, a_i, b_i) (no variance group);
+a sigmoid gate's masses are sigmoid(β_{0i}), its weights at x = 0
+(:meth:`Gate.atom_masses`), and it has no translation invariance.
+
 Normalisation: masses. The softmax is unchanged when every logit is shifted
 by the same c_1ᵀx + c_0, so raw exp(β_0) are defined only up to a common
 factor. moelab uses **normalised masses** m_i = exp(β_{0i}) / Σ_l exp(β_{0l})
@@ -151,8 +156,8 @@ def normalised_atoms(model: GaussianMoE, centre: Optional[torch.Tensor] = None) 
 
     Parameters
     ----------
-    model : GaussianMoE
-        Batch shape B, K experts, d features.
+    model : GaussianMoE or RegressionMoE
+        Batch shape B, K experts, d features (a RegressionMoE has no variance group).
     centre : tensor of shape B + (d,), optional
         Subtracted from every identified slope s_i = β_{1i} (β_{1i}/τ with a
         temperature). Default: none (slopes as they are).
@@ -173,13 +178,14 @@ def normalised_atoms(model: GaussianMoE, centre: Optional[torch.Tensor] = None) 
         s = s - centre.unsqueeze(-2)
     tau = getattr(gate, "temperature", None)
     out = {
-        "mass": torch.softmax(gate.intercept, -1),
+        "mass": gate.atom_masses(),
         "gate_slope": s if tau is None else s * tau[..., None, None],
         "expert_slope": ex.slope,
         "expert_intercept": ex.intercept.unsqueeze(-1),
-        "variance": ex.variance.unsqueeze(-1),
         "cell_slope": s,
     }
+    if getattr(ex, "variance", None) is not None:  # regression experts (least squares) have none
+        out["variance"] = ex.variance.unsqueeze(-1)
     if tau is not None:
         out["temperature"] = tau[..., None, None].expand(*s.shape[:-1], 1)
         out["gate_slope_over_tau"] = s
@@ -187,7 +193,7 @@ def normalised_atoms(model: GaussianMoE, centre: Optional[torch.Tensor] = None) 
 
 
 def _omega(at: Dict[str, torch.Tensor], with_gate: bool = True) -> torch.Tensor:
-    parts = ([at["cell_slope"]] if with_gate else []) + [at["expert_slope"], at["expert_intercept"], at["variance"]]
+    parts = ([at["cell_slope"]] if with_gate else []) + [at[g] for g in ("expert_slope", "expert_intercept", "variance") if g in at]
     return torch.cat(parts, -1)
 
 

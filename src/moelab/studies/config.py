@@ -37,17 +37,24 @@ Schema (every key listed; anything else is rejected)::
     slope = [[-20.0], [20.0]]      # (K*, d)
     intercept = [15.0, -5.0]       # (K*,)
     sd = [0.3, 0.4]                # or variance = [...]; > 0
+    # kind = "relu"                # regression truth y = Σ_k g_k(x) h(x, η_k) + ε (moelab.RegressionMoE):
+                                   # linear | polynomial | relu | gelu | tanh | sigmoid; then no sd/variance but
+    # noise_sd = 0.1               # the sd of ε, and degree = 2 for polynomial (slope rows: x, x², ... blocks);
+                                   # the gate may then be "sigmoid" (not normalised) or "softmax"; fits use
+                                   # estimator = "lse" (fit_lse), truth-perturbed starts (perturbation) and the
+                                   # loss D2 of the least-squares theory (moelab.metrics.lse_exponents)
 
     [[fit]]                        # one table per fitted-model setting
     name = "exact"                 # unique
     n_experts = 2
     gate = "softmax"               # default: the true family
     gate_options = {}              # e.g. { learn_temperature = true, activation = "tanh" }
-    estimator = "em"               # em | mle
+    estimator = "em"               # em | mle | lse (least squares: regression truths, see [truth.experts] kind)
     init = "truth-perturbed"       # truth-perturbed | kmeans | random | segments | lines | auto
     n_init = 1
     perturbation = 0.1             # truth-perturbed: sd of the additive noise (relative for ν)
-    loss = "auto"                  # auto (D1 if n_experts == K*, else D2) | D1 | D2
+    loss = "auto"                  # auto (D1 if n_experts == K*, else D2) | D1 | D2 (for estimator lse:
+                                   # D2 = moelab.metrics.lse_loss, exponent 2 on multi-atom cells)
     max_iter = 500
     tol = 1e-8
     convergence = "mean"           # stopping rule (estimator em): "mean": |Δ mean loglik| < tol;
@@ -108,7 +115,7 @@ from typing import Any, Dict, List, Optional
 __all__ = ["Study", "FitSpec", "TruthSpec", "StudyError", "load_study", "parse_study", "fingerprint_of", "study_from_json"]
 
 INITS = ("truth-perturbed", "kmeans", "random", "segments", "lines", "auto")
-ESTIMATORS = ("em", "mle")
+ESTIMATORS = ("em", "mle", "lse")
 LOSSES = ("auto", "D1", "D2")
 DESIGNS = ("linspace",)
 CONVERGENCE = ("mean", "relative")
@@ -148,9 +155,19 @@ class TruthSpec:
     x: Dict[str, Any]
     #: the true gate's other options (families registered beyond the built-in ones); omitted from study.json when empty
     gate_options: Dict[str, Any] = field(default_factory=dict)
+    #: "gaussian" (a Gaussian MoE, fitted by likelihood) or a regression expert kind of moelab.regression
+    #: (y = Σ g_k h(x, η_k) + ε, fitted by least squares); with its degree and the noise sd of ε
+    expert_kind: str = "gaussian"
+    degree: Optional[int] = None
+    noise_sd: Optional[float] = None
     #: parameters of a gate that models x (family "gaussian": proportions, means, covariances); then
     #: gate_slope and gate_intercept are empty and x is drawn from the gate; omitted from study.json when empty
     gate_params: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def regression(self) -> bool:
+        """True for a regression (least-squares) truth."""
+        return self.expert_kind != "gaussian"
 
     @property
     def n_experts(self) -> int:
@@ -211,6 +228,9 @@ class Study:
         d = asdict(self)
         if not d["truth"].get("gate_options"):
             del d["truth"]["gate_options"]
+        for k, v in (("expert_kind", "gaussian"), ("degree", None), ("noise_sd", None)):
+            if d["truth"].get(k) == v:
+                del d["truth"][k]
         if not d["truth"].get("gate_params"):
             del d["truth"]["gate_params"]
         for f in d["fits"]:
@@ -399,20 +419,48 @@ def _truth(t: dict) -> TruthSpec:
         elif o.required:
             raise _err(f"truth.gate.{o.name}", f"missing; the {fam!r} gate needs {o.name} ({o.help})")
     e = t["experts"]
-    _check_keys(e, ("slope", "intercept", "sd", "variance"), "truth.experts")
+    _check_keys(e, ("kind", "degree", "noise_sd", "slope", "intercept", "sd", "variance"), "truth.experts")
     for k in ("slope", "intercept"):
         if k not in e:
             raise _err(f"truth.experts.{k}", "missing")
+    from ..regression import EXPERT_KINDS, check_expert_kind
+
+    kind = _str(e.get("kind", "gaussian"), "truth.experts.kind", ("gaussian",) + EXPERT_KINDS)
+    degree, noise_sd = None, None
+    if kind == "gaussian":
+        for k in ("degree", "noise_sd"):
+            if k in e:
+                raise _err(f"truth.experts.{k}", f"only regression experts (kind = one of {list(EXPERT_KINDS)}) take {k}")
+        if not set(gate_family(fam).estimators) & {"em", "mle"}:  # least squares only (the sigmoid gate)
+            raise _err("truth.gate.family", f"the {fam} gate is not normalised, so it has no Gaussian mixture density; "
+                                            f"give regression experts (truth.experts.kind, one of {list(EXPERT_KINDS)})")
+    else:
+        try:
+            degree = check_expert_kind(kind, e.get("degree"))
+        except ValueError as exc:
+            raise _err("truth.experts.degree", str(exc)) from None
+        if "sd" in e or "variance" in e:
+            raise _err("truth.experts.sd" if "sd" in e else "truth.experts.variance",
+                       "regression experts have one additive noise: give noise_sd (the sd of ε in y = f(x) + ε) instead")
+        if "noise_sd" not in e:
+            raise _err("truth.experts.noise_sd", "missing; the sd of the noise ε in y = Σ g_k h(x, η_k) + ε, e.g. noise_sd = 0.1")
+        noise_sd = _num(e["noise_sd"], "truth.experts.noise_sd", positive=True)
+        if fam not in ("sigmoid", "softmax"):
+            raise _err("truth.gate.family", f"regression (least-squares) truths take a sigmoid or softmax gate, got {fam!r}")
     es = _matrix(e["slope"], "truth.experts.slope", K)
-    if len(es[0]) != len(gs[0]):
-        raise _err("truth.experts.slope", f"rows have {len(es[0])} entries but truth.gate.slope rows have {len(gs[0])}; both need n_features")
+    if len(es[0]) != (degree or 1) * len(gs[0]):
+        raise _err("truth.experts.slope", f"rows have {len(es[0])} entries but truth.gate.slope rows have {len(gs[0])}; "
+                                          "both need n_features" + (f" (times degree = {degree}: x, x², ...)" if degree and degree > 1 else ""))
     ei = _vector(e["intercept"], "truth.experts.intercept", K)
-    if ("sd" in e) == ("variance" in e):
+    if kind != "gaussian":
+        var = [noise_sd ** 2] * K  # not a parameter of the regression model; kept so the record has one shape
+    elif ("sd" in e) == ("variance" in e):
         raise _err("truth.experts.sd", "give exactly one of sd or variance (one positive number per expert)")
-    if "sd" in e:
+    elif "sd" in e:
         var = [s * s for s in _vector(e["sd"], "truth.experts.sd", K, positive=True)]
     else:
         var = _vector(e["variance"], "truth.experts.variance", K, positive=True)
+    reg = dict(expert_kind=kind, degree=degree if kind == "polynomial" else None, noise_sd=noise_sd)
     xd = t.get("x", {"distribution": "uniform", "low": 0.0, "high": 1.0})
     _check_keys(xd, ("distribution", "design", "low", "high", "mean", "sd"), "truth.x")
     if "design" in xd:
@@ -426,7 +474,7 @@ def _truth(t: dict) -> TruthSpec:
         if len(gs[0]) != 1:
             raise _err("truth.x.design", f"a linspace design has one feature but the truth has {len(gs[0])} "
                                          "(truth.gate.slope rows); use a distribution for d > 1")
-        return TruthSpec(fam, gs, gi, temp, act, es, ei, var, {"design": "linspace", "low": lo, "high": hi}, other)
+        return TruthSpec(fam, gs, gi, temp, act, es, ei, var, {"design": "linspace", "low": lo, "high": hi}, other, **reg)
     dist = _str(xd.get("distribution", "uniform"), "truth.x.distribution", ("uniform", "normal"))
     if dist == "uniform":
         _check_keys(xd, ("distribution", "low", "high"), "truth.x")
@@ -438,7 +486,7 @@ def _truth(t: dict) -> TruthSpec:
         _check_keys(xd, ("distribution", "mean", "sd"), "truth.x")
         x = {"distribution": "normal", "mean": _num(xd.get("mean", 0.0), "truth.x.mean"),
              "sd": _num(xd.get("sd", 1.0), "truth.x.sd", positive=True)}
-    return TruthSpec(fam, gs, gi, temp, act, es, ei, var, x, other)
+    return TruthSpec(fam, gs, gi, temp, act, es, ei, var, x, other, **reg)
 
 
 def _experts(e, K, d):
@@ -629,12 +677,18 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
                                          "[fit.start] table, not both")
         spec.start = _start(f["start"], where, gate_family(gate).models_x)
         spec.perturbation = None
+    if (spec.estimator == "lse") != truth.regression:
+        raise _err(f"{where}.estimator", "least squares (estimator = \"lse\") fits regression truths (truth.experts.kind "
+                                         "other than gaussian) and only those; "
+                   + ("use estimator = \"lse\"" if truth.regression else "use em or mle"))
+    if spec.estimator == "lse" and spec.start is not None:
+        raise _err(f"{where}.start", "estimator = \"lse\" takes moelab's truth-perturbed start (perturbation), not a start table")
     if spec.estimator != "em":
         if spec.convergence != "mean":
             raise _err(f"{where}.convergence", f"is an EM stopping rule; estimator {spec.estimator!r} uses tol on "
                                                "its own objective: remove convergence or use estimator = \"em\"")
-        if spec.tries > 1:
-            raise _err(f"{where}.tries", f"needs estimator = \"em\" (got {spec.estimator!r}); use tries = 1")
+        if spec.tries > 1 and spec.estimator != "lse":
+            raise _err(f"{where}.tries", f"needs estimator = \"em\" or \"lse\" (got {spec.estimator!r}); use tries = 1")
     if spec.tries > 1 and init != "truth-perturbed":
         raise _err(f"{where}.tries", f"counts truth-perturbed starts; for init = {init!r} use n_init (starts per replicate)")
     spec.theory = _theory(f.get("theory", {}), f"{where}.theory", spec.loss_name(truth.n_experts))
@@ -701,7 +755,7 @@ def parse_study(data: dict, *, quick: bool = False) -> Study:
 
         options = {**truth.gate_options, **f.gate_options}
         n_params = gate_spec(f.gate, options, n_experts=f.n_experts).n_free_parameters(f.n_experts, truth.n_features) \
-            + f.n_experts * (truth.n_features + 2)
+            + f.n_experts * ((truth.degree or 1) * truth.n_features + (1 if truth.regression else 2))
         if min(study.grid(f)) < n_params:
             raise _err(key, f"n = {min(study.grid(f))} is fewer than the {n_params} free parameters of setting "
                             f"{f.name!r}; raise the smallest n")

@@ -21,6 +21,12 @@ temperature-2024     ``temperature-2024-{temperature,tanh,sigmoid,identity}.toml
                      — Nguyen, Akbarian & Ho (ICML 2024): estimated temperature
                      (a), activation gates tanh and sigmoid (b), identity
                      control (c); K=2 and K=3 each.
+sigmoid-2024         ``sigmoid-2024-{sigmoid,softmax}-{linear,relu,gelu}.toml`` —
+                     Nguyen, Ho & Rinaldo (NeurIPS 2024; arXiv 2402.02952):
+                     least-squares regression MoE, sigmoid vs softmax gating on
+                     the same data, linear, ReLU and GELU experts, exact (K=2)
+                     and over-specified (K=3) fits; moelab's design. Writes
+                     ``gate-comparison.csv`` and ``gate-comparison.png``.
 gaussian-gate-2024   ``gaussian-gate-2024-type{I,II}-d{1,2}.toml`` — Nguyen,
                      Nguyen, Nguyen & Ho (AISTATS 2024) in the authors' design
                      (CRPE-GMoE): Gaussian-gated MoE, K* = 3 fitted with K = 4, 5
@@ -44,6 +50,7 @@ __all__ = ["PRESETS", "preset_paths", "load_preset", "reproduce"]
 PRESETS = {
     "softmax-2023": ("softmax-2023.toml",),
     "softmax-2023-paper": ("softmax-2023-paper.toml",),
+    "sigmoid-2024": tuple(f"sigmoid-2024-{g}-{e}.toml" for e in ("linear", "relu", "gelu") for g in ("sigmoid", "softmax")),
     "gaussian-gate-2024": (
         "gaussian-gate-2024-typeI-d1.toml",
         "gaussian-gate-2024-typeII-d1.toml",
@@ -104,4 +111,9 @@ def reproduce(name: str, out, *, quick: bool = False, progress: bool = True, cli
     res.to_csv(out / "results.csv", index=False)
     rt.to_csv(out / "rates.csv", index=False, float_format="%.4g")
     plot_overview(res, rt, out / "overview.png", name)
+    if all(st.truth.regression for st in studies):
+        from .lse import compare_gates, plot_gate_comparison
+
+        compare_gates(res, rt).to_csv(out / "gate-comparison.csv", index=False, float_format="%.4g")
+        plot_gate_comparison(res, out / "gate-comparison.png", name)
     return res, rt

@@ -27,8 +27,9 @@ RATE_COLUMNS = ("study", "gate", "setting", "n_experts", "quantity", "aggregate"
 
 AGGREGATES = ("mean", "median")
 
-QUANTITIES = ("loss", "hellinger", "tv", "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
-              "err_expert_slope", "err_expert_intercept", "err_variance", "err_gate_mean", "err_gate_covariance")
+QUANTITIES = ("loss", "hellinger", "tv", "regression_l2", "err_gate_mass", "err_gate_slope", "err_temperature",
+              "err_gate_slope_over_tau", "err_expert_slope", "err_expert_intercept", "err_variance", "err_gate_mean",
+              "err_gate_covariance")
 
 
 def _identification(study: Optional[Study]) -> dict:

@@ -42,6 +42,7 @@ from ..metrics import (d1_loss, d2_loss, density_distances, gaussian_parameter_e
                        parameter_errors)
 from ..mle import fit_mle
 from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
+from .lse import fit_batch as lse_fit_batch, truth_perturbed as lse_starts
 from .simulate import cell_seed, simulate_cells, study_x_points, true_model, truth_perturbed
 
 __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
@@ -49,7 +50,7 @@ __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "ga
 METRIC_COLUMNS = (
     "loss", "loss_D1", "loss_D2", "hellinger", "tv",
     "err_gate_mass", "err_gate_slope", "err_temperature", "err_gate_slope_over_tau",
-    "err_expert_slope", "err_expert_intercept", "err_variance", "err_gate_mean", "err_gate_covariance",
+    "err_expert_slope", "err_expert_intercept", "err_variance", "err_gate_mean", "err_gate_covariance", "regression_l2",
 )
 RESULT_COLUMNS = (
     "study", "setting", "gate", "n_experts", "estimator", "init", "loss_name", "n", "replicate",
@@ -137,7 +138,7 @@ def start_seeds(study: Study, fi: int, n: int, r: int, tries: int) -> List[int]:
 def _starts(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequence[int]):
     """Truth-perturbed starts of the replicates ``reps``: batch shape (R,), or (R, tries) with several tries."""
     seeds = [s for r in reps for s in start_seeds(study, fi, n, r, fit.tries)]
-    model = truth_perturbed(truth, fit, seeds, n)
+    model = lse_starts(truth, fit, seeds) if fit.estimator == "lse" else truth_perturbed(truth, fit, seeds, n)
     if fit.tries == 1:
         return model
     shape = lambda t: t.reshape(len(reps), fit.tries, *t.shape[1:])  # noqa: E731  replicate-major
@@ -160,6 +161,11 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
     """Fit replicates ``reps`` at sample size n as one batched problem; one row per replicate."""
     x, y = simulate_cells(study, truth, n, reps)
     K = fit.n_experts
+    if fit.estimator == "lse":
+        base = dict(study=study.name, setting=fit.name, gate=gate_label(fit), n_experts=K, estimator=fit.estimator,
+                    init=fit.init, loss_name=fit.loss_name(truth.n_experts), n=n)
+        starts = _starts(study, fi, fit, truth, n, reps) if fit.init == "truth-perturbed" else None
+        return lse_fit_batch(x, y, truth, fit, starts, base, reps, xpts, cell_seed(study.seed, n, reps[0], fi, 1))
     kwargs = dict(gate=fit.gate, gate_options=fit.gate_options or None, max_iter=fit.max_iter, tol=fit.tol,
                   warn=False, random_state=cell_seed(study.seed, n, reps[0], fi, 1))
     if fit.estimator == "em":

@@ -25,8 +25,8 @@ __all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", 
 DTYPE = torch.float64
 
 
-def true_model(truth: TruthSpec, learn_temperature: bool = False) -> GaussianMoE:
-    """The true GaussianMoE (batch shape ()) of a study."""
+def true_model(truth: TruthSpec, learn_temperature: bool = False):
+    """The true model (batch shape ()) of a study: a GaussianMoE, or a RegressionMoE for a regression truth."""
     family = gate_family(truth.gate)
     experts = GaussianExperts(torch.tensor(truth.expert_slope, dtype=DTYPE), torch.tensor(truth.expert_intercept, dtype=DTYPE),
                               torch.tensor(truth.variance, dtype=DTYPE))
@@ -45,6 +45,12 @@ def true_model(truth: TruthSpec, learn_temperature: bool = False) -> GaussianMoE
     if "learn_temperature" in takes:
         opts["learn_temperature"] = learn_temperature
     gate = family(slope, icpt, **opts)
+    if truth.regression:
+        from ..regression import RegressionExperts, RegressionMoE
+
+        return RegressionMoE(gate, RegressionExperts(torch.tensor(truth.expert_slope, dtype=DTYPE),
+                                                     torch.tensor(truth.expert_intercept, dtype=DTYPE),
+                                                     truth.expert_kind, truth.degree))
     return GaussianMoE(gate, experts)
 
 
@@ -103,7 +109,7 @@ def simulate_cells(study: Study, truth: GaussianMoE, n: int, replicates: Sequenc
         else:
             x = sample_x(study.truth.x, n, d, gen)
         xs.append(x)
-        ys.append(truth.sample(x, gen))
+        ys.append(truth.sample(x, study.truth.noise_sd, gen) if study.truth.regression else truth.sample(x, gen))
     return torch.stack(xs), torch.stack(ys)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 __all__ = ["QUANTITY_NAMES", "RATE_CLAIMS", "VERDICTS", "log_rate_slope", "verdict", "identified_quantities", "describe_claim"]
 
 #: quantities of rates.csv a claim can name
-QUANTITY_NAMES = ("loss_D1", "loss_D2", "hellinger", "tv", "err_gate_mass", "err_gate_slope", "err_temperature",
+QUANTITY_NAMES = ("loss_D1", "loss_D2", "hellinger", "tv", "regression_l2", "err_gate_mass", "err_gate_slope", "err_temperature",
                   "err_gate_slope_over_tau", "err_expert_slope", "err_expert_intercept", "err_variance",
                   "err_gate_mean", "err_gate_covariance")
 RATE_CLAIMS = ("slower-than-polynomial", "polynomial")
