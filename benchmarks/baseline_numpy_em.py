@@ -2,8 +2,8 @@
 
 Written the way the published simulation scripts are — one replicate at a
 time, samples-first arrays (n, K), a Python loop over experts, float64 — but
-running *exactly* moelab's algorithm (``moelab/em.py`` with the kernels of
-``moelab/mstep.py``), so both reach the same log-likelihoods from the same
+running *exactly* moelab's algorithm (``src/moelab/em.py`` with the kernels of
+``src/moelab/mstep.py``), so both reach the same log-likelihoods from the same
 start:
 
 * Data are standardised first, as ``fit_em`` does: x' = (x − mean)/sd,

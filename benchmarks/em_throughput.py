@@ -1,6 +1,6 @@
 """EM throughput: moelab's batched EM vs a plain NumPy/SciPy EM, and vs a memory roofline.
 
-Problem (the ``softmax-2023`` truth, ``moelab/presets/softmax-2023.toml``):
+Problem (the ``softmax-2023`` truth, ``src/moelab/presets/softmax-2023.toml``):
 x ~ Uniform(0, 1); gate logits −8 + 25x (expert 1) and 0 (expert 2, reference);
 expert means 15 − 20x and −5 + 20x, standard deviations 0.3 and 0.4. Each
 replicate is fitted with 3 experts (over-specified) from one truth-perturbed
@@ -14,7 +14,7 @@ Contenders, timed in the same run, taking turns in each round (median of
 * **moelab** — ``moelab.fit_em(x, y, 3, init_model=GaussianMoE(...), max_iter=iters,
   tol=0, compile=True)``: all replicates in one batch of shape (R,), each EM
   iteration one fused pass over the data compiled by ``torch.compile``
-  (``moelab/_fused.py``). ``tol=0`` runs exactly ``iters`` iterations. The
+  (``src/moelab/_fused.py``). ``tol=0`` runs exactly ``iters`` iterations. The
   warm-up call compiles (or loads Inductor's on-disk cache); its extra time is
   reported as ``compile s`` and is not in ``moelab s``. ``--compile off``
   times the eager loop instead.

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent) and run the test suite.
+# The README's test command: set up (idempotent, see scripts/_setup.sh) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import torch, moelab, pytest" >/dev/null 2>&1; then
-  python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-  python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-fi
-python -m pytest -q -p no:cacheprovider "$@"
+MOELAB_NEED_TEST=1
+source scripts/_setup.sh
+"$PY" -m pytest -q -p no:cacheprovider "$@"

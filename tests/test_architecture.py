@@ -1,9 +1,12 @@
 """Structure checks (issue 10): no private names across modules, small estimator modules."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "moelab"
+ROOT = Path(__file__).resolve().parents[1] / "src" / "moelab"
 
 
 def _module_exists(pkg: Path, name: str) -> bool:
@@ -89,7 +92,7 @@ def test_tiny_floor_per_dtype():
     assert torch.tensor(tiny(torch.float16), dtype=torch.float16) > 0
 
 
-FITTING_MODULES = ("em", "mle", "fitcore", "options", "mstep", "init", "_fused", "_scaling", "_validation")
+FITTING_MODULES = ("em", "mle", "fitcore", "options", "mstep", "init", "_fused", "_scaling", "_validation", "lse", "regression")
 
 
 def test_no_module_level_mutable_state_in_the_fitting_code():
@@ -97,9 +100,17 @@ def test_no_module_level_mutable_state_in_the_fitting_code():
     import importlib
 
     found = []
-    for name in FITTING_MODULES:
+    files = []
+    for name in FITTING_MODULES:  # a package (moelab/_fused/) counts with all its modules
+        pkg = ROOT / name
+        if pkg.is_dir():
+            files += [(f"{name}.{f.stem}" if f.stem != "__init__" else name, f) for f in sorted(pkg.glob("*.py"))]
+        else:
+            files.append((name, ROOT / f"{name}.py"))
+    assert len(files) > len(FITTING_MODULES)
+    for name, path in files:
         mod = importlib.import_module(f"moelab.{name}")
-        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        tree = ast.parse(path.read_text())
         assigned = [t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
         for k in assigned:  # names the module itself binds (imports, e.g. the gate registry, are their owners' business)
@@ -129,3 +140,16 @@ def test_the_two_command_lines_do_not_import_each_other():
     assert r.returncode == 0, r.stderr
     src = (ROOT / "studies" / "cli.py").read_text()
     assert "from ..cli import" not in src and "moelab.cli import" not in src
+
+
+def test_a_clone_named_moelab_in_the_working_directory_is_not_imported(tmp_path):
+    """src layout (issue 15 item 7): run from the folder above a clone called ``moelab``, Python must
+    import the package (src/moelab), not the clone's folder as a namespace package."""
+    clone = tmp_path / "moelab"
+    (clone / "src").mkdir(parents=True)
+    (clone / "tests").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", "import moelab; print(moelab.__file__); moelab.fit_em"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve() == (ROOT / "__init__.py").resolve()

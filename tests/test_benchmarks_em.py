@@ -68,3 +68,15 @@ def test_cli_json_smoke(bench, capsys):
     assert row["loglik_max_rel_diff"] <= 1e-6 and row["eager_loglik_max_rel_diff"] <= 1e-9
     assert row["eager_s"] > 0 and row["compile_s"] >= 0
     assert out["speedup_n1e4"] is None and out["bandwidth_GBps"] > 0
+
+
+def test_em_batched_worker_times_single_and_batched(capsys):
+    """benchmarks/em_batched.py's worker (issue 11): every configuration timed, same fit single and batched."""
+    import json
+
+    mod = _load("em_batched")
+    mod.worker([300], [2], 3, 1, 0)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"300/1", "300/2"} and out["300/2"]["single"] > 0
+    assert all(v["seconds"] > 0 and v["iters"] == 3 for v in out.values())
+    assert out["300/1"]["loglik0"] == pytest.approx(out["300/2"]["loglik0"], rel=1e-12)  # problem 0 alone or in a batch

@@ -166,10 +166,8 @@ def test_compile_option_errors():
     for bad in (0, 1, None, "on"):  # 0/1 are not booleans here: they must not act as "auto"
         with pytest.raises(ValueError, match="compile must be"):
             fit_em(x, y, 2, compile=bad)
-    with pytest.raises(ValueError, match="needs a softmax or temperature gate \\(got gate='activation'\\)"):
-        fit_em(x, y, 2, gate="activation", compile=True, n_init=2)
-    with pytest.raises(ValueError, match="needs a softmax or temperature gate \\(got gate='topk'\\)"):
-        fit_em(x, y, 2, gate="topk", gate_options={"top_k": 1}, compile=True, n_init=2)  # before the dense fit
+    with pytest.raises(ValueError, match="needs a named activation \\(got a callable"):
+        fit_em(x, y, 2, gate="activation", gate_options={"activation": lambda t: t.tanh()}, compile=True, n_init=2)
     with pytest.raises(ValueError, match="needs gate_steps=1"):
         fit_em(x, y, 2, gate_steps=2, compile=True, n_init=2)
     with pytest.raises(ValueError, match="needs dtype=torch.float64"):
@@ -182,8 +180,8 @@ def test_one_feature_logit_range_shortcut_matches_the_pass():
     gth, eth, var, x, y = _problem(6, 50, 3, 1, seed=11)
     gth = gth * 40  # large steps, so the logit-change cap binds for some problems
     stats = _fused.em_statistics(gth, eth, var, x, y)
-    a, pa = _fused.gate_proposal(stats, gth, x, compiled=False)
-    b, pb = _fused.gate_proposal(stats, gth, x, compiled=False, x_range=(x[..., 0].amin(-1), x[..., 0].amax(-1)))
+    a, pa = _fused.gate_proposal(stats, gth, x, _fused.runner(False))
+    b, pb = _fused.gate_proposal(stats, gth, x, _fused.runner(False), x_range=(x[..., 0].amin(-1), x[..., 0].amax(-1)))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pa["step"], pb["step"], rtol=1e-12, atol=1e-12)
 

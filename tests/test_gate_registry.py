@@ -124,7 +124,12 @@ def test_toy_family_runs_a_study(toy, tmp_path):
 
 def test_registry_declares_every_builtin_family():
     assert list(GATES)[:4] == ["softmax", "temperature", "activation", "topk"]
-    assert gate_spec("temperature").supports("fused") and not gate_spec("activation").supports("fused")
+    # every built-in family declares how EM's one-pass iteration covers it (issue 11)
+    assert {n: GATES[n].em_pass for n in ("softmax", "temperature", "activation", "topk")} == {
+        "softmax": "linear", "temperature": "linear", "activation": "newton", "topk": "newton"}
+    assert gate_spec("temperature").supports("fused") and gate_spec("activation").supports("fused")
+    assert gate_spec("topk", {"top_k": 2}).supports("fused", 3)
+    assert not gate_spec("activation", {"activation": lambda t: t.tanh()}).supports("fused")
     with pytest.raises(ValueError, match="already registered"):
         register_gate(type("Other", (SoftmaxGate,), {"name": "softmax"}))
 

@@ -115,7 +115,7 @@ def test_progress_option_is_validated():
 @pytest.mark.parametrize("quiet", [False, True])
 def test_cli_shows_no_progress_off_a_terminal_or_with_quiet(monkeypatch, capsys, quiet):
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
-    argv = ["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "2", "--n-init", "8", "--format", "json"]
+    argv = ["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "2", "--n-init", "10", "--format", "json"]
     assert main(argv + (["--quiet"] if quiet else [])) == 0
     out = capsys.readouterr()
     assert out.err == ""
@@ -125,7 +125,7 @@ def test_cli_shows_no_progress_off_a_terminal_or_with_quiet(monkeypatch, capsys,
 def test_cli_quiet_turns_forced_progress_off(monkeypatch, capsys):
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
     monkeypatch.setattr(progress, "progress_enabled", lambda p, stream=None: p is True or p == "auto")  # a terminal
-    argv = ["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "2", "--n-init", "8", "--format", "json"]
+    argv = ["fit", "mcycle", "--x", "times", "--y", "accel", "--experts", "2", "--n-init", "10", "--format", "json"]
     assert main(argv) == 0
     assert "EM" in capsys.readouterr().err
     assert main(argv + ["--quiet"]) == 0

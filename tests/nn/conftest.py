@@ -70,7 +70,7 @@ def launch_ranks(script, out_dir, extra_args=(), timeout=LAUNCH_TIMEOUT_S):
     port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(WORLD),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     procs = [
         subprocess.Popen(
             [sys.executable, str(script),

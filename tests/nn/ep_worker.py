@@ -137,6 +137,18 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
             result["bias"] = layer.expert_bias.clone()
             record.append(result)
         torch.save(record, out_dir / f"dp_bias.rank{rank}.pt")
+        # 5. a bad input on rank 1 (wrong d_model): rank 1 raises its ValueError, rank 0 a RuntimeError
+        #    naming rank 1 (no hang in the all-to-all), and the group works for the next batch
+        layer, x, dy, rows = uneven_problem((10, 12))
+        ep = ExpertParallelMoE.from_layer(layer)
+        bad = x[rows[rank]] if rank == 0 else x[rows[rank], :5]
+        try:
+            ep(bad)
+            error = None
+        except (RuntimeError, ValueError) as err:
+            error = (type(err).__name__, str(err))
+        after = run(ep, x[rows[rank]], dy[rows[rank]])
+        torch.save({"error": error, "after": after}, out_dir / f"bad_input.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -21,7 +21,8 @@ BASE = dict(d_model=6, d_ff=10, n_experts=4)
         (dict(tau_max=2.0), r"tau_max/tau_min/schedule apply to the dense-to-sparse routers only"),
         (dict(schedule="linear"), r"apply to the dense-to-sparse routers only, not 'topk_softmax'"),
         (dict(router="softmax"), r"router 'softmax' \(the dense statistical gate\).*router='topk_softmax' with top_k=n_experts"),
-        (dict(router="gaussian"), r"unknown router 'gaussian'; choose one of topk_softmax.*statistical gate name: topk"),
+        (dict(router="laplace"), r"unknown router 'laplace'; choose one of topk_softmax.*statistical gate name: topk"),
+        (dict(router="gaussian"), r"router 'gaussian' .*has no layer router"),
         (dict(router="dense_to_sparse", schedule="step"), r"unknown schedule 'step'"),
         (dict(noise="gaussian"), r"unknown noise 'gaussian'"),
         (dict(top_k=1, normalize_weights=True), r"top_k=1 makes every routing weight exactly 1.*normalize_weights=False"),
@@ -121,8 +122,8 @@ def test_every_statistical_gate_name_is_mapped_or_explained():
     for name in GATES:
         try:
             MoEConfig(**BASE, router=name)
-        except ValueError as exc:  # only the dense softmax gate has no layer router of its own
-            assert name == "softmax" and "top_k=n_experts" in str(exc)
+        except ValueError as exc:  # the dense softmax gate and the Gaussian gate (a model of x) have no layer router
+            assert (name == "softmax" and "top_k=n_experts" in str(exc)) or (name == "gaussian" and "has no layer router" in str(exc))
 
 
 @pytest.mark.parametrize(

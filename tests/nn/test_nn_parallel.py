@@ -39,12 +39,25 @@ def test_workers_import_this_checkout(tmp_path, launch):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, launch):
-    """Results of every scenario, per rank: {scenario: [rank 0, rank 1]}."""
+def ep_run(tmp_path_factory, launch):
+    """One launch of every scenario: (output folder, the two ranks' logs)."""
     out_dir = tmp_path_factory.mktemp("ep")
-    launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
+    logs = launch(WORKER, out_dir, extra_args=("{rank}", "{world}", "{port}", "{out}"))
+    return out_dir, logs
+
+
+def test_ranks_warn_nothing(ep_run):
+    """No warning from the collectives (torch 2.13 deprecates torch.distributed.nn.functional's)."""
+    for log in ep_run[1]:
+        assert "Warning" not in log and "deprecated" not in log.lower(), log
+
+
+@pytest.fixture(scope="module")
+def ranks(ep_run):
+    """Results of every scenario, per rank: {scenario: [rank 0, rank 1]}."""
+    out_dir = ep_run[0]
     worker = load_worker_module()
-    names = ["padded", "bias", "dp_bias", "mixed_grad", *worker.UNEVEN]
+    names = ["padded", "bias", "dp_bias", "mixed_grad", "bad_input", *worker.UNEVEN]
     return {n: [torch.load(out_dir / f"{n}.rank{r}.pt") for r in range(WORLD)] for n in names}
 
 
@@ -152,3 +165,15 @@ def test_expert_bias_under_data_parallelism(ranks, worker):
             assert torch.equal(got[r][i]["load"], load)
             assert torch.equal(got[r][i]["bias"], layer.expert_bias)
     assert layer.expert_bias.abs().sum() > 0
+
+
+def test_bad_input_on_one_rank_stops_the_group_with_errors_not_a_hang(ranks, worker):
+    """Rank 1's wrong-shaped input: rank 1 raises ValueError, rank 0 RuntimeError naming rank 1; both go on."""
+    got = ranks["bad_input"]
+    assert got[1]["error"][0] == "ValueError" and "d_model=6" in got[1]["error"][1]
+    assert got[0]["error"][0] == "RuntimeError" and "rank(s) [1]" in got[0]["error"][1]
+    layer, x, dy, _ = worker.uneven_problem((10, 12))
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out.output * dy).sum().backward()
+    assert_matches_single_process([g["after"] for g in got], layer, out, x.grad)

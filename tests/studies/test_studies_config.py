@@ -62,7 +62,7 @@ def test_invalid_toml_and_quick_without_table(tmp_path):
         parse_study(base(), quick=True)
 
 
-@pytest.mark.parametrize("name", [p for p in PRESETS if p != "softmax-2023-paper"])  # that one: test_studies_design
+@pytest.mark.parametrize("name", [p for p in PRESETS if p not in ("softmax-2023-paper", "sigmoid-2024", "gaussian-gate-2024")])  # those: their own tests
 def test_presets_validate(name):
     full, quick = load_preset(name), load_preset(name, quick=True)
     for f, q in zip(full, quick):

@@ -1,0 +1,112 @@
+"""One EM iteration as passes over the data, for :func:`moelab.em` 's loop.
+
+A stepper holds the data of the problems still iterating and the statistics
+of the last pass. Per iteration the loop calls :meth:`evaluate` (the pass at
+the current parameters: log-likelihood, effective expert sizes, statistics),
+:meth:`keep` when problems leave the batch, and :meth:`m_step`.
+
+* :class:`LinearStepper` — linear-logit gates: the gate step proposed by one
+  M-step is checked by the next iteration's pass (Q_gate needs only the
+  Σ logsumexp at the proposal), so an iteration is one pass; problems whose
+  proposal did not increase Q search smaller steps and redo their pass.
+* :class:`NewtonStepper` — activation and top-K gates: Q_gate at a candidate
+  needs the current responsibilities, so the step is checked at once by
+  :func:`moelab._fused.newton.newton_q` (a second, lighter pass).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..fitcore import State, gate_theta, theta_gate
+from . import linear, newton
+
+__all__ = ["LinearStepper", "NewtonStepper"]
+
+
+class _Stepper:
+    def __init__(self, spec, x, y, var_floor, run):
+        self.spec, self.run, self.var_floor = spec, run, var_floor
+        R, n, _ = x.shape
+        self.n = n
+        self.xa, self.ya = x, y
+        self.active = torch.arange(R, device=x.device)
+        self.stats = None
+        #: effective expert sizes Σ_n r_nk at the last pass of each problem (R, K)
+        self.sizes = None
+
+    def _record_sizes(self, S):
+        if self.sizes is None:
+            self.sizes = S.new_zeros(self.active.numel(), S.shape[1])
+        self.sizes[self.active] = S[..., -1]
+
+    def keep(self, mask):
+        """Problems ``mask`` (bool over the current ones) go on iterating."""
+        self.active = self.active[mask]
+        self.xa, self.ya = self.xa[mask], self.ya[mask]
+        self.stats = {k: v[mask] for k, v in self.stats.items()}
+
+
+class LinearStepper(_Stepper):
+    """Softmax and temperature gates (:mod:`moelab._fused.linear`)."""
+
+    def __init__(self, spec, x, y, var_floor, run):
+        super().__init__(spec, x, y, var_floor, run)
+        # one feature: |δ·[x, 1]| is largest at min or max x, no pass needed for the step cap
+        self.x_range = (x[..., 0].amin(-1), x[..., 0].amax(-1)) if x.shape[-1] == 1 else None
+        self.pending = None
+
+    def _pass(self, gth, theta, var, xa, ya):
+        return linear.unpack_sums(self.run(linear.em_sums, gth, theta, var, xa, ya), gth.shape[1], xa.shape[-1])
+
+    def evaluate(self, st: State):
+        """The pass at ``st``; returns (state, loglik (r,)), the state's gate corrected where the
+        proposed step did not increase Q_gate."""
+        gth = gate_theta(st.gate)
+        stats = self._pass(gth, st.theta, st.var, self.xa, self.ya)
+        if self.pending is not None:
+            gth, redo = linear.gate_verify(stats["lse_gate"], self.pending, self.xa, self.run)
+            self.pending = None
+            if redo is not None:
+                sub = self._pass(gth[redo], st.theta[redo], st.var[redo], self.xa[redo], self.ya[redo])
+                for k, v in sub.items():
+                    stats[k][redo] = v
+                st = State(theta_gate(st.gate, gth), st.theta, st.var)
+        self.stats, self.gth = stats, gth
+        self._record_sizes(stats["S"])
+        return st, stats["loglik"]
+
+    def keep(self, mask):
+        super().keep(mask)
+        self.gth = self.gth[mask]
+        if self.x_range is not None:
+            self.x_range = (self.x_range[0][mask], self.x_range[1][mask])
+
+    def m_step(self, st: State) -> State:
+        theta, var = linear.expert_update(self.stats, st.theta, st.var, self.n, self.var_floor)
+        gth, self.pending = linear.gate_proposal(self.stats, self.gth, self.xa, self.run, x_range=self.x_range)
+        return State(theta_gate(st.gate, gth), theta, var)
+
+
+class NewtonStepper(_Stepper):
+    """Activation and top-K gates (:mod:`moelab._fused.newton`)."""
+
+    def __init__(self, spec, x, y, var_floor, run):
+        super().__init__(spec, x, y, var_floor, run)
+        self.x_abs_max = x.abs().amax(-2).amax(-1)
+
+    def evaluate(self, st: State):
+        K, d = st.theta.shape[-2], self.xa.shape[-1]
+        sums = self.run(newton.newton_sums, *newton.gate_args(st.gate), st.theta, st.var, self.xa, self.ya, self.spec)
+        self.stats = newton.unpack_sums(sums, self.spec, K, d)
+        self._record_sizes(self.stats["S"])
+        return st, self.stats["loglik"]
+
+    def keep(self, mask):
+        super().keep(mask)
+        self.x_abs_max = self.x_abs_max[mask]
+
+    def m_step(self, st: State) -> State:
+        gate, theta, var = newton.m_step(self.stats, st.gate, st.theta, st.var, self.xa, self.ya, self.var_floor,
+                                         self.spec, self.run, self.x_abs_max)
+        return State(gate, theta, var)

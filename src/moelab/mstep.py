@@ -1,0 +1,360 @@
+"""M-step kernels for EM on a Gaussian mixture of experts (pure functions, batched).
+
+All tensors carry one leading problem dimension R:
+x1 (R, n, p) is the design [x, 1] (p = n_features + 1), y (R, n), and
+responsibilities are stored experts-first, resp (R, K, n): reductions over the
+few experts then run along a strided axis with the long sample axis contiguous,
+several times faster on CPU than softmax over a trailing axis of size K. Each kernel returns new parameters that do not decrease the
+expected complete-data log-likelihood Q, so EM built from them is monotone.
+
+Sources: Jordan & Jacobs (1994) (IRLS gate step, weighted-least-squares experts);
+Jordan & Xu (1995) (convergence of EM for MoE); Dempster, Laird & Rubin (1977),
+generalised EM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["outer_design", "expert_m_step", "softmax_gate_newton_step", "gate_newton_step", "GateParameters",
+           "newton_ascent_step", "line_search", "gate_q", "backtrack", "cap_step", "negligible_gain"]
+
+from ._validation import tiny
+
+#: step sizes tried (all at once) by the gate line search
+_STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
+#: largest change of any logit a single gate Newton step may make
+_MAX_LOGIT_CHANGE = 200.0
+#: gate steps predicted to gain less than this × (|Q_gate| + n) are not taken
+_NEGLIGIBLE_GAIN = 1e-13
+
+
+def outer_design(x1: torch.Tensor) -> torch.Tensor:
+    """Per-sample outer products x1_n x1_nᵀ flattened: (R, n, p*p). Cache it across iterations."""
+    return (x1.unsqueeze(-1) * x1.unsqueeze(-2)).flatten(-2)
+
+
+def expert_m_step(x1, y, resp, var_floor, old_theta=None, old_var=None, xx=None):
+    """Closed-form M-step for Gaussian linear experts (weighted least squares).
+
+    Parameters
+    ----------
+    x1 : tensor of shape (R, n, p)
+        Design matrix [x, 1].
+    y : tensor of shape (R, n)
+    resp : tensor of shape (R, K, n)
+        Responsibilities (sum to 1 over K).
+    var_floor : float or tensor broadcastable to (R, K)
+        Smallest allowed variance ν_k; the constrained maximiser of Q in ν_k
+        is ``max(ν̂_k, var_floor)``.
+    old_theta, old_var : tensors of shape (R, K, p) and (R, K), optional
+        Kept for experts whose total responsibility is ~0 (nothing to fit).
+    xx : tensor of shape (R, n, p*p), optional
+        :func:`outer_design` of x1, if cached.
+
+    Returns
+    -------
+    theta : tensor of shape (R, K, p)
+        [a_k, b_k] per expert.
+    var : tensor of shape (R, K)
+    """
+    nk = resp.sum(-1)  # [R, K]
+    p = x1.shape[-1]
+    if xx is None:
+        xx = outer_design(x1)
+    A = (resp @ xx).unflatten(-1, (p, p))  # [R, K, p, p]
+    b = resp @ (x1 * y.unsqueeze(-1))  # [R, K, p]
+    eye = torch.eye(p, dtype=x1.dtype, device=x1.device)
+    scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[..., None, None]
+    A = A + (1e-10 * scale + 1e-30) * eye
+    L, info = torch.linalg.cholesky_ex(A)
+    theta = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)  # [R, K, p]
+    bad = info > 0
+    if bool(bad.any()):
+        theta = torch.where(bad[..., None], torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1), theta)
+    resid = y.unsqueeze(-2) - theta @ x1.transpose(-1, -2)  # [R, K, n]
+    var = (resp * resid.square()).sum(-1) / nk.clamp_min(tiny(nk.dtype))
+    var = torch.clamp(var, min=var_floor) if not torch.is_tensor(var_floor) else torch.maximum(var, var_floor)
+    dead = nk < 1e-8 * x1.shape[-2]
+    if old_theta is not None and bool(dead.any()):
+        theta = torch.where(dead[..., None], old_theta, theta)
+        var = torch.where(dead, old_var, var)
+    return theta, var
+
+
+def gate_q(log_weights: torch.Tensor, resp: torch.Tensor, finite: bool = False) -> torch.Tensor:
+    """Gate part of Q: Σ_n Σ_k r_nk log g_k(x_n), with 0·log 0 = 0. Shape (..., R).
+
+    ``log_weights`` and ``resp`` share one layout, (..., K, n) or (..., n, K).
+
+    ``finite=True`` skips the 0·(−inf) guard when every log weight is finite.
+    """
+    if finite:
+        return (resp * log_weights).sum((-1, -2))
+    return torch.where(resp > 0, resp * log_weights, torch.zeros((), dtype=resp.dtype, device=resp.device)).sum((-1, -2))
+
+
+def backtrack(q_fn, theta0, delta, q0, idx):
+    """Best of the smaller steps for the problems ``idx`` whose full step failed.
+
+    Returns (θ (r, P), Q (r,)): the best candidate θ0 + α·δ over α in
+    _STEP_SIZES[1:] where it increases Q, else θ0.
+    """
+    alphas = torch.tensor(_STEP_SIZES[1:], dtype=theta0.dtype, device=theta0.device)
+    cand = theta0[idx].unsqueeze(0) + alphas[:, None, None] * delta[idx].unsqueeze(0)  # [A, r, P]
+    q = q_fn(cand, idx)
+    q = torch.where(torch.isnan(q), torch.full_like(q, -math.inf), q)
+    best_q, best = q.max(0)
+    take = best_q > q0[idx]
+    pick = cand.gather(0, best[None, :, None].expand(1, *cand.shape[1:])).squeeze(0)
+    return torch.where(take[:, None], pick, theta0[idx]), torch.where(take, best_q, q0[idx])
+
+
+def _line_search(q_fn, theta0, delta, q0, skip=None):
+    """Full step where it increases Q, else the best of smaller steps; keep θ0 unless Q increases.
+
+    theta0, delta : (R, P); q_fn(θ, idx) maps candidates (A, r, P) for the problems
+    ``idx`` (None = all) to Q values (A, r). ``skip`` (R,) bool: problems that
+    keep θ0 without a search (see :func:`negligible_gain`).
+    """
+    full = theta0 + delta
+    q1 = q_fn(full.unsqueeze(0), None).squeeze(0)
+    ok = q1 > q0  # NaN compares False
+    if skip is not None:
+        ok = ok & ~skip
+    new, qnew = torch.where(ok[:, None], full, theta0), torch.where(ok, q1, q0)
+    failed = ~ok if skip is None else ~ok & ~skip
+    if not bool(failed.any()):
+        return new, qnew
+    idx = failed.nonzero().squeeze(-1)
+    new[idx], qnew[idx] = backtrack(q_fn, theta0, delta, q0, idx)
+    return new, qnew
+
+
+def negligible_gain(grad, delta, negH, q0, n, chol_ok):
+    """(R,) bool: the step's predicted gain in Q is below what rounding can confirm.
+
+    Predicted gain of the (capped) Newton step δ: gᵀδ − ½ δᵀ(−∇²Q)δ. Steps that
+    gain less than _NEGLIGIBLE_GAIN·(|Q| + n) are not taken (EM keeps θ): at a
+    converged gate their evaluated Q change is rounding noise, and searching
+    over step sizes would cost passes over the data for nothing. Only where
+    the Newton system was solved (``chol_ok``).
+    """
+    gain = (grad * delta).sum(-1) - 0.5 * (delta.unsqueeze(-2) @ negH @ delta.unsqueeze(-1))[..., 0, 0]
+    return chol_ok & (gain <= _NEGLIGIBLE_GAIN * (q0.abs() + n))
+
+
+def cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Scale each problem's step so no logit changes by more than _MAX_LOGIT_CHANGE."""
+    factor = (_MAX_LOGIT_CHANGE / delta_logits_max.clamp_min(tiny(delta_logits_max.dtype))).clamp(max=1.0)
+    return delta * factor[:, None]
+
+
+def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
+    """Damped Newton (IRLS) steps on the gate part of Q for linear softmax logits.
+
+    Maximises Q_gate(θ) = Σ_n Σ_k r_nk log softmax_k(θ_k·x1_n), concave in θ,
+    with the last expert as reference (θ_K = 0). Each step solves the Newton
+    system with a tiny ridge, caps the change of any logit, and keeps the best
+    of several step sizes only if Q_gate increases (a generalised-EM step).
+    A step whose predicted gain is below rounding (:func:`negligible_gain`) is
+    not taken.
+
+    Parameters
+    ----------
+    x1 : tensor of shape (R, n, p)
+    resp : tensor of shape (R, K, n)
+    theta : tensor of shape (R, K, p)
+        Logit coefficients; row K-1 must be zero.
+    n_steps : int
+    xx : tensor of shape (R, n, p*p), optional
+        Cached :func:`outer_design` of x1.
+
+    Returns
+    -------
+    tensor of shape (R, K, p)
+
+    Source: Jordan & Jacobs (1994), Section 4 (IRLS for the gating network).
+    """
+    R, n, p = x1.shape
+    K = resp.shape[-2]
+    if K == 1:
+        return theta
+    x1t = x1.transpose(-1, -2)  # [R, p, n]
+    P = (K - 1) * p
+    eye = torch.eye(P, dtype=x1.dtype, device=x1.device)
+    zeros_row = torch.zeros(1, p, dtype=theta.dtype, device=theta.device)
+
+    def full(free):  # [..., R, P] -> [..., R, K, p]
+        return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros_row.expand(*free.shape[:-1], 1, p)], -2)
+
+    def q_fn(free, idx):
+        xs, rs = (x1t, resp) if idx is None else (x1t[idx], resp[idx])
+        logits = full(free) @ xs  # [A, r, K, n]
+        return gate_q(torch.log_softmax(logits, -2), rs, finite=True)
+
+    if xx is None:
+        xx = outer_design(x1)
+    free = theta[:, : K - 1].reshape(R, P)
+    for _ in range(n_steps):
+        logits = full(free) @ x1t  # [R, K, n]
+        logg = torch.log_softmax(logits, -2)
+        q0 = gate_q(logg, resp, finite=True)
+        g = logg[:, : K - 1].exp()  # [R, K-1, n]
+        grad = ((resp[:, : K - 1] - g) @ x1).reshape(R, P)
+        W = g.unsqueeze(2) * (-g).unsqueeze(1)  # [R, K-1, K-1, n]
+        W.diagonal(dim1=1, dim2=2).add_(g.transpose(-1, -2))
+        H = W.flatten(1, 2) @ xx  # [R, (K-1)^2, p^2]
+        H = H.reshape(R, K - 1, K - 1, p, p).permute(0, 1, 3, 2, 4).reshape(R, P, P)  # minus the Hessian (PSD)
+        ridge = 1e-9 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12) + 1e-12
+        L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * eye)
+        delta = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
+        delta = torch.where((info > 0)[:, None], grad, delta)  # gradient step if Cholesky failed
+        dl = (delta.reshape(R, K - 1, p) @ x1t).abs().amax((-1, -2))
+        delta = cap_step(dl, delta)
+        skip = negligible_gain(grad, delta, H, q0, n, info == 0)
+        free, _ = _line_search(q_fn, free, delta, q0, skip)
+    return full(free)
+
+
+class GateParameters:
+    """The flat layout of a gate's estimable parameters used by its Newton step.
+
+    θ (..., R, P) holds, in this order: the K−1 free slope rows (row-major, (K−1)·d
+    values), the K−1 free intercepts, then every other estimable parameter of
+    :meth:`Gate.params` (one value each; those in ``positive_params``, such as τ,
+    on the log scale). The reference expert K−1 stays at zero.
+    """
+
+    def __init__(self, gate):
+        self.gate = gate
+        self.K, self.d = gate.n_experts, gate.n_features
+        self.names = list(gate.params())
+        self.sizes = [(self.K - 1) * self.d if nm == "slope" else self.K - 1 if nm == "intercept" else 1
+                      for nm in self.names]
+        self.P = sum(self.sizes)
+
+    def flatten(self, ps=None):
+        """Parameters (dict of :meth:`Gate.params`, default the gate's) → θ (R, P)."""
+        ps = self.gate.params() if ps is None else ps
+        K, parts = self.K, []
+        for nm in self.names:
+            t = ps[nm]
+            R = t.shape[0]
+            if nm == "slope":
+                parts.append(t[:, : K - 1].reshape(R, -1))
+            elif nm == "intercept":
+                parts.append(t[:, : K - 1])
+            else:
+                parts.append(t.log().reshape(R, 1) if nm in self.gate.positive_params else t.reshape(R, 1))
+        return torch.cat(parts, -1)
+
+    def unflatten(self, theta):
+        """θ (..., R, P) → dict of parameters with the reference expert's slope and intercept zero."""
+        K, d = self.K, self.d
+        lead = theta.shape[:-1]
+        out, i = {}, 0
+        for nm, s in zip(self.names, self.sizes):
+            t = theta[..., i : i + s]
+            i += s
+            if nm == "slope":
+                out[nm] = torch.cat([t.reshape(*lead, K - 1, d), theta.new_zeros(*lead, 1, d)], -2)
+            elif nm == "intercept":
+                out[nm] = torch.cat([t, theta.new_zeros(*lead, 1)], -1)
+            else:
+                t = t.squeeze(-1)
+                out[nm] = t.exp() if nm in self.gate.positive_params else t
+        return out
+
+
+def newton_ascent_step(grad, negH, x_abs_max, n_features: int):
+    """The damped (Levenberg–Marquardt) Newton step of :func:`gate_newton_step` from Q's derivatives.
+
+    ``grad`` (R, P) and ``negH`` (R, P, P) are the gradient and minus the Hessian
+    of Q_gate at θ; ``x_abs_max`` (R,) = max |x| over samples and features. The
+    Hessian is symmetrised, non-finite entries zeroed, and shifted by its most
+    negative eigenvalue plus 1e-6 × its mean |diagonal|, so the step is an ascent
+    direction for non-concave Q; it is then scaled so that no logit (through
+    slope or intercept) moves by more than the cap. Returns δ (R, P).
+    """
+    P = grad.shape[-1]
+    eye = torch.eye(P, dtype=grad.dtype, device=grad.device)
+    negH = 0.5 * (negH + negH.transpose(-1, -2))
+    negH = torch.nan_to_num(negH, nan=0.0, posinf=0.0, neginf=0.0)
+    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    min_eig = torch.linalg.eigvalsh(negH)[..., 0]
+    scale = negH.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-12)
+    lam = (-min_eig).clamp_min(0) + 1e-6 * scale + 1e-12
+    delta = torch.linalg.solve(negH + lam[:, None, None] * eye, grad.unsqueeze(-1)).squeeze(-1)
+    # cap the step: no logit (through the slope or intercept) may move by more than the cap
+    norm = delta.abs().amax(-1) * (1.0 + x_abs_max * n_features)
+    return cap_step(norm, delta)
+
+
+def line_search(q_fn, theta0, delta, q0):
+    """Full step where it increases Q, else the best of the smaller step sizes; θ0 unless Q increases.
+
+    theta0, delta : (R, P); q0 (R,) Q at θ0; ``q_fn(θ, idx)`` maps candidates (A, r, P)
+    for problems ``idx`` (None = all) to Q (A, r). Returns (θ (R, P), Q (R,)).
+    """
+    return _line_search(q_fn, theta0, delta, q0)
+
+
+def gate_newton_step(gate, x, resp, n_steps: int = 1):
+    """Generalised-EM gate step for any gate: damped Newton with autograd derivatives.
+
+    Maximises Q_gate = Σ_n Σ_k r_nk log g_k(x_n) over the gate's estimable
+    parameters (reference expert fixed at zero; positive parameters such as τ
+    on the log scale; layout :class:`GateParameters`). The Hessian is shifted
+    (Levenberg–Marquardt, :func:`newton_ascent_step`) until positive definite,
+    so non-concave gates (activation, estimated temperature, top-K) get an
+    ascent direction; a step is kept only if Q_gate increases.
+
+    Parameters
+    ----------
+    gate : moelab.gates.Gate
+        Current gate, batch shape (R,).
+    x : tensor of shape (R, n, d)
+    resp : tensor of shape (R, K, n)
+
+    Returns
+    -------
+    Gate
+        Same family, updated parameters.
+    """
+    R = x.shape[0]
+    resp = resp.transpose(-1, -2)  # gate layout (R, n, K)
+    layout = GateParameters(gate)
+    P = layout.P
+    if P == 0:
+        return gate
+    dtype, dev = x.dtype, x.device
+
+    def q_fn(theta, idx=None):
+        if idx is None:
+            return gate_q(gate.replace(**layout.unflatten(theta)).log_weights(x), resp)
+        sub = gate.map_tensors(lambda t: t[idx]).replace(**layout.unflatten(theta))
+        return gate_q(sub.log_weights(x[idx]), resp[idx])
+
+    theta = layout.flatten().detach()
+    eye = torch.eye(P, dtype=dtype, device=dev)
+    xs = x.abs().amax(-2).amax(-1)  # [R]
+    for _ in range(n_steps):
+        th = theta.clone().requires_grad_(True)
+        with torch.enable_grad():
+            q0 = q_fn(th)
+            (grad,) = torch.autograd.grad(q0.sum(), th, create_graph=True)
+            basis = eye.unsqueeze(1).expand(P, R, P)
+            (hess,) = torch.autograd.grad(grad, th, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
+        grad = grad.detach()
+        q0 = q0.detach()
+        if hess is None:
+            negH = torch.zeros(R, P, P, dtype=dtype, device=dev)
+        else:
+            negH = -hess.detach().permute(1, 0, 2)
+        delta = newton_ascent_step(grad, negH, xs, gate.n_features)
+        with torch.no_grad():
+            theta, _ = _line_search(q_fn, theta, delta, q0)
+    return gate.replace(**layout.unflatten(theta))
