@@ -1,0 +1,26 @@
+"""Which EM iteration runs uncompiled (issue 11): the one-pass kernels eager where they are the faster.
+
+Measured (src/moelab/autocompile.py, pass_mode): the linear-logit pass with d > 1 is slower eager than
+the textbook loop, so it runs the loop; with d = 1, and for the Newton pass (activation, top-K) at any d,
+the eager one-pass iteration is the faster and runs.
+"""
+
+import pytest
+import torch
+
+from moelab.autocompile import pass_mode
+from moelab.gates import gate_spec
+from moelab.options import FitOptions
+
+
+@pytest.mark.parametrize("gate, options, d, one_pass", [
+    ("softmax", None, 1, True),
+    ("softmax", None, 3, False),
+    ("temperature", {"temperature": 0.5}, 2, False),
+    ("activation", {"activation": "tanh"}, 1, True),
+    ("activation", {"activation": "tanh"}, 3, True),
+])
+def test_uncompiled_iteration(gate, options, d, one_pass):
+    opts = FitOptions(3, gate, options, estimator="em", compile=False)
+    template = gate_spec(gate, options, n_experts=3).template(3, d, (1,), dtype=torch.float64)
+    assert pass_mode(opts, template, 4, 500, "cpu") == (one_pass, False)
