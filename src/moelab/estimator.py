@@ -30,7 +30,31 @@ from .em import fit_em
 from .gates import gate_spec
 from .mle import fit_mle
 
-__all__ = ["MixtureOfExpertsRegressor", "gate_options_from"]
+__all__ = ["MixtureOfExpertsRegressor", "gate_options_from", "set_model_attributes"]
+
+
+def set_model_attributes(est, model) -> None:
+    """Set ``est.model_`` and the fitted parameter attributes from a :class:`moelab.GaussianMoE` (one problem).
+
+    Gate: ``gate_slope_`` (K, d) and ``gate_intercept_`` (K,), or for a gate that models x (Gaussian)
+    ``gate_proportions_`` (K,), ``gate_means_`` (K, d), ``gate_covariances_`` (K, d, d); ``temperature_``
+    where the gate has one. Experts: ``expert_slope_`` (K, d), ``expert_intercept_``, ``expert_variance_``
+    (K,). Arrays are copies. Used by :meth:`MixtureOfExpertsRegressor.fit` and by loading a model file.
+    """
+    est.model_ = model
+    gate = model.gate
+    if gate.models_x:
+        est.gate_proportions_ = gate.proportions.numpy().copy()
+        est.gate_means_ = gate.means.numpy().copy()
+        est.gate_covariances_ = gate.covariances.numpy().copy()
+    else:
+        est.gate_slope_ = gate.slope.numpy().copy()
+        est.gate_intercept_ = gate.intercept.numpy().copy()
+    if hasattr(gate, "temperature"):
+        est.temperature_ = float(gate.temperature)
+    est.expert_slope_ = model.experts.slope.numpy().copy()
+    est.expert_intercept_ = model.experts.intercept.numpy().copy()
+    est.expert_variance_ = model.experts.variance.numpy().copy()
 
 
 def gate_options_from(gate, *, activation=None, temperature=None, learn_temperature=False, top_k=None,
@@ -321,24 +345,14 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         fit = fit_em if self.estimator == "em" else fit_mle
         res = fit(X, y, int(self.n_experts), **kw)
         self.result_ = res
-        self.model_ = model = res.model
+        model = res.model
         self.loglik_ = float(res.loglik)
         self.n_iter_ = int(res.n_iter)
         self.converged_ = bool(res.converged)
         self.history_ = res.history.numpy().copy()
-        if model.gate.models_x:  # Gaussian gate: π, c, Γ, and the x part of the joint log-likelihood
-            self.gate_proportions_ = model.gate.proportions.numpy().copy()
-            self.gate_means_ = model.gate.means.numpy().copy()
-            self.gate_covariances_ = model.gate.covariances.numpy().copy()
+        set_model_attributes(self, model)
+        if model.gate.models_x:  # the x part of the joint log-likelihood
             self.x_loglik_ = float(res.x_loglik)
-        else:
-            self.gate_slope_ = model.gate.slope.numpy().copy()
-            self.gate_intercept_ = model.gate.intercept.numpy().copy()
-        if hasattr(model.gate, "temperature"):
-            self.temperature_ = float(model.gate.temperature)
-        self.expert_slope_ = model.experts.slope.numpy().copy()
-        self.expert_intercept_ = model.experts.intercept.numpy().copy()
-        self.expert_variance_ = model.experts.variance.numpy().copy()
         self.expert_size_ = res.expert_size.numpy().copy()
         self._infer(X, y, kw)
         return self

@@ -574,19 +574,9 @@ def fitted_estimator(est, model, *, loglik=None, n_iter=0, converged=True, exper
     """
     if encoding is not None and (feature_names is None or list(feature_names) != encoding.feature_names):
         raise ValueError(f"feature_names {feature_names} must be the encoding's design columns {encoding.feature_names}")
-    est.model_ = model
-    if model.gate.models_x:  # Gaussian gate
-        est.gate_proportions_ = model.gate.proportions.numpy().copy()
-        est.gate_means_ = model.gate.means.numpy().copy()
-        est.gate_covariances_ = model.gate.covariances.numpy().copy()
-    else:
-        est.gate_slope_ = model.gate.slope.numpy().copy()
-        est.gate_intercept_ = model.gate.intercept.numpy().copy()
-    if hasattr(model.gate, "temperature"):
-        est.temperature_ = float(model.gate.temperature)
-    est.expert_slope_ = model.experts.slope.numpy().copy()
-    est.expert_intercept_ = model.experts.intercept.numpy().copy()
-    est.expert_variance_ = model.experts.variance.numpy().copy()
+    from .estimator import set_model_attributes
+
+    set_model_attributes(est, model)
     if expert_size is not None:
         est.expert_size_ = np.asarray(expert_size, dtype=np.float64)
     if loglik is not None:
