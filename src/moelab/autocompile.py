@@ -45,7 +45,7 @@ from . import _fused
 from .gates import Gate, gate_spec
 
 __all__ = ["pass_mode", "use_fused", "prepare_compiled", "gate_pass_spec", "compile_cost", "predicted_saving", "marker_path", "cache_dir",
-           "EAGER_NS", "FUSED_NS", "TYPICAL_ITERS", "WARM_MIN", "WARM_COMPILE_S", "COLD_COMPILE_S"]
+           "EAGER_NS", "FUSED_NS", "TYPICAL_ITERS", "WARM_MIN", "WARM_COMPILE_S", "COLD_COMPILE_S", "SMALL_N"]
 
 #: eager EM, seconds·1e-9 per sample·expert·iteration (batched starts, 2 threads, float64)
 EAGER_NS = 65.0
@@ -59,6 +59,8 @@ WARM_MIN = 10_000
 WARM_COMPILE_S = 8.0
 #: seconds of a cold compile (measured 20–60 s; 44 CPU-s per process in issue 11)
 COLD_COMPILE_S = 40.0
+#: below this many samples the uncompiled linear-logit pass runs the textbook loop (see :func:`pass_mode`)
+SMALL_N = 256
 
 
 def cache_dir() -> Path:
@@ -137,10 +139,14 @@ def pass_mode(opts, gate: Gate, R: int, n: int, device, progress=None) -> tuple:
     temperature) with d > 1 features runs as the textbook loop instead: eager, its unrolled
     K²(d+1)² sums cost more than the loop's batched matrix products (measured, diamonds
     6,000 × 3, K = 3, 20 starts, idle 2-core machine: 12.3–14.5 s one-pass against 7.7–8.2 s,
-    identical fits). The Newton pass (activation, top-K) stays one-pass: eager it beats the
-    autograd gate step at every d."""
+    identical fits). So does the uncompiled linear-logit pass with fewer than :data:`SMALL_N`
+    samples, where its many small operations cost more than the loop's few (measured, d = 1,
+    K = 3, 1 thread, CPU seconds, median of 3 interleaved: mcycle n = 133 with 160 starts
+    0.999 loop vs 1.078 one-pass, with 10 starts 0.264 vs 0.303; from n = 300 the one-pass
+    is the faster, 4.67 vs 3.03 with 160 starts). The Newton pass (activation, top-K) stays
+    one-pass: eager it beats the autograd gate step at every d."""
     one_pass, compiled = _pass_mode(opts, gate, R, n, device, progress)
-    if one_pass and not compiled and gate.n_features > 1 and _fused.pass_spec(gate) == _fused.LINEAR:
+    if one_pass and not compiled and _fused.pass_spec(gate) == _fused.LINEAR and (gate.n_features > 1 or n < SMALL_N):
         return False, False
     return one_pass, compiled
 
