@@ -160,3 +160,21 @@ def test_tiny_end_to_end_run(tmp_path):
     slope_rows = rates[rates.quantity == "err_gate_slope"]
     assert (~slope_rows["identified"]).all() and (slope_rows["verdict"] == "not identified").all()
     assert rates[rates.quantity == "loss_D1"]["identified"].all()
+
+
+def test_routing_start_start_keeps_the_starts_switch(tmp_path):
+    from moelab.studies.runner import start_seeds
+    from moelab.studies.simulate import truth_perturbed
+
+    d = _preset_toml()
+    d["fit"] = [dict(d["fit"][0], routing_start="start")]
+    d["quick"] = {"n": [400], "replicates": 2, "max_iter": 20, "tol": 1e-6}
+    st = parse_study(d, quick=True)
+    res = run_study(st, tmp_path / "run", progress=False)
+    truth = true_model(st.truth)
+    xl = loss_x_points(st, truth, study_x_points(st, truth))
+    for r in range(2):
+        start = truth_perturbed(truth, st.fits[0], start_seeds(st, 0, 400, r, 1), 400)
+        expected = float(parameter_errors(start, truth, xl)["gate_mass"][0])
+        got = float(res[res.replicate == r]["err_gate_mass"].iloc[0])
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)  # the start's switch, not the data's
