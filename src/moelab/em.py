@@ -212,7 +212,9 @@ def fit_em(
         holds all S; ``n_init`` is ignored). For ``gate="topk"``
         without it, the dense softmax model is fitted first (with these start
         settings) and its top-K sparsification is the start: EM keeps each
-        sample's routing set, so the start decides it.
+        sample's routing set, so the start decides it. An ``init_model``
+        with a softmax gate for ``gate="topk"`` does the same from those
+        starting values (the dense fit from them, its best start sparsified).
     n_candidates : int, optional
         Candidates screened by their initial likelihood: for "auto" the
         segment candidates (default 2000, or 4·10^6 / n_samples when smaller);
@@ -309,12 +311,14 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
     if opts.estimator != "em":
         raise ValueError(f"fit_em_with needs FitOptions(estimator='em'), got estimator={opts.estimator!r}")
     spec = opts.gate
-    if spec.family.sparse_routing and init_model is None:
+    if spec.family.sparse_routing and (init_model is None or init_model.gate.name == "softmax"):
         # EM cannot change which experts a sample is routed to (dropping an expert with
         # positive responsibility makes Q = -inf), so a top-K fit is only as good as its
-        # routing at the start: fit the dense softmax model first, then sparsify it.
-        dense = fit_em_with(x, y, replace(opts, gate="softmax", warn=False), random_state=random_state)
-        if opts.warn:  # the sparse fit below runs from this start only: the starts were the dense fit's
+        # routing at the start: fit the dense softmax model first (from a softmax init_model
+        # if given), then sparsify it.
+        dense = fit_em_with(x, y, replace(opts, gate="softmax", warn=False), init_model=init_model,
+                            random_state=random_state)
+        if opts.warn and init_model is None:  # the sparse fit below runs from this start only: the starts were the dense fit's
             warn_few_starts(opts.n_init, dense.start_loglik, stacklevel=3)
         init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
     prob = setup_problem(x, y, opts, random_state)

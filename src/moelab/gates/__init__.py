@@ -12,8 +12,8 @@ gaussian        log π_k + log N(x; c_k, Γ_k) (models x too)       GaussianGate
 ==============  ===============================================  =================
 
 Which parameters a gate identifies (translation of the slopes, (β_1, τ)
-scaling) is decided numerically from the gate itself:
-:func:`~moelab.gates.identifiability.gate_invariances`.
+scaling, routing only: top-1) is decided numerically from the gate itself:
+:func:`~moelab.gates.identifiability.gate_invariances`, :func:`~moelab.gates.identifiability.routing_only`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from .activation import ActivationGate
 from .base import Gate
 from .gaussian import GaussianGate
-from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, temperature_identified
+from .identifiability import GateInvariances, IdentifiabilityWarning, gate_invariances, routing_only, temperature_identified
 from .registry import (GATES, GateOption, GateSpec, families_taking, gate_family, gate_spec, register_gate,
                        unregister_gate)
 from .sigmoid import SigmoidGate
@@ -33,7 +33,7 @@ from .topk import TopKGate
 __all__ = ["Gate", "SoftmaxGate", "TemperatureGate", "ActivationGate", "TopKGate", "SigmoidGate", "GaussianGate",
            "GATES", "make_gate",
            "GateOption", "GateSpec", "gate_spec", "gate_family", "register_gate", "unregister_gate", "families_taking",
-           "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified"]
+           "GateInvariances", "IdentifiabilityWarning", "gate_invariances", "routing_only", "temperature_identified"]
 
 for _cls in (SoftmaxGate, TemperatureGate, ActivationGate, TopKGate, SigmoidGate, GaussianGate):
     register_gate(_cls)

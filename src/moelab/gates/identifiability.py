@@ -26,6 +26,21 @@ experts with distinct parameters are linearly independent, so ∂p(y|x)/∂c = 0
 for all (x, y) exactly when every ∂g_k/∂c = 0). By Euler's relation this is
 zσ'(z) − σ(z) = 0 on the logits' range, up to a common shift across experts.
 
+**Routing only (top-1 and other piecewise-constant gates).** If the weights
+do not change with *any* gate parameter at any x (∂g_k(x)/∂θ = 0 for every
+slope and intercept entry θ, every k and x), the gate acts only through its
+routing partition, the regions of x sent to each expert: top-1 gating, where
+the selected expert has weight 1 and every other 0. Then neither the slopes
+nor the masses exp(β_0) are identified (every (cβ_1, cβ_0), c > 0, plus a
+common shift gives the same partition); what is identified is the partition
+itself, e.g. for two experts in d = 1 the switch point −(β_{01} − β_{02})/(β_{11} − β_{12}).
+The Voronoi losses then weight atoms by their routing mass E_X[g_i(X)] and
+leave the gate slopes out (:mod:`moelab.metrics.voronoi`). With top_k ≥ 2 the
+weights inside a routing set are a softmax of the selected logits, which
+varies with the parameters, so the test is False. (Derivatives see no routing
+change: where only the partition moves, they are 0, which is exactly the case
+this test detects.)
+
 The derivatives are exact (autograd); "vanishes" means
 max |∂g| ≤ ``atol`` (default 1e-9 in float64; the gate weights lie in [0, 1]).
 """
@@ -33,6 +48,7 @@ max |∂g| ≤ ``atol`` (default 1e-9 in float64; the gate weights lie in [0, 1]
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -42,7 +58,7 @@ import torch
 from ..exceptions import IdentifiabilityWarning
 from .base import Gate
 
-__all__ = ["GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified",
+__all__ = ["GateInvariances", "IdentifiabilityWarning", "gate_invariances", "temperature_identified", "routing_only",
            "temperature_identified_generically", "default_x", "warn_if_temperature_not_identified"]
 
 
@@ -61,12 +77,19 @@ class GateInvariances:
     translation_derivative, scaling_derivative : float tensors
         max over x, experts (and directions) of |∂g_k/∂t| and |∂g_k/∂c|
         (NaN for ``scaling`` of a gate without a temperature).
+    routing_only : bool tensor
+        The weights do not vary with any slope or intercept entry on x: only the
+        routing partition is identified (top-1 gating; module docstring).
+    routing_derivative : float tensor
+        max over x, experts and slope/intercept entries of |∂g_k/∂θ|.
     """
 
     translation: torch.Tensor
     scaling: torch.Tensor
     translation_derivative: torch.Tensor
     scaling_derivative: torch.Tensor
+    routing_only: Optional[torch.Tensor] = None
+    routing_derivative: Optional[torch.Tensor] = None
 
 
 def default_x(n_features: int, dtype=torch.float64, device=None, n_points: int = 256) -> torch.Tensor:
@@ -99,7 +122,8 @@ def _max_derivative(fn, like: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(dg.detach(), nan=float("inf")).abs().amax(dim=(-2, -1))
 
 
-def gate_invariances(gate: Gate, x: Optional[torch.Tensor] = None, *, atol: float = 1e-9) -> GateInvariances:
+def gate_invariances(gate: Gate, x: Optional[torch.Tensor] = None, *, atol: float = 1e-9,
+                     routing: bool = True) -> GateInvariances:
     """Decide the translation and (β_1, τ)-scaling invariances of ``gate`` on inputs ``x``.
 
     Parameters
@@ -111,6 +135,9 @@ def gate_invariances(gate: Gate, x: Optional[torch.Tensor] = None, *, atol: floa
         design's x distribution). Default :func:`default_x` (256 draws of N(0, I)).
     atol : float, default 1e-9
         A derivative of the weights with max |∂g| ≤ atol counts as zero.
+    routing : bool, default True
+        Also decide ``routing_only`` (K·(d+1) more derivatives); False leaves
+        it False with a NaN derivative (what :func:`temperature_identified` needs).
 
     Returns
     -------
@@ -150,13 +177,37 @@ def gate_invariances(gate: Gate, x: Optional[torch.Tensor] = None, *, atol: floa
     else:
         scal = _max_derivative(lambda t: _with(gate, slope=slope * (1 + t), temperature=tau * (1 + t)).weights(x), slope)
         scaling = scal <= atol
+    route = None
+    if routing:
+        nb = len(gate.batch_shape)
+        for name in ("slope", "intercept"):
+            p = getattr(gate, name)
+            for idx in itertools.product(*(range(s) for s in p.shape[nb:])):
+                e = torch.zeros_like(p)
+                e[(...,) + idx] = 1.0
+                dj = _max_derivative(lambda t, e=e, p=p, name=name: _with(gate, **{name: p + t * e}).weights(x), slope)
+                route = dj if route is None else torch.maximum(route, dj)
+    if route is None:
+        route = torch.full_like(trans, float("nan"))
     # derivatives carry x's batch dims too when x is batched: reduce them onto the gate's batch shape
     extra = trans.dim() - len(gate.batch_shape)
     if extra > 0:
         dims = tuple(range(extra))
-        trans, scal = trans.amax(dims), scal.amax(dims)
+        trans, scal, route = trans.amax(dims), scal.amax(dims), route.amax(dims)
         scaling = scal <= atol if tau is not None else torch.zeros(trans.shape, dtype=torch.bool, device=trans.device)
-    return GateInvariances(translation=trans <= atol, scaling=scaling, translation_derivative=trans, scaling_derivative=scal)
+    return GateInvariances(translation=trans <= atol, scaling=scaling, translation_derivative=trans, scaling_derivative=scal,
+                           routing_only=route <= atol, routing_derivative=route)
+
+
+def routing_only(gate: Gate, x: Optional[torch.Tensor] = None, *, atol: float = 1e-9) -> bool:
+    """Whether ``gate`` acts on ``x`` only through its routing partition (top-1 gating), for every problem.
+
+    True when no slope or intercept entry changes any weight at any x (see the
+    module docstring): then the gate's slopes and masses exp(β_0) are not
+    identified, only the partition of x between the experts. Same
+    parameters and errors as :func:`gate_invariances`.
+    """
+    return bool(gate_invariances(gate, x, atol=atol).routing_only.all())
 
 
 def temperature_identified(gate: Gate, x: Optional[torch.Tensor] = None, *, atol: float = 1e-9) -> torch.Tensor:
@@ -166,7 +217,7 @@ def temperature_identified(gate: Gate, x: Optional[torch.Tensor] = None, *, atol
     where the gate is invariant to (β_1, τ) → (cβ_1, cτ) on ``x`` (see
     :func:`gate_invariances`; same parameters and errors).
     """
-    inv = gate_invariances(gate, x, atol=atol)
+    inv = gate_invariances(gate, x, atol=atol, routing=False)
     learn = bool(getattr(gate, "learn_temperature", False))
     return ~inv.scaling if learn else torch.ones_like(inv.scaling)
 

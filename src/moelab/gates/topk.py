@@ -6,6 +6,15 @@
 with linear logits l_k(x) = β_{1k}ᵀx + β_{0k}. Source: Shazeer et al. (ICLR
 2017), eq. (3) without noise; Nguyen, Nguyen & Ho, "Statistical perspective
 of top-K sparse softmax gating mixture of experts" (ICLR 2024), eq. (2).
+
+Identifiability: with ``top_k = 1`` the weights are 0 or 1 and do not change
+with any parameter except through the routing partition (which expert has
+the largest logit at x), so β_1 and the masses exp(β_0) are not identified,
+only the partition (every (cβ_1, cβ_0), c > 0, routes x the same way). This is
+decided numerically (:func:`moelab.gates.identifiability.routing_only`) and
+the Voronoi losses then use routing masses (:mod:`moelab.metrics.voronoi`).
+With ``top_k ≥ 2`` the weights inside a routing set are a softmax of the
+selected logits and the parameters are identified up to translation.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ class TopKGate(Gate):
         GateOption("top_k", experts_kept, None, "the number of experts kept per input", required=True),
     )
     sparse_routing: ClassVar[bool] = True
-    rate_studies: ClassVar[bool] = False
+    rate_studies: ClassVar[bool] = True
     #: EM's one-pass iteration: Newton on the linear logits with each sample's routing set kept
     em_pass: ClassVar[str] = "newton"
 

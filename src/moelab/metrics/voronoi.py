@@ -75,6 +75,23 @@ Gates without translation invariance (activation gates with a non-affine σ)
 have their slopes used as they are (the estimators fix the reference expert's
 slope at 0).
 
+Routing-only true gates (top-1). When the true gate acts only through its
+routing partition (:func:`moelab.gates.identifiability.routing_only`: top-1
+gating, whose weights are 0 or 1), neither exp(β_0) nor β_1 is identified:
+(cβ_1, cβ_0) with any c > 0 routes every x the same way. The losses then
+use only what the model identifies: each atom's **routing mass**
+m_i = E_X[g_i(X)] (the share of the x distribution routed to it, weighted by
+its gate weight; averaged over the points ``x``, so pass a fine grid of the
+x distribution), cells from the expert parameters (a, b, ν) alone, and no
+gate-slope group. The mass term Σ_j |Σ_{i∈A_j} m_i − m*_j| then measures the
+routing partition: for two experts in d = 1 and x ~ U(0, 1) it is
+2·|x̂_0 − x*_0|, twice the error of the switch point. The same definition is
+used for both models, whatever the fitted gate (a fitted top-2 gate's masses
+are its expected weights). :func:`parameter_errors` still reports
+``gate_slope`` (the slopes as fitted, against the truth's re-referenced to
+its last expert) so the divergence of a hard switch is visible; it is not
+identified and never part of D1 or D2.
+
 Temperature. For gates with a temperature the cell distance uses s = β_1/τ.
 If τ is fixed, or estimated but identified (σ not positively homogeneous over
 the logits' range, e.g. tanh), the loss has β_1 and τ as separate groups (as
@@ -114,6 +131,9 @@ __all__ = [
 PARAMETER_GROUPS = ("gate_slope", "temperature", "expert_slope", "expert_intercept", "variance")
 
 D1_EXPONENTS: Dict[str, float] = {g: 1.0 for g in PARAMETER_GROUPS}
+
+#: at most about this many of the points ``x`` decide the gate's invariances (evenly strided)
+_INVARIANCE_POINTS = 4096
 
 Exponents = Union[Mapping[str, float], Callable[[int], Mapping[str, float]]]
 
@@ -234,10 +254,22 @@ def _reference_centre(model: GaussianMoE, t_at) -> torch.Tensor:
     return c
 
 
-def _aligned_atoms(model: GaussianMoE, truth: GaussianMoE, x: Optional[torch.Tensor] = None):
-    """Normalised atoms of both models (module docstring) and whether β_1, τ are identified.
+def _routing_masses(gate, x: torch.Tensor, chunk: int = 1 << 15) -> torch.Tensor:
+    """E_X[g_i(X)] over the points ``x`` (m, d) for every atom: (B, K), summing to 1 (blocks of ``chunk`` points)."""
+    total = None
+    for s in range(0, x.shape[-2], chunk):
+        part = gate.weights(x[..., s : s + chunk, :]).sum(-2)
+        total = part if total is None else total + part
+    return total / x.shape[-2]
 
-    Returns (fitted atoms, true atoms, tau_identified: bool).
+
+def _aligned_atoms(model: GaussianMoE, truth: GaussianMoE, x: Optional[torch.Tensor] = None):
+    """Normalised atoms of both models (module docstring) and what the true gate identifies.
+
+    Returns (fitted atoms, true atoms, tau_identified: bool, routing_only: bool). With a
+    routing-only true gate (top-1) the masses are the routing masses E_X[g_i(X)] on ``x``,
+    ``cell_slope`` is empty (cells from the expert parameters) and ``gate_slope`` holds the
+    slopes as they are (reported by :func:`parameter_errors`, never part of a loss).
     """
     if model.n_features != truth.n_features:
         raise ValueError(f"fitted model has {model.n_features} features but the truth has {truth.n_features}")
@@ -247,15 +279,23 @@ def _aligned_atoms(model: GaussianMoE, truth: GaussianMoE, x: Optional[torch.Ten
     truth = truth.to(dtype=dtype)
     if x is None:
         x = default_x(truth.n_features, dtype, truth.gate.slope.device)
-    inv = gate_invariances(truth.gate, x)
+    x = torch.as_tensor(x, dtype=dtype, device=truth.gate.slope.device)
+    stride = max(1, x.shape[-2] // _INVARIANCE_POINTS)  # a fine grid (routing masses) is thinned for the derivatives
+    inv = gate_invariances(truth.gate, x[..., ::stride, :])
     tau_identified = not (getattr(model.gate, "learn_temperature", False) and bool(inv.scaling.all()))
-    if bool(inv.translation.all()):
+    routing = bool(inv.routing_only.all())
+    if routing:  # only the routing partition is identified: routing masses, no slope in cells or losses
+        t_at, f_at = normalised_atoms(truth, _identified_slope(truth.gate)[..., -1, :]), normalised_atoms(model)
+        for at, m in ((t_at, truth), (f_at, model)):
+            at["mass"] = _routing_masses(m.gate, x)
+            at["cell_slope"] = at["cell_slope"][..., :0]
+    elif bool(inv.translation.all()):
         s_t = _identified_slope(truth.gate)
         t_at = normalised_atoms(truth, s_t[..., -1, :])
         f_at = normalised_atoms(model, _reference_centre(model, t_at))
     else:
         t_at, f_at = normalised_atoms(truth), normalised_atoms(model)
-    return f_at, t_at, tau_identified
+    return f_at, t_at, tau_identified, routing
 
 
 def voronoi_cells(model: GaussianMoE, truth: GaussianMoE, x: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -283,7 +323,7 @@ def voronoi_cells(model: GaussianMoE, truth: GaussianMoE, x: Optional[torch.Tens
     ValueError
         Different gate families or feature counts.
     """
-    f_at, t_at, _ = _aligned_atoms(model, truth, x)
+    f_at, t_at, _, _ = _aligned_atoms(model, truth, x)
     return _nearest(f_at, t_at)
 
 
@@ -327,7 +367,9 @@ def voronoi_loss(model: GaussianMoE, truth: GaussianMoE, exponents: Exponents = 
         where τ is estimated but not identified, ``gate_slope`` is β_1/τ).
     x : tensor of shape (m, d), optional
         Points of the x distribution, used to decide the gate's invariances
-        over the logits' range (default: 256 draws of N(0, I)).
+        over the logits' range (default: 256 draws of N(0, I)), and, for a
+        routing-only true gate (top-1), to average the routing masses
+        E_X[g_i(X)] (their resolution is that of the grid: use ~10⁵ points).
 
     Returns
     -------
@@ -346,7 +388,7 @@ def voronoi_loss(model: GaussianMoE, truth: GaussianMoE, exponents: Exponents = 
     module docstring. Source: Nguyen, Nguyen & Ho (NeurIPS 2023), eqs. (7), (9);
     Nguyen, Akbarian & Ho (ICML 2024), Section 3 (temperature as a group).
     """
-    f_at, t_at, tau_identified = _aligned_atoms(model, truth, x)
+    f_at, t_at, tau_identified, routing = _aligned_atoms(model, truth, x)
     cells = _nearest(f_at, t_at)  # [B, K]
     loss, sizes = _mass_error(f_at, t_at, cells)
     if not tau_identified:  # the identified combination β_1/τ replaces (β_1, τ)
@@ -354,7 +396,7 @@ def voronoi_loss(model: GaussianMoE, truth: GaussianMoE, exponents: Exponents = 
             at["gate_slope"] = at.pop("gate_slope_over_tau")
             at.pop("temperature")
     size_i = sizes.gather(-1, cells)  # [B, K]
-    for g in (g for g in PARAMETER_GROUPS if g in f_at):
+    for g in (g for g in PARAMETER_GROUPS if g in f_at and not (routing and g == "gate_slope")):
         dist = _matched(f_at, t_at, g, cells)
         expo = torch.ones_like(dist)
         for sz in torch.unique(size_i).tolist():
@@ -408,7 +450,7 @@ def parameter_errors(model: GaussianMoE, truth: GaussianMoE, x: Optional[torch.T
     ValueError
         Different gate families or feature counts.
     """
-    f_at, t_at, _ = _aligned_atoms(model, truth, x)
+    f_at, t_at, _, _ = _aligned_atoms(model, truth, x)
     cells = _nearest(f_at, t_at)
     out = {"gate_mass": _mass_error(f_at, t_at, cells)[0]}
     for g in ("gate_slope", "gate_slope_over_tau", "temperature", "expert_slope", "expert_intercept", "variance"):

@@ -63,6 +63,11 @@ Schema (every key listed; anything else is rejected)::
     tries = 1                      # truth-perturbed starts per replicate (estimator em), fitted in one
                                    # batch; the fit with the highest log-likelihood is kept (collapsed
                                    # fits only if every try collapsed, as fit_em's n_init)
+    routing_start = "dense-fit"    # sparse-routing gates (topk) with init = "truth-perturbed", estimator em:
+                                   # "dense-fit" (default): the start, read as a dense softmax model, is fitted
+                                   # by EM first and its top-K sparsification starts the top-K EM (EM keeps
+                                   # each sample's routing set, so otherwise the start's routing is never
+                                   # revised); "start": top-K EM from the start itself (its routing kept)
 
     [fit.start]                    # optional, truth-perturbed only: the start in full (replaces perturbation)
     assign = "cover"               # which true expert each fitted one starts from (gaussian gate: "resample-all",
@@ -123,6 +128,7 @@ START_ASSIGN = ("cover", "resample", "resample-all")
 START_MASS = ("split", "copy")
 START_DRAW = ("independent", "shared")
 VARIANCE_MODES = ("multiplicative", "additive-abs")
+ROUTING_STARTS = ("dense-fit", "start")
 
 
 def _families():
@@ -196,6 +202,7 @@ class FitSpec:
     n: Optional[List[int]] = None
     tries: int = 1
     start: Optional[Dict[str, Any]] = None
+    routing_start: Optional[str] = None
 
     def loss_name(self, n_true: int) -> str:
         if self.loss != "auto":
@@ -263,7 +270,7 @@ def study_from_json(study_json: str) -> "Study":
 
 
 #: FitSpec keys added after the first schema, with their defaults (omitted from study.json there)
-_LATER_FIT_DEFAULTS = {"convergence": "mean", "n": None, "tries": 1, "start": None}
+_LATER_FIT_DEFAULTS = {"convergence": "mean", "n": None, "tries": 1, "start": None, "routing_start": None}
 
 
 # ------------------------------------------------------------------ helpers
@@ -622,7 +629,7 @@ def _start(v, where: str, models_x: bool = False) -> Dict[str, Any]:
 def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     where = f"fit[{i}]"
     allowed = ("name", "n_experts", "gate", "gate_options", "estimator", "init", "n_init", "perturbation", "loss",
-               "max_iter", "tol", "convergence", "n", "tries", "start", "theory")
+               "max_iter", "tol", "convergence", "n", "tries", "start", "theory", "routing_start")
     _check_keys(f, allowed, where)
     if "n_experts" not in f:
         raise _err(f"{where}.n_experts", "missing; how many experts does the fitted model have?")
@@ -641,6 +648,8 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     if "learn_temperature" in opts and not isinstance(opts["learn_temperature"], bool):
         raise _err(f"{where}.gate_options.learn_temperature", f"must be true or false, got {opts['learn_temperature']!r}")
     for name, o in declared.items():
+        if o.required and name not in opts and name in truth.gate_options:  # e.g. top_k: the truth's
+            opts[name] = truth.gate_options[name]
         if name in opts and name != "activation":
             opts[name] = _option(o, opts[name], f"{where}.gate_options.{name}", K)
     if gate == "activation":
@@ -689,6 +698,15 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
                                                "its own objective: remove convergence or use estimator = \"em\"")
         if spec.tries > 1 and spec.estimator != "lse":
             raise _err(f"{where}.tries", f"needs estimator = \"em\" or \"lse\" (got {spec.estimator!r}); use tries = 1")
+    if "routing_start" in f:
+        key = f"{where}.routing_start"
+        spec.routing_start = _str(f["routing_start"], key, ROUTING_STARTS)
+        if not gate_family(gate).sparse_routing:
+            raise _err(key, f"only gates that route each input to some experts (topk) have a routing start; "
+                            f"the {gate!r} gate weights every expert: remove routing_start")
+        if init != "truth-perturbed" or spec.estimator != "em":
+            raise _err(key, "applies to init = \"truth-perturbed\" with estimator = \"em\" (other inits fit the dense "
+                            "model first anyway); remove routing_start")
     if spec.tries > 1 and init != "truth-perturbed":
         raise _err(f"{where}.tries", f"counts truth-perturbed starts; for init = {init!r} use n_init (starts per replicate)")
     spec.theory = _theory(f.get("theory", {}), f"{where}.theory", spec.loss_name(truth.n_experts))

@@ -32,6 +32,11 @@ gaussian-gate-2024   ``gaussian-gate-2024-type{I,II}-d{1,2}.toml`` — Nguyen,
                      (CRPE-GMoE): Gaussian-gated MoE, K* = 3 fitted with K = 4, 5
                      (and one EM step at K = 5, what their code runs), Type I
                      (every c* ≠ 0) and II (c*_1 = 0), d = 1 and 2, the losses D̄/D̃.
+topk-2024            ``topk-2024.toml`` — Nguyen, Akbarian, Yan & Ho (ICLR 2024):
+                     top-1 truth (the softmax-2023 experts and logits), exact
+                     (K=2, top-1) and over-specified (K=3, top-2; and top-1 as a
+                     contrast) fits from dense-fitted truth-perturbed starts,
+                     routing-mass losses D1/D2 and density distances; moelab's design.
 ===================  ===========================================================
 """
 
@@ -57,6 +62,7 @@ PRESETS = {
         "gaussian-gate-2024-typeI-d2.toml",
         "gaussian-gate-2024-typeII-d2.toml",
     ),
+    "topk-2024": ("topk-2024.toml",),
     "temperature-2024": (
         "temperature-2024-temperature.toml",
         "temperature-2024-tanh.toml",

@@ -38,12 +38,14 @@ import pandas as pd
 import torch
 
 from ..em import fit_em
+from ..gates import SoftmaxGate
+from ..model import GaussianMoE
 from ..metrics import (d1_loss, d2_loss, density_distances, gaussian_parameter_errors, gaussian_voronoi_loss,
                        parameter_errors)
 from ..mle import fit_mle
 from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
 from .lse import fit_batch as lse_fit_batch, truth_perturbed as lse_starts
-from .simulate import cell_seed, simulate_cells, study_x_points, true_model, truth_perturbed
+from .simulate import cell_seed, loss_x_points, simulate_cells, study_x_points, true_model, truth_perturbed
 
 __all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
 
@@ -64,6 +66,8 @@ def gate_label(fit: FitSpec) -> str:
     name = fit.gate if fit.gate != "activation" else f"activation-{o.get('activation')}"
     from ..gates import gate_family
 
+    if "top_k" in o:
+        return f"{name} (top-{o['top_k']})"
     if not any(opt.name == "temperature" for opt in gate_family(fit.gate).options):
         return name
     if o.get("learn_temperature"):
@@ -171,7 +175,12 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
     if fit.estimator == "em":
         kwargs["convergence"] = fit.convergence
     if fit.init == "truth-perturbed":
-        kwargs["init_model"] = _starts(study, fi, fit, truth, n, reps)
+        start = _starts(study, fi, fit, truth, n, reps)
+        if fit.estimator == "em" and start.gate.sparse_routing and (fit.routing_start or "dense-fit") == "dense-fit":
+            # EM keeps each sample's routing set: read the start as a dense softmax model, which fit_em
+            # fits first and sparsifies, so the routing comes from the data, not from the start
+            start = GaussianMoE(SoftmaxGate(start.gate.slope, start.gate.intercept), start.experts)
+        kwargs["init_model"] = start
     else:
         kwargs.update(init=fit.init, n_init=fit.n_init)
         if fit.estimator == "em" and fit.init != "auto":
@@ -188,8 +197,9 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
                 d1, d2 = gaussian_voronoi_loss(model, truth, "exact"), gaussian_voronoi_loss(model, truth, "over")
                 errs = gaussian_parameter_errors(model, truth)
             else:
-                d1, d2 = d1_loss(model, truth, xpts), d2_loss(model, truth, xpts)
-                errs = parameter_errors(model, truth, xpts)
+                xl = loss_x_points(study, truth, xpts)  # a fine grid where the truth is routing-only (top-1)
+                d1, d2 = d1_loss(model, truth, xl), d2_loss(model, truth, xl)
+                errs = parameter_errors(model, truth, xl)
             dens = density_distances(model, truth, xpts)
     except Exception as exc:  # recorded, never dropped
         return _failed_rows(base, reps, exc, (time.perf_counter() - t0) / len(reps))

@@ -20,9 +20,13 @@ from ..model import GaussianMoE
 from .config import FitSpec, Study, TruthSpec
 from .starts import gaussian_start, table_start
 
-__all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", "study_x_points", "truth_perturbed"]
+__all__ = ["true_model", "cell_seed", "sample_x", "simulate_cells", "x_points", "study_x_points", "loss_x_points",
+           "truth_perturbed", "ROUTING_X_POINTS"]
 
 DTYPE = torch.float64
+#: points of the x distribution for the Voronoi losses of a routing-only (top-1) truth: the routing masses
+#: E_X[g_i(X)] are averaged over them, so their resolution is 1/ROUTING_X_POINTS (3.8e-6) for d = 1 uniform x
+ROUTING_X_POINTS = 1 << 18
 
 
 def true_model(truth: TruthSpec, learn_temperature: bool = False):
@@ -92,6 +96,22 @@ def study_x_points(study: Study, truth: GaussianMoE) -> torch.Tensor:
     if study.truth.x.get("distribution") == "gate":
         return truth.gate.sample_x(study.x_points, torch.Generator().manual_seed(study.seed))[0]
     return x_points(study.truth.x, study.x_points, truth.n_features, seed=study.seed)
+
+
+def loss_x_points(study: Study, truth, xpts: torch.Tensor) -> torch.Tensor:
+    """Points of the x distribution for the Voronoi losses and per-parameter errors.
+
+    ``xpts`` (:func:`study_x_points`) for every gate that varies with its parameters; for a true gate
+    that acts only through its routing partition (top-1, :func:`moelab.gates.identifiability.routing_only`)
+    :data:`ROUTING_X_POINTS` points (midpoints for d = 1 uniform or a linspace design, else a fixed-seed
+    sample), since the routing masses E_X[g_i(X)] are averages over them and the switch points they
+    measure move by O(1/n).
+    """
+    from ..gates.identifiability import routing_only
+
+    if truth.gate.models_x or study.truth.regression or not routing_only(truth.gate, xpts):
+        return xpts
+    return x_points(study.truth.x, ROUTING_X_POINTS, truth.n_features, seed=study.seed)
 
 
 def simulate_cells(study: Study, truth: GaussianMoE, n: int, replicates: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

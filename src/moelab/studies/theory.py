@@ -137,10 +137,12 @@ def identified_quantities(truth, learn_temperature: bool, x) -> Dict[str, bool]:
     -------
     dict quantity → bool: ``err_gate_slope`` and ``err_temperature`` are
     False where τ is estimated and the gate is invariant to (β_1, τ) →
-    (cβ_1, cτ) on ``x``; every other quantity (the losses use the identified
-    β_1/τ there) is True.
+    (cβ_1, cτ) on ``x``; ``err_gate_slope`` is False where the true gate acts
+    only through its routing partition (top-1: :func:`moelab.gates.identifiability.routing_only`;
+    the losses and ``err_gate_mass`` then use routing masses); every other
+    quantity (the losses use the identified β_1/τ there) is True.
     """
-    from ..gates.identifiability import temperature_identified
+    from ..gates.identifiability import routing_only, temperature_identified
 
     gate = truth.gate
     if gate.models_x:  # Gaussian gate: no temperature; every quantity identified
@@ -151,4 +153,4 @@ def identified_quantities(truth, learn_temperature: bool, x) -> Dict[str, bool]:
         gate = copy.copy(gate)
         gate.learn_temperature = True
     ok = bool(temperature_identified(gate, x).all())
-    return {"err_gate_slope": ok, "err_temperature": ok}
+    return {"err_gate_slope": ok and not routing_only(gate, x), "err_temperature": ok}
