@@ -104,7 +104,8 @@ def main(argv=None):
             starts = truth_perturbed(truth, fit, seeds, n)  # (R*T,), replicate-major
             xr, yr = x.repeat_interleave(T, 0), y.repeat_interleave(T, 0)
             res = fit_em(xr, yr, fit.n_experts, init_model=starts, max_iter=fit.max_iter, tol=fit.tol,
-                         convergence=fit.convergence, warn=False)
+                         convergence=fit.convergence, accelerate=None if fit.accelerate == "off" else fit.accelerate,
+                         warn=False)
             m = res.model
             ours = (d1_loss if fit.n_experts == 2 else d2_loss)(m, truth).numpy()
             theirs = np.array([loss_authors(betas, As, Sigmas, *_to_authors(m, b)) for b in range(len(seeds))])

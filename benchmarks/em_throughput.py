@@ -125,7 +125,8 @@ def start_model(starts: dict) -> GaussianMoE:
 # ------------------------------------------------------------------ contenders
 def moelab_fit(x, y, model0, iters, compile=True):
     """fit_em with early stopping off (tol=0) → (loglik (R,), M-steps (R,))."""
-    res = fit_em(x, y, K_FIT, init_model=model0, max_iter=iters, tol=0, warn=False, compile=compile)
+    res = fit_em(x, y, K_FIT, init_model=model0, max_iter=iters, tol=0, warn=False, compile=compile,
+                 accelerate=None)
     return res.loglik.numpy(), res.n_iter.numpy()
 
 

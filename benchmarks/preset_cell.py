@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("n", type=int)
     p.add_argument("--iters", type=int, help="exactly this many EM iterations (tol=0)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--accelerate", choices=("squarem", "off"), help="EM acceleration (default: the preset's setting)")
     a = p.parse_args(argv)
 
     import torch
@@ -54,6 +55,8 @@ def main(argv=None):
               random_state=cell_seed(study.seed, a.n, reps[0], fi, 1),
               max_iter=a.iters if a.iters else fit.max_iter, tol=0 if a.iters else fit.tol,
               compile={"auto": "auto", "on": True, "off": False}[a.compile])
+    acc = a.accelerate or fit.accelerate
+    kw["accelerate"] = None if acc == "off" else acc
     if fit.init == "truth-perturbed":
         kw["init_model"] = runner._starts(study, fi, fit, truth, a.n, reps)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -61,7 +64,8 @@ def main(argv=None):
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = dict(preset=a.preset, setting=a.setting, n=a.n, replicates=len(reps), wall_s=round(wall, 2), cpu_s=round(cpu, 2),
                iterations_max=int(res.n_iter.max()), iterations_mean=float(res.n_iter.float().mean()),
-               converged=int(res.converged.sum()), compiled=bool(res.settings["compiled"]),
+               converged=int(res.converged.sum()), compiled=bool(res.settings["compiled"]), accelerate=acc,
+               extrapolations_accepted_tried=list(res.settings["extrapolations"]),
                ms_per_iteration=round(1e3 * wall / max(int(res.n_iter.max()), 1), 1),
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), threads=torch.get_num_threads(),
                load=round(os.getloadavg()[0], 2), loglik_sum=float(res.loglik.sum()))

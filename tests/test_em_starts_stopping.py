@@ -48,14 +48,16 @@ def test_several_user_starts_keep_the_best_and_match_single_fits():
     B, S = 2, 4
     x, y = _data(400, seed=1, B=B)
     starts = _starts((B, S), seed=2)
-    res = fit_em(x, y, 3, init_model=starts, max_iter=60, tol=1e-9, warn=False, compile=False)
+    # plain EM: with SQUAREM start (1, 3) heads faster for a collapsing expert (size 6.6 < min_expert_size),
+    # which a batch marks -inf (tests/test_acceleration.py compares accelerated batches with single fits)
+    res = fit_em(x, y, 3, init_model=starts, max_iter=60, tol=1e-9, warn=False, compile=False, accelerate=None)
     assert res.loglik.shape == (B,) and res.start_loglik.shape == (B, S)
     assert torch.equal(res.loglik, res.start_loglik.max(-1).values)
     assert res.settings["n_init"] == S
     for b in range(B):
         for s in range(S):
             single = fit_em(x[b], y[b], 3, init_model=_take(starts, (b, s)), max_iter=60, tol=1e-9, warn=False,
-                            compile=False)
+                            compile=False, accelerate=None)
             assert float(res.start_loglik[b, s]) == pytest.approx(float(single.loglik), abs=1e-8)
     # the starts differ, so the best-of is a real choice (not S copies of one fit)
     assert float((res.start_loglik.max(-1).values - res.start_loglik.min(-1).values).max()) > 1e-6

@@ -159,7 +159,7 @@ def moelab_fit(x, y, K, start, args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = time.process_time()
-        res = fit_em(x, y, K, init_model=start, max_iter=args.max_iter, tol=args.tol, convergence="relative",
+        res = fit_em(x, y, K, init_model=start, max_iter=args.max_iter, tol=args.tol, convergence="relative", accelerate=None,
                      compile=args.compile, warn=False)
         return time.process_time() - t, res
 

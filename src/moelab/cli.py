@@ -175,6 +175,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                    help=f"EM: run iterations as one fused pass compiled by torch.compile ({fused} gates; "
                         "auto = for large fits, default)")
+    p.add_argument("--accelerate", default="squarem", choices=("squarem", "off"),
+                   help="EM: SQUAREM extrapolation every third iteration, kept only where the log-likelihood "
+                        "does not drop (default), or off for plain EM")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="random seed for the starts and the bootstrap resamples (default 0)")
 
@@ -216,6 +219,8 @@ def check_fit_flags(args) -> dict:
         raise CLIError(f"--bootstrap must be >= 2 (resamples, e.g. 200), got {n_boot}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
+    if args.accelerate != "squarem" and args.estimator != "em":
+        raise CLIError("--accelerate applies to --estimator em only")
     if args.compile == "on" and family.em_pass is None:
         from .gates.registry import fused_families
 
@@ -339,6 +344,7 @@ def run_fit(args) -> int:
         args.experts, gate=args.gate, estimator=args.estimator, n_init=args.n_init,
         n_candidates=args.n_candidates, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
         compile={"auto": "auto", "on": True, "off": False}[args.compile], bootstrap=args.bootstrap,
+        accelerate=None if args.accelerate == "off" else args.accelerate,
         bootstrap_kind=args.bootstrap_kind, **gate_opts,
         progress=False if args.quiet or args.estimator != "em" else "auto",
     )

@@ -125,7 +125,8 @@ def run_select(args) -> int:
     X_in, X, y, x_names = select_columns(df, args.x, args.y, args.categorical)
     params = dict(gate=args.gate, estimator=args.estimator, n_init=args.n_init, n_candidates=args.n_candidates,
                   max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
-                  compile={"auto": "auto", "on": True, "off": False}[args.compile], **gate_opts)
+                  compile={"auto": "auto", "on": True, "off": False}[args.compile],
+                  accelerate=None if args.accelerate == "off" else args.accelerate, **gate_opts)
     with warnings.catch_warnings(record=True) as caught, user_errors("cannot fit: "):
         warnings.simplefilter("always")
         table = select_n_experts(X, y, ks, criterion=args.criterion, **params)

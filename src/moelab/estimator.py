@@ -162,6 +162,9 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
     compile : {"auto", True, False}, default "auto"
         EM only: run each iteration as one fused pass compiled by
         ``torch.compile`` (see :func:`moelab.fit_em`).
+    accelerate : {"squarem", None}, default "squarem"
+        EM only: SQUAREM extrapolation (never lowers the log-likelihood), or
+        None for plain EM (see :func:`moelab.fit_em`).
     bootstrap : int, optional
         Refit this many bootstrap resamples (one batched EM call started from the fit,
         :func:`moelab.bootstrap_fit`) for percentile intervals (``confint(method="bootstrap")``).
@@ -241,7 +244,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
 
     def __init__(self, n_experts=2, *, gate="softmax", activation=None, temperature=None, learn_temperature=False,
                  top_k=None, gate_options=None, estimator="em", n_init=None, n_candidates=None, init="auto", max_iter=None, tol=None,
-                 random_state=None, compile="auto", bootstrap=None, bootstrap_kind="nonparametric", progress=False):
+                 random_state=None, compile="auto", bootstrap=None, bootstrap_kind="nonparametric", progress=False,
+                 accelerate="squarem"):
         self.n_experts = n_experts
         self.gate = gate
         self.activation = activation
@@ -260,6 +264,7 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.bootstrap = bootstrap
         self.bootstrap_kind = bootstrap_kind
         self.progress = progress
+        self.accelerate = accelerate
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -299,6 +304,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
             if self.estimator != "em":
                 raise ValueError("compile applies to estimator='em' only; leave it 'auto' for 'mle'")
             kw["compile"] = self.compile
+        if self.accelerate != "squarem":
+            if self.estimator != "em":
+                raise ValueError("accelerate applies to estimator='em' only; leave it 'squarem' for 'mle'")
+            kw["accelerate"] = self.accelerate
         if self.progress is not False:
             if self.estimator != "em":
                 raise ValueError("progress applies to estimator='em' only; leave it False for 'mle'")

@@ -82,10 +82,14 @@ class FitOptions:
     feature_names: Optional[tuple] = None
     prune_starts: bool = False
     progress: Union[bool, str] = False
+    accelerate: Optional[str] = "squarem"
 
     def __post_init__(self, gate_options):
         if not (self.progress is True or self.progress is False or (isinstance(self.progress, str) and self.progress == "auto")):
             raise ValueError(f"progress must be 'auto' (only when stderr is a terminal), True or False, got {self.progress!r}")
+        if not (self.accelerate is None or (isinstance(self.accelerate, str) and self.accelerate == "squarem")):
+            raise ValueError(f"accelerate must be 'squarem' (SQUAREM extrapolation, Varadhan & Roland 2008) or None "
+                             f"(plain EM), got {self.accelerate!r}")
         if not isinstance(self.prune_starts, bool):
             raise ValueError(f"prune_starts must be True or False, got {self.prune_starts!r}")
         if self.estimator not in ESTIMATORS:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fitcore import State, gate_theta, theta_gate
+from ..fitcore import State, gate_theta, scatter_gate, theta_gate
 from . import linear, newton
 
 __all__ = ["LinearStepper", "NewtonStepper"]
@@ -45,6 +45,30 @@ class _Stepper:
         self.active = self.active[mask]
         self.xa, self.ya = self.xa[mask], self.ya[mask]
         self.stats = {k: v[mask] for k, v in self.stats.items()}
+
+    def evaluate_extrapolated(self, ext: State, plain: State, ll_min):
+        """The pass at the extrapolated ``ext`` (:mod:`moelab.acceleration`); where its log-likelihood
+        is not finite or below ``ll_min`` (r,), the pass at the plain EM point ``plain`` instead, checked
+        as :meth:`evaluate` checks it. Returns (state, loglik (r,), accepted (r,) bool)."""
+        pending = self._suspend()
+        st, ll = self.evaluate(ext)
+        ok = torch.isfinite(ll) & (ll >= ll_min)
+        if bool(ok.all()):
+            return st, ll, ok
+        idx = (~ok).nonzero().squeeze(-1)
+        sub, stats = self._evaluate_subset(plain.take(idx), idx, pending)
+        for k, v in stats.items():
+            self.stats[k][idx] = v
+        self._record_sizes(self.stats["S"])
+        st = State(scatter_gate(st.gate, idx, sub.gate), st.theta.index_put((idx,), sub.theta),
+                   st.var.index_put((idx,), sub.var))
+        return st, self.stats["loglik"], ok
+
+    def _suspend(self):
+        return None
+
+    def _evaluate_subset(self, st: State, idx, pending):  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class LinearStepper(_Stepper):
@@ -76,6 +100,25 @@ class LinearStepper(_Stepper):
         self._record_sizes(stats["S"])
         return st, stats["loglik"]
 
+    def _suspend(self):
+        # the gate step proposed by the last M-step belongs to the plain point, not the extrapolated one
+        pending, self.pending = self.pending, None
+        return pending
+
+    def _evaluate_subset(self, st: State, idx, pending):
+        gth = gate_theta(st.gate)
+        xa, ya = self.xa[idx], self.ya[idx]
+        stats = self._pass(gth, st.theta, st.var, xa, ya)
+        if pending is not None:
+            gth, redo = linear.gate_verify(stats["lse_gate"], {k: v[idx] for k, v in pending.items()}, xa, self.run)
+            if redo is not None:
+                sub = self._pass(gth[redo], st.theta[redo], st.var[redo], xa[redo], ya[redo])
+                for k, v in sub.items():
+                    stats[k][redo] = v
+                st = State(theta_gate(st.gate, gth), st.theta, st.var)
+        self.gth = self.gth.index_put((idx,), gth)
+        return st, stats
+
     def keep(self, mask):
         super().keep(mask)
         self.gth = self.gth[mask]
@@ -101,6 +144,12 @@ class NewtonStepper(_Stepper):
         self.stats = newton.unpack_sums(sums, self.spec, K, d)
         self._record_sizes(self.stats["S"])
         return st, self.stats["loglik"]
+
+    def _evaluate_subset(self, st: State, idx, pending):
+        K, d = st.theta.shape[-2], self.xa.shape[-1]
+        sums = self.run(newton.newton_sums, *newton.gate_args(st.gate), st.theta, st.var, self.xa[idx], self.ya[idx],
+                        self.spec)
+        return st, newton.unpack_sums(sums, self.spec, K, d)
 
     def keep(self, mask):
         super().keep(mask)

@@ -84,6 +84,9 @@ class Gate:
     affine_invariant: ClassVar[bool] = True
     models_x: ClassVar[bool] = False
     estimators: ClassVar[tuple] = ("em", "mle")
+    #: EM may be accelerated by extrapolating the estimable parameters (:mod:`moelab.acceleration`):
+    #: every entry of :meth:`params` free, those in ``positive_params`` on the log scale
+    em_extrapolation: ClassVar[bool] = True
     #: parameters constrained to be positive (optimised on the log scale)
     positive_params: ClassVar[tuple] = ()
     #: tensor attributes whose leading dimensions are the batch shape

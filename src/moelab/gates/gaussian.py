@@ -82,6 +82,8 @@ class GaussianGate(Gate):
 
     name: ClassVar[str] = "gaussian"
     description: ClassVar[str] = "pi_k N(x; c_k, Gamma_k) / sum_j pi_j N(x; c_j, Gamma_j), a model of (x, y)"
+    #: the mixing weights lie on a simplex and the covariances are positive definite: plain EM
+    em_extrapolation: ClassVar[bool] = False
     options: ClassVar[tuple] = (
         GateOption("reg_covariance", positive_real, 1e-6,
                    "EM floor of the eigenvalues of each gate covariance, as a fraction of var(x)", of_estimation=True),

@@ -51,6 +51,8 @@ class TopKGate(Gate):
         GateOption("top_k", experts_kept, None, "the number of experts kept per input", required=True),
     )
     sparse_routing: ClassVar[bool] = True
+    #: EM keeps each sample's routing set from the start; an extrapolated point could change it
+    em_extrapolation: ClassVar[bool] = False
     rate_studies: ClassVar[bool] = True
     #: EM's one-pass iteration: Newton on the linear logits with each sample's routing set kept
     em_pass: ClassVar[str] = "newton"

@@ -59,6 +59,9 @@ Schema (every key listed; anything else is rejected)::
     tol = 1e-8
     convergence = "mean"           # stopping rule (estimator em): "mean": |Δ mean loglik| < tol;
                                    # "relative": |Δℓ| < tol·|ℓ| (meteorits' rule; fit_em's convergence)
+    accelerate = "off"             # estimator em: "off" (plain EM, as the papers' EM codes; the default for
+                                   # studies) | "squarem" (fit_em's default: SQUAREM extrapolation, never
+                                   # lowering the log-likelihood; moelab.acceleration)
     n = { linspace = [1000, 100000, 20] }   # this setting's own n grid (same forms as [study].n)
     tries = 1                      # truth-perturbed starts per replicate (estimator em), fitted in one
                                    # batch; the fit with the highest log-likelihood is kept (collapsed
@@ -124,6 +127,7 @@ ESTIMATORS = ("em", "mle", "lse")
 LOSSES = ("auto", "D1", "D2")
 DESIGNS = ("linspace",)
 CONVERGENCE = ("mean", "relative")
+ACCELERATE = ("off", "squarem")
 START_ASSIGN = ("cover", "resample", "resample-all")
 START_MASS = ("split", "copy")
 START_DRAW = ("independent", "shared")
@@ -203,6 +207,7 @@ class FitSpec:
     tries: int = 1
     start: Optional[Dict[str, Any]] = None
     routing_start: Optional[str] = None
+    accelerate: str = "off"
 
     def loss_name(self, n_true: int) -> str:
         if self.loss != "auto":
@@ -270,7 +275,8 @@ def study_from_json(study_json: str) -> "Study":
 
 
 #: FitSpec keys added after the first schema, with their defaults (omitted from study.json there)
-_LATER_FIT_DEFAULTS = {"convergence": "mean", "n": None, "tries": 1, "start": None, "routing_start": None}
+_LATER_FIT_DEFAULTS = {"convergence": "mean", "n": None, "tries": 1, "start": None, "routing_start": None,
+                       "accelerate": "off"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -629,7 +635,7 @@ def _start(v, where: str, models_x: bool = False) -> Dict[str, Any]:
 def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     where = f"fit[{i}]"
     allowed = ("name", "n_experts", "gate", "gate_options", "estimator", "init", "n_init", "perturbation", "loss",
-               "max_iter", "tol", "convergence", "n", "tries", "start", "theory", "routing_start")
+               "max_iter", "tol", "convergence", "n", "tries", "start", "theory", "routing_start", "accelerate")
     _check_keys(f, allowed, where)
     if "n_experts" not in f:
         raise _err(f"{where}.n_experts", "missing; how many experts does the fitted model have?")
@@ -675,6 +681,7 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
         convergence=_str(f.get("convergence", "mean"), f"{where}.convergence", CONVERGENCE),
         n=_n_grid(f["n"], f"{where}.n") if "n" in f else None,
         tries=_int(f.get("tries", 1), f"{where}.tries", 1),
+        accelerate=_str(f.get("accelerate", "off"), f"{where}.accelerate", ACCELERATE),
     )
     if spec.perturbation < 0:
         raise _err(f"{where}.perturbation", f"must be >= 0, got {spec.perturbation}")
@@ -693,6 +700,9 @@ def _fit(f: dict, i: int, truth: TruthSpec) -> FitSpec:
     if spec.estimator == "lse" and spec.start is not None:
         raise _err(f"{where}.start", "estimator = \"lse\" takes moelab's truth-perturbed start (perturbation), not a start table")
     if spec.estimator != "em":
+        if spec.accelerate != "off":
+            raise _err(f"{where}.accelerate", f"accelerates EM; estimator {spec.estimator!r} has no EM iterations: "
+                                              "remove accelerate or use estimator = \"em\"")
         if spec.convergence != "mean":
             raise _err(f"{where}.convergence", f"is an EM stopping rule; estimator {spec.estimator!r} uses tol on "
                                                "its own objective: remove convergence or use estimator = \"em\"")

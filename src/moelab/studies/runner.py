@@ -174,6 +174,7 @@ def _fit_batch(study: Study, fi: int, fit: FitSpec, truth, n: int, reps: Sequenc
                   warn=False, random_state=cell_seed(study.seed, n, reps[0], fi, 1))
     if fit.estimator == "em":
         kwargs["convergence"] = fit.convergence
+        kwargs["accelerate"] = None if fit.accelerate == "off" else fit.accelerate
     if fit.init == "truth-perturbed":
         start = _starts(study, fi, fit, truth, n, reps)
         if fit.estimator == "em" and start.gate.sparse_routing and (fit.routing_start or "dense-fit") == "dense-fit":

@@ -1,0 +1,73 @@
+"""The textbook EM iteration, with the interface of the one-pass steppers (:mod:`moelab._fused.steppers`).
+
+Per iteration: the E-step as (R, K, n) responsibilities and the log-likelihood
+(:func:`moelab.fitcore.e_step`), then the closed-form expert M-step and the gate
+step of :func:`moelab.fitcore.gate_step` (IRLS for linear logits, the damped
+autograd Newton step otherwise, the Gaussian gate's closed form), each checked
+within its own call. It runs for families without a one-pass kernel, callable
+activations, ``gate_steps > 1``, float32, and where :func:`moelab.autocompile.pass_mode`
+finds it the faster (small or multi-input uncompiled linear-logit fits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fitcore import State, e_step, gate_step, scatter_gate
+from .mstep import expert_m_step, outer_design
+
+__all__ = ["TextbookStepper"]
+
+
+class TextbookStepper:
+    """R problems' data, ``x`` (R, n, d), ``x1`` (R, n, d+1), ``y`` (R, n), and the responsibilities of the
+    last E-step; ``opts`` the fit's :class:`~moelab.options.FitOptions` (``reg_variance``, ``gate_steps``).
+    ``sizes`` (R, K) holds the effective expert sizes Σ_n r_nk at each problem's last E-step."""
+
+    def __init__(self, x, x1, y, opts):
+        self.xa, self.x1a, self.ya = x, x1, y
+        self.xxa = outer_design(x1)
+        self.opts = opts
+        self.active = torch.arange(y.shape[0], device=y.device)
+        self.resp = None
+        self.sizes = None
+
+    def _record_sizes(self):
+        S = self.resp.sum(-1)
+        if self.sizes is None:
+            self.sizes = S.new_zeros(self.active.numel(), S.shape[1])
+        self.sizes[self.active] = S
+
+    def evaluate(self, st: State):
+        """E-step at ``st``: returns (st, loglik (r,))."""
+        self.resp, ll = e_step(st.gate, st.theta, st.var, self.xa, self.x1a, self.ya)
+        self._record_sizes()
+        return st, ll
+
+    def evaluate_extrapolated(self, ext: State, plain: State, ll_min):
+        """E-step at ``ext``; where its log-likelihood is not finite or below ``ll_min`` (r,), at ``plain``
+        instead. Returns (state, loglik (r,), accepted (r,) bool); see :mod:`moelab.acceleration`."""
+        st, ll = self.evaluate(ext)
+        ok = torch.isfinite(ll) & (ll >= ll_min)
+        if bool(ok.all()):
+            return st, ll, ok
+        idx = (~ok).nonzero().squeeze(-1)
+        sub = plain.take(idx)
+        resp, llb = e_step(sub.gate, sub.theta, sub.var, self.xa[idx], self.x1a[idx], self.ya[idx])
+        self.resp[idx] = resp
+        self._record_sizes()
+        st = State(scatter_gate(st.gate, idx, sub.gate), st.theta.index_put((idx,), sub.theta),
+                   st.var.index_put((idx,), sub.var))
+        return st, ll.index_put((idx,), llb), ok
+
+    def keep(self, mask):
+        """Problems ``mask`` (bool over the current ones) go on iterating."""
+        self.active = self.active[mask]
+        self.xa, self.x1a, self.ya, self.xxa = self.xa[mask], self.x1a[mask], self.ya[mask], self.xxa[mask]
+        self.resp = self.resp[mask]
+
+    def m_step(self, st: State) -> State:
+        """Closed-form experts, then the gate step, from the last E-step's responsibilities."""
+        theta, var = expert_m_step(self.x1a, self.ya, self.resp, self.opts.reg_variance, st.theta, st.var, self.xxa)
+        gate = gate_step(st.gate, self.xa, self.x1a, self.resp, self.opts.gate_steps, self.xxa)
+        return State(gate, theta, var)
