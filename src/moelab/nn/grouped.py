@@ -11,7 +11,6 @@ the layer close to the compute floor (the per-expert matmuls alone;
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -19,64 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moelab.nn.workspace import Workspace
+
 __all__ = ["grouped_ffn", "fused_moe_ffn", "Workspace"]
-
-
-class Workspace:
-    """Memory reused from call to call for the intermediates :func:`fused_moe_ffn` saves for backward.
-
-    On CPU, a forward pass that allocates ~100 MB of fresh intermediates has them page-faulted
-    in again on every call once glibc's malloc has returned the freed heap to the system after
-    the previous backward (measured: ~20,000 faults, ~30 ms per call in ``benchmarks/nn_layer.py``).
-    A workspace keeps one flat buffer, grown to the largest forward seen, and lends it to one
-    forward at a time: it is taken by a forward that records a graph and returned at the end of
-    that graph's backward (or when the graph is freed without a backward); a forward that finds it
-    lent (two forwards before one backward, activation recomputation, another thread) allocates
-    fresh memory, as without a workspace. If a graph kept with ``retain_graph=True`` is
-    back-propagated again after a later forward reused the buffer, PyTorch's saved-tensor version
-    check raises "modified by an inplace operation" instead of giving wrong gradients.
-
-    The cost is memory: the buffer (the saved intermediates of one forward, ``n_assign *
-    (2 d_model + h_in + 2 d_ff)`` elements for SwiGLU experts) stays allocated between calls;
-    :meth:`clear` frees it. Not saved in state dicts; copies and pickles start empty.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer: Optional[torch.Tensor] = None
-        self._owner: Optional[object] = None
-
-    def __reduce__(self):  # deepcopy / pickle: a fresh, empty workspace (no lock or buffer to copy)
-        return (Workspace, ())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held (0 when empty)."""
-        buf = self._buffer
-        return 0 if buf is None else buf.numel() * buf.element_size()
-
-    def clear(self) -> None:
-        """Drop the buffer (graphs still holding views of it keep their memory until they are freed)."""
-        with self._lock:
-            self._buffer = None
-
-    def acquire(self, numel: int, dtype: torch.dtype, device: torch.device):
-        """``(flat tensor of numel elements, token)``, or ``(None, None)`` if the buffer is lent out."""
-        with self._lock:
-            if self._owner is not None:
-                return None, None
-            buf = self._buffer
-            if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-                buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
-            token = object()
-            self._owner = token
-            return buf[:numel], token
-
-    def release(self, token: object) -> None:
-        """Return the buffer lent with ``token`` (no-op for a stale token)."""
-        with self._lock:
-            if self._owner is token:
-                self._owner = None
 
 
 def _swiglu(h: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +29,15 @@ def _swiglu(h: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
     return silu_g * h[:, d_ff:], silu_g
 
 
-def _swiglu_backward(h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_ff: int) -> torch.Tensor:
+def _swiglu_backward(
+    h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_ff: int, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """dL/dh for a = silu(g) * u with h = [g, u]: [silu'(g) u da, silu(g) da] (3 element-wise passes).
 
-    ``da`` (a fresh buffer of the caller's) is overwritten with ``da * u``: no temporary is allocated.
+    ``da`` (a buffer of the caller's) is overwritten with ``da * u``: no temporary is allocated.
+    The result is written into ``out`` (shape of ``h``) when given.
     """
-    dh = torch.empty_like(h)
+    dh = torch.empty_like(h) if out is None else out
     torch.mul(da, silu_g, out=dh[:, d_ff:])
     da.mul_(h[:, d_ff:])
     torch.ops.aten.silu_backward.grad_input(da, h[:, :d_ff], grad_input=dh[:, :d_ff])
@@ -223,6 +170,37 @@ def grouped_ffn(
     return _GroupedFFN.apply(x.contiguous(), w_in, w_out, counts, kind, act)
 
 
+class _Scratch:
+    """Per-expert temporaries of fixed widths, carved from one flat buffer (lent by a workspace or fresh)."""
+
+    def __init__(self, workspace, max_rows, widths, like):
+        self.workspace, self.max_rows = workspace, max_rows
+        numel = max_rows * sum(widths)
+        flat, self.token = (None, None) if workspace is None else workspace.acquire_scratch(numel, like.dtype, like.device)
+        self.flat = like.new_empty(numel) if flat is None else flat
+        self.offsets, offset = [], 0
+        for width in widths:
+            self.offsets.append((offset, width))
+            offset += max_rows * width
+
+    def get(self, i, rows):
+        """Slot ``i`` as a (rows, width) tensor."""
+        offset, width = self.offsets[i]
+        return self.flat[offset : offset + rows * width].view(rows, width)
+
+    def release(self):
+        if self.token is not None:
+            self.workspace.release_scratch(self.token)
+            self.token = None
+
+
+def _new_gradient(workspace, name, shape, like):
+    """Uninitialised gradient buffer of ``shape``, from ``workspace`` when one is given (see Workspace.gradient)."""
+    if workspace is None:
+        return like.new_empty(shape)
+    return workspace.gradient(name, shape, like.dtype, like.device)
+
+
 class _FusedMoEFFN(torch.autograd.Function):
     # gather → expert FFN → weighted scatter-add, one expert at a time: every intermediate is
     # one expert's block (see the note on _GroupedFFN), and nothing of size (n_assign, d) is built.
@@ -246,6 +224,7 @@ class _FusedMoEFFN(torch.autograd.Function):
             offset += rows * cols
             return view
 
+        scratch = _Scratch(workspace, max(counts, default=0), [d_out], x)  # the weighted expert output
         bounds, saved = [], []
         start = 0
         for e, c in enumerate(counts):
@@ -261,13 +240,14 @@ class _FusedMoEFFN(torch.autograd.Function):
             else:
                 act_h, silu_g = act(h), h.new_empty(0)
             ye = torch.mm(act_h, w_out[e].t(), out=block(c, d_out))
-            _add_rows(out, token_idx[a:b], ye * w[a:b, None])
+            _add_rows(out, token_idx[a:b], torch.mul(ye, w[a:b, None], out=scratch.get(0, c)))
             bounds.append((e, a, b))
             saved += [xe, h, act_h, silu_g, ye]
+        scratch.release()
         ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
         ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
         ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
-        ctx.release = None
+        ctx.workspace, ctx.release = workspace, None
         if token is not None:
             if track:  # lent until the end of backward, or until the graph is freed without one
                 ctx.release = weakref.finalize(ctx, workspace.release, token)
@@ -279,28 +259,32 @@ class _FusedMoEFFN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         token_idx, w, w_in, w_out, *saved = ctx.saved_tensors
-        kind, act = ctx.kind, ctx.act
+        kind, act, ws = ctx.kind, ctx.act, ctx.workspace
         need_x, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:5]
-        d_ff = w_out.shape[-1]
-        dx = dout.new_zeros(ctx.x_shape) if need_x else None
+        d_model, h_in, d_ff, d_out = ctx.x_shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
+        # gradients handed to autograd: reused memory when nobody holds the previous call's (Workspace.gradient)
+        dx = _new_gradient(ws, "x", ctx.x_shape, dout).zero_() if need_x else None
         dweight = w.new_zeros(w.shape[0]) if need_weight else None
-        dw_in = torch.empty_like(w_in) if need_w_in else None
-        dw_out = torch.empty_like(w_out) if need_w_out else None
+        dw_in = _new_gradient(ws, "w_in", w_in.shape, w_in) if need_w_in else None
+        dw_out = _new_gradient(ws, "w_out", w_out.shape, w_out) if need_w_out else None
         _zero_unused_experts(ctx.bounds, w_in.shape[0], dw_in, dw_out)
+        # one expert's temporaries at a time: dy, dy * ye, dL/d act_h, dL/dh, dL/dx_e
+        max_rows = max((b - a for _, a, b in ctx.bounds), default=0)
+        scratch = _Scratch(ws, max_rows, [d_out, d_out, d_ff, h_in if kind == "swiglu" else 0, d_model], dout)
         for i, (e, a, b) in enumerate(ctx.bounds):
             xe, h, act_h, silu_g, ye = saved[5 * i : 5 * i + 5]
-            tok = token_idx[a:b]
-            dy = dout.index_select(0, tok)  # [n_e, d], a fresh tensor
+            tok, c = token_idx[a:b], b - a
+            dy = torch.index_select(dout, 0, tok, out=scratch.get(0, c))  # [n_e, d]
             if dweight is not None:
-                dweight[a:b] = (dy * ye).sum(-1)
+                torch.sum(torch.mul(dy, ye, out=scratch.get(1, c)), -1, out=dweight[a:b])
             dy.mul_(w[a:b, None])
             if dw_out is not None:
                 torch.mm(dy.t(), act_h, out=dw_out[e])
             if not (need_x or need_w_in):
                 continue
-            da = torch.mm(dy, w_out[e])
+            da = torch.mm(dy, w_out[e], out=scratch.get(2, c))
             if kind == "swiglu":
-                dh = _swiglu_backward(h, silu_g, da, d_ff)
+                dh = _swiglu_backward(h, silu_g, da, d_ff, out=scratch.get(3, c))
             else:
                 with torch.enable_grad():
                     hh = h.detach().requires_grad_(True)
@@ -308,7 +292,8 @@ class _FusedMoEFFN(torch.autograd.Function):
             if dw_in is not None:
                 torch.mm(dh.t(), xe, out=dw_in[e])
             if dx is not None:
-                _add_rows(dx, tok, torch.mm(dh, w_in[e]))
+                _add_rows(dx, tok, torch.mm(dh, w_in[e], out=scratch.get(4, c)))
+        scratch.release()
         if dweight is not None:
             dweight = dweight.to(ctx.weight_dtype)
         if ctx.release is not None:
