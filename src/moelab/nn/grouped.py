@@ -208,11 +208,13 @@ class _FusedMoEFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_idx, weight, w_in, w_out, counts, kind, act, workspace, track):
         d_model, h_in, d_ff, d_out = x.shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
+        swiglu = kind == "swiglu"
         out = x.new_zeros(x.shape[0], d_out)
         w = weight.to(x.dtype)
-        # the saved intermediates come from the workspace when it is free (see Workspace)
-        per_row = d_model + h_in + d_out + (2 * d_ff if kind == "swiglu" else 0)
-        flat, token = (None, None) if workspace is None else workspace.acquire(
+        # saved for backward, per row: x_e, the expert's hidden pre-activation h (mlp) or, for swiglu,
+        # silu(g), u silu'(g) (the two factors of dL/dh), and act_h, y_e; from the workspace when free
+        per_row = d_model + d_out + (3 * d_ff if swiglu else h_in + d_ff)
+        flat, token = (None, None) if workspace is None or not track else workspace.acquire(
             sum(counts) * per_row, x.dtype, x.device)
         offset = 0
 
@@ -224,7 +226,8 @@ class _FusedMoEFFN(torch.autograd.Function):
             offset += rows * cols
             return view
 
-        scratch = _Scratch(workspace, max(counts, default=0), [d_out], x)  # the weighted expert output
+        # one expert's temporaries: h = [g, u] (swiglu; not saved), the weighted expert output
+        scratch = _Scratch(workspace, max(counts, default=0), [h_in if swiglu else 0, d_out], x)
         bounds, saved = [], []
         start = 0
         for e, c in enumerate(counts):
@@ -233,26 +236,29 @@ class _FusedMoEFFN(torch.autograd.Function):
             if c == 0:
                 continue
             xe = torch.index_select(x, 0, token_idx[a:b], out=block(c, d_model))
-            h = torch.mm(xe, w_in[e].t(), out=block(c, h_in))
-            if kind == "swiglu":
-                silu_g = torch.ops.aten.silu.out(h[:, :d_ff], out=block(c, d_ff))
-                act_h = torch.mul(silu_g, h[:, d_ff:], out=block(c, d_ff))
+            h = torch.mm(xe, w_in[e].t(), out=scratch.get(0, c) if swiglu else block(c, h_in))
+            if swiglu:
+                g, u = h[:, :d_ff], h[:, d_ff:]
+                silu_g = torch.ops.aten.silu.out(g, out=block(c, d_ff))
+                act_h = torch.mul(silu_g, u, out=block(c, d_ff))
+                if track:  # dL/dg = dL/da * u silu'(g): its second factor now, while h is in cache
+                    u_dsilu = torch.ops.aten.silu_backward.grad_input(u, g, grad_input=block(c, d_ff))
+                else:
+                    u_dsilu = None
             else:
-                act_h, silu_g = act(h), h.new_empty(0)
+                act_h = act(h)
             ye = torch.mm(act_h, w_out[e].t(), out=block(c, d_out))
-            _add_rows(out, token_idx[a:b], torch.mul(ye, w[a:b, None], out=scratch.get(0, c)))
+            _add_rows(out, token_idx[a:b], torch.mul(ye, w[a:b, None], out=scratch.get(1, c)))
             bounds.append((e, a, b))
-            saved += [xe, h, act_h, silu_g, ye]
+            if track:
+                saved += [xe, silu_g, u_dsilu, act_h, ye] if swiglu else [xe, h, h.new_empty(0), act_h, ye]
         scratch.release()
         ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
         ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
         ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
         ctx.workspace, ctx.release = workspace, None
-        if token is not None:
-            if track:  # lent until the end of backward, or until the graph is freed without one
-                ctx.release = weakref.finalize(ctx, workspace.release, token)
-            else:  # no graph: nothing saved outlives this call
-                workspace.release(token)
+        if token is not None:  # lent until the end of backward, or until the graph is freed without one
+            ctx.release = weakref.finalize(ctx, workspace.release, token)
         return out
 
     @staticmethod
@@ -272,7 +278,7 @@ class _FusedMoEFFN(torch.autograd.Function):
         max_rows = max((b - a for _, a, b in ctx.bounds), default=0)
         scratch = _Scratch(ws, max_rows, [d_out, d_out, d_ff, h_in if kind == "swiglu" else 0, d_model], dout)
         for i, (e, a, b) in enumerate(ctx.bounds):
-            xe, h, act_h, silu_g, ye = saved[5 * i : 5 * i + 5]
+            xe, h_or_silu_g, u_dsilu, act_h, ye = saved[5 * i : 5 * i + 5]
             tok, c = token_idx[a:b], b - a
             dy = torch.index_select(dout, 0, tok, out=scratch.get(0, c))  # [n_e, d]
             if dweight is not None:
@@ -283,11 +289,13 @@ class _FusedMoEFFN(torch.autograd.Function):
             if not (need_x or need_w_in):
                 continue
             da = torch.mm(dy, w_out[e], out=scratch.get(2, c))
-            if kind == "swiglu":
-                dh = _swiglu_backward(h, silu_g, da, d_ff, out=scratch.get(3, c))
+            if kind == "swiglu":  # dL/dh = [dL/da * u silu'(g), dL/da * silu(g)]: two passes
+                dh = scratch.get(3, c)
+                torch.mul(da, u_dsilu, out=dh[:, :d_ff])
+                torch.mul(da, h_or_silu_g, out=dh[:, d_ff:])
             else:
                 with torch.enable_grad():
-                    hh = h.detach().requires_grad_(True)
+                    hh = h_or_silu_g.detach().requires_grad_(True)
                     (dh,) = torch.autograd.grad(act(hh), hh, da)
             if dw_in is not None:
                 torch.mm(dh.t(), xe, out=dw_in[e])
