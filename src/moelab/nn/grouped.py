@@ -268,8 +268,10 @@ class _FusedMoEFFN(torch.autograd.Function):
         kind, act, ws = ctx.kind, ctx.act, ctx.workspace
         need_x, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:5]
         d_model, h_in, d_ff, d_out = ctx.x_shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
-        # gradients handed to autograd: reused memory when nobody holds the previous call's (Workspace.gradient)
-        dx = _new_gradient(ws, "x", ctx.x_shape, dout).zero_() if need_x else None
+        # the weights' gradients come from reused memory when nobody holds the previous call's
+        # (Workspace.gradient); the input's is fresh: autograd adds the router's gradient of x into it
+        # in place only if nothing else refers to its memory
+        dx = dout.new_zeros(ctx.x_shape) if need_x else None
         dweight = w.new_zeros(w.shape[0]) if need_weight else None
         dw_in = _new_gradient(ws, "w_in", w_in.shape, w_in) if need_w_in else None
         dw_out = _new_gradient(ws, "w_out", w_out.shape, w_out) if need_w_out else None
