@@ -194,11 +194,11 @@ class _Scratch:
             self.token = None
 
 
-def _new_gradient(workspace, name, shape, like):
-    """Uninitialised gradient buffer of ``shape``, from ``workspace`` when one is given (see Workspace.gradient)."""
+def _returned(workspace, name, shape, like):
+    """Uninitialised tensor of ``shape`` handed to the caller, from ``workspace`` when given (Workspace.returned)."""
     if workspace is None:
         return like.new_empty(shape)
-    return workspace.gradient(name, shape, like.dtype, like.device)
+    return workspace.returned(name, shape, like.dtype, like.device)
 
 
 class _FusedMoEFFN(torch.autograd.Function):
@@ -209,10 +209,12 @@ class _FusedMoEFFN(torch.autograd.Function):
     def forward(ctx, x, token_idx, weight, w_in, w_out, counts, kind, act, workspace, track):
         d_model, h_in, d_ff, d_out = x.shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
         swiglu = kind == "swiglu"
-        out = x.new_zeros(x.shape[0], d_out)
+        # the output: memory of an earlier call's output that nobody refers to any more (Workspace.returned)
+        out = _returned(workspace, "out", (x.shape[0], d_out), x).zero_()
         w = weight.to(x.dtype)
         # saved for backward, per row: x_e, the expert's hidden pre-activation h (mlp) or, for swiglu,
-        # silu(g), u silu'(g) (the two factors of dL/dh), and act_h, y_e; from the workspace when free
+        # [u silu'(g), silu(g)] (the factors of dL/dh = dL/da * [u silu'(g), silu(g)]), and act_h, y_e;
+        # from the workspace when it is free
         per_row = d_model + d_out + (3 * d_ff if swiglu else h_in + d_ff)
         flat, token = (None, None) if workspace is None or not track else workspace.acquire(
             sum(counts) * per_row, x.dtype, x.device)
@@ -226,8 +228,11 @@ class _FusedMoEFFN(torch.autograd.Function):
             offset += rows * cols
             return view
 
-        # one expert's temporaries: h = [g, u] (swiglu; not saved), the weighted expert output
-        scratch = _Scratch(workspace, max(counts, default=0), [h_in if swiglu else 0, d_out], x)
+        # one expert's temporaries: h = [g, u] (swiglu; not saved), the weighted expert output, and
+        # without a graph the swiglu factors and act_h
+        unsaved = swiglu and not track
+        scratch = _Scratch(workspace, max(counts, default=0),
+                           [h_in if swiglu else 0, d_out, 2 * d_ff if unsaved else 0, d_ff if unsaved else 0], x)
         bounds, saved = [], []
         start = 0
         for e, c in enumerate(counts):
@@ -239,19 +244,19 @@ class _FusedMoEFFN(torch.autograd.Function):
             h = torch.mm(xe, w_in[e].t(), out=scratch.get(0, c) if swiglu else block(c, h_in))
             if swiglu:
                 g, u = h[:, :d_ff], h[:, d_ff:]
-                silu_g = torch.ops.aten.silu.out(g, out=block(c, d_ff))
-                act_h = torch.mul(silu_g, u, out=block(c, d_ff))
-                if track:  # dL/dg = dL/da * u silu'(g): its second factor now, while h is in cache
-                    u_dsilu = torch.ops.aten.silu_backward.grad_input(u, g, grad_input=block(c, d_ff))
-                else:
-                    u_dsilu = None
+                hidden = (scratch.get(2, c) if unsaved else block(c, 2 * d_ff)).view(c, 2, d_ff)
+                silu_g = torch.ops.aten.silu.out(g, out=hidden[:, 1])
+                act_h = torch.mul(silu_g, u, out=scratch.get(3, c) if unsaved else block(c, d_ff))
+                if track:  # u silu'(g), computed now while h is in cache
+                    torch.ops.aten.silu_backward.grad_input(u, g, grad_input=hidden[:, 0])
             else:
+                hidden = h
                 act_h = act(h)
             ye = torch.mm(act_h, w_out[e].t(), out=block(c, d_out))
             _add_rows(out, token_idx[a:b], torch.mul(ye, w[a:b, None], out=scratch.get(1, c)))
             bounds.append((e, a, b))
             if track:
-                saved += [xe, silu_g, u_dsilu, act_h, ye] if swiglu else [xe, h, h.new_empty(0), act_h, ye]
+                saved += [xe, hidden, act_h, ye]
         scratch.release()
         ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
         ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
@@ -273,14 +278,14 @@ class _FusedMoEFFN(torch.autograd.Function):
         # in place only if nothing else refers to its memory
         dx = dout.new_zeros(ctx.x_shape) if need_x else None
         dweight = w.new_zeros(w.shape[0]) if need_weight else None
-        dw_in = _new_gradient(ws, "w_in", w_in.shape, w_in) if need_w_in else None
-        dw_out = _new_gradient(ws, "w_out", w_out.shape, w_out) if need_w_out else None
+        dw_in = _returned(ws, "w_in", w_in.shape, w_in) if need_w_in else None
+        dw_out = _returned(ws, "w_out", w_out.shape, w_out) if need_w_out else None
         _zero_unused_experts(ctx.bounds, w_in.shape[0], dw_in, dw_out)
         # one expert's temporaries at a time: dy, dy * ye, dL/d act_h, dL/dh, dL/dx_e
         max_rows = max((b - a for _, a, b in ctx.bounds), default=0)
         scratch = _Scratch(ws, max_rows, [d_out, d_out, d_ff, h_in if kind == "swiglu" else 0, d_model], dout)
         for i, (e, a, b) in enumerate(ctx.bounds):
-            xe, h_or_silu_g, u_dsilu, act_h, ye = saved[5 * i : 5 * i + 5]
+            xe, hidden, act_h, ye = saved[4 * i : 4 * i + 4]
             tok, c = token_idx[a:b], b - a
             dy = torch.index_select(dout, 0, tok, out=scratch.get(0, c))  # [n_e, d]
             if dweight is not None:
@@ -291,13 +296,12 @@ class _FusedMoEFFN(torch.autograd.Function):
             if not (need_x or need_w_in):
                 continue
             da = torch.mm(dy, w_out[e], out=scratch.get(2, c))
-            if kind == "swiglu":  # dL/dh = [dL/da * u silu'(g), dL/da * silu(g)]: two passes
+            if kind == "swiglu":  # dL/dh = dL/da * [u silu'(g), silu(g)]: one pass
                 dh = scratch.get(3, c)
-                torch.mul(da, u_dsilu, out=dh[:, :d_ff])
-                torch.mul(da, h_or_silu_g, out=dh[:, d_ff:])
+                torch.mul(da[:, None, :], hidden, out=dh.view(c, 2, d_ff))
             else:
                 with torch.enable_grad():
-                    hh = h_or_silu_g.detach().requires_grad_(True)
+                    hh = hidden.detach().requires_grad_(True)
                     (dh,) = torch.autograd.grad(act(hh), hh, da)
             if dw_in is not None:
                 torch.mm(dh.t(), xe, out=dw_in[e])

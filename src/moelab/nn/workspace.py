@@ -138,8 +138,8 @@ class Workspace:
         with self._lock:
             self._scratch.release(token)
 
-    def gradient(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised contiguous tensor of ``shape``, ``dtype`` and ``device`` for a gradient.
+    def returned(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape``, ``dtype`` and ``device`` to hand to the caller.
 
         It reuses the memory of the previous gradient handed out under ``name`` when nothing else
         refers to it any more (see the class docstring), else it is freshly allocated and
