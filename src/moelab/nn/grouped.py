@@ -2,10 +2,14 @@
 
 One matmul per expert and direction, written straight into preallocated
 buffers (``torch.mm(..., out=...)``): no concatenation of expert outputs, no
-stacking of per-expert weight gradients, no split of the input gradient, and
-the SwiGLU backward in three element-wise passes. :func:`fused_moe_ffn` also
-fuses the gather of tokens and the weighted scatter-add per expert. This keeps
-the layer close to the compute floor (the per-expert matmuls alone;
+stacking of per-expert weight gradients, no split of the input gradient.
+:func:`fused_moe_ffn` also fuses the gather of tokens and the weighted
+scatter-add per expert; its SwiGLU forward computes, while ``h = [g, u]`` is
+still in cache, the two factors of ``dL/dh = dL/da * [u silu'(g), silu(g)]``
+(saved side by side instead of ``h``), so its backward is one element-wise
+pass; and it keeps its saved intermediates, per-expert temporaries, weight
+gradients and output in memory reused from call to call (:class:`Workspace`).
+This keeps the layer close to the compute floor (the per-expert matmuls alone;
 ``benchmarks/nn_layer.py``). Differentiable once (no double backward).
 """
 
