@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelab.nn import reference_forward
 from moelab.nn.grouped import fused_moe_ffn, grouped_ffn
 
 
@@ -70,15 +71,28 @@ def test_fused_weight_gradient_keeps_router_dtype():
     assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
 
 
-def test_multi_thread_scatter_path_gives_the_same_values(make_layer, grads):
-    """With > 1 intra-op thread the row scatter-adds use index_put_(accumulate=True): same outputs and grads
-    (to rounding: a multi-threaded BLAS may sum in another order)."""
+@pytest.mark.parametrize(
+    "overrides, use_mask",
+    [
+        (dict(top_k=2), False),  # every token has k assignments: combined by gather + sum
+        (dict(top_k=1), False),  # k = 1: a gather alone
+        (dict(top_k=3), False),
+        (dict(top_k=2), True),  # padding tokens have none: scatter-add
+        (dict(top_k=2, capacity_factor=0.5), False),  # capacity drops: scatter-add
+    ],
+)
+def test_multi_thread_combine_paths_give_the_same_values(make_layer, grads, overrides, use_mask):
+    """With > 1 intra-op thread the combine is a gather + sum (every token with k assignments) or
+    index_put_(accumulate=True): same outputs and grads as one thread (to rounding: a multi-threaded
+    BLAS may sum in another order), and as the naive reference."""
     results = []
+    mask = torch.arange(40) % 7 != 3 if use_mask else None
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        layer = make_layer(n_experts=4, top_k=2)
+        layer = make_layer(n_experts=4, **overrides)
         x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
-        y = layer(x).output
+        y = layer(x, mask).output
+        torch.testing.assert_close(y, reference_forward(layer, x, mask).output)
         (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)).sum().backward()
         results.append((y.detach(), grads(layer, x)))
     torch.set_num_threads(1)

@@ -119,11 +119,14 @@ class MoEConfig:
         update. Token-choice routers only (expert choice is balanced by
         construction).
     reuse_buffers : bool, default True
-        Keep the routed experts' intermediates saved for backward in memory
-        reused from call to call (:class:`moelab.nn.grouped.Workspace`): on
-        CPU this avoids page-faulting ~100 MB of fresh memory per call, at
-        the cost of keeping one forward's intermediates allocated between
-        calls. ``False`` allocates them afresh every time.
+        Keep the routed experts' intermediates saved for backward, their
+        backward temporaries, weight gradients and output in memory reused
+        from call to call (:class:`moelab.nn.grouped.Workspace`; a gradient
+        or output is reused only once nothing refers to it any more): on CPU
+        this avoids page-faulting that memory afresh on every call (~200 MB
+        in ``benchmarks/nn_layer.py``), at the cost of keeping it allocated
+        between calls (``layer.experts.workspace.clear()`` frees it).
+        ``False`` allocates it afresh every time.
 
     Raises
     ------

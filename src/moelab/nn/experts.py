@@ -34,8 +34,10 @@ class Experts(nn.Module):
         Activation of ``"mlp"`` experts (:func:`moelab.activations.resolve_activation`).
     dtype : torch.dtype, optional
     reuse_buffers : bool, default True
-        Keep the intermediates :meth:`routed` saves for backward in a :class:`~moelab.nn.grouped.Workspace`
-        reused from call to call (no page faults on CPU; costs one forward's intermediates of memory).
+        Keep what :meth:`routed` allocates (saved intermediates, backward temporaries, weight
+        gradients, output) in a :class:`~moelab.nn.grouped.Workspace` reused from call to call (no
+        page faults on CPU; costs one forward's intermediates, one set of gradients and one output of
+        memory; a gradient or output is reused only once nothing refers to it).
 
     Attributes
     ----------

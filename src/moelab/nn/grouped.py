@@ -2,16 +2,19 @@
 
 One matmul per expert and direction, written straight into preallocated
 buffers (``torch.mm(..., out=...)``): no concatenation of expert outputs, no
-stacking of per-expert weight gradients, no split of the input gradient, and
-the SwiGLU backward in three element-wise passes. :func:`fused_moe_ffn` also
-fuses the gather of tokens and the weighted scatter-add per expert. This keeps
-the layer close to the compute floor (the per-expert matmuls alone;
+stacking of per-expert weight gradients, no split of the input gradient.
+:func:`fused_moe_ffn` also fuses the gather of tokens and the weighted
+scatter-add per expert; its SwiGLU forward computes, while ``h = [g, u]`` is
+still in cache, the two factors of ``dL/dh = dL/da * [u silu'(g), silu(g)]``
+(saved side by side instead of ``h``), so its backward is one element-wise
+pass; and it keeps its saved intermediates, per-expert temporaries, weight
+gradients and output in memory reused from call to call (:class:`Workspace`).
+This keeps the layer close to the compute floor (the per-expert matmuls alone;
 ``benchmarks/nn_layer.py``). Differentiable once (no double backward).
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -19,64 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moelab.nn.workspace import Workspace
+
 __all__ = ["grouped_ffn", "fused_moe_ffn", "Workspace"]
-
-
-class Workspace:
-    """Memory reused from call to call for the intermediates :func:`fused_moe_ffn` saves for backward.
-
-    On CPU, a forward pass that allocates ~100 MB of fresh intermediates has them page-faulted
-    in again on every call once glibc's malloc has returned the freed heap to the system after
-    the previous backward (measured: ~20,000 faults, ~30 ms per call in ``benchmarks/nn_layer.py``).
-    A workspace keeps one flat buffer, grown to the largest forward seen, and lends it to one
-    forward at a time: it is taken by a forward that records a graph and returned at the end of
-    that graph's backward (or when the graph is freed without a backward); a forward that finds it
-    lent (two forwards before one backward, activation recomputation, another thread) allocates
-    fresh memory, as without a workspace. If a graph kept with ``retain_graph=True`` is
-    back-propagated again after a later forward reused the buffer, PyTorch's saved-tensor version
-    check raises "modified by an inplace operation" instead of giving wrong gradients.
-
-    The cost is memory: the buffer (the saved intermediates of one forward, ``n_assign *
-    (2 d_model + h_in + 2 d_ff)`` elements for SwiGLU experts) stays allocated between calls;
-    :meth:`clear` frees it. Not saved in state dicts; copies and pickles start empty.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer: Optional[torch.Tensor] = None
-        self._owner: Optional[object] = None
-
-    def __reduce__(self):  # deepcopy / pickle: a fresh, empty workspace (no lock or buffer to copy)
-        return (Workspace, ())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held (0 when empty)."""
-        buf = self._buffer
-        return 0 if buf is None else buf.numel() * buf.element_size()
-
-    def clear(self) -> None:
-        """Drop the buffer (graphs still holding views of it keep their memory until they are freed)."""
-        with self._lock:
-            self._buffer = None
-
-    def acquire(self, numel: int, dtype: torch.dtype, device: torch.device):
-        """``(flat tensor of numel elements, token)``, or ``(None, None)`` if the buffer is lent out."""
-        with self._lock:
-            if self._owner is not None:
-                return None, None
-            buf = self._buffer
-            if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-                buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
-            token = object()
-            self._owner = token
-            return buf[:numel], token
-
-    def release(self, token: object) -> None:
-        """Return the buffer lent with ``token`` (no-op for a stale token)."""
-        with self._lock:
-            if self._owner is token:
-                self._owner = None
 
 
 def _swiglu(h: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +33,15 @@ def _swiglu(h: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
     return silu_g * h[:, d_ff:], silu_g
 
 
-def _swiglu_backward(h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_ff: int) -> torch.Tensor:
+def _swiglu_backward(
+    h: torch.Tensor, silu_g: torch.Tensor, da: torch.Tensor, d_ff: int, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """dL/dh for a = silu(g) * u with h = [g, u]: [silu'(g) u da, silu(g) da] (3 element-wise passes).
 
-    ``da`` (a fresh buffer of the caller's) is overwritten with ``da * u``: no temporary is allocated.
+    ``da`` (a buffer of the caller's) is overwritten with ``da * u``: no temporary is allocated.
+    The result is written into ``out`` (shape of ``h``) when given.
     """
-    dh = torch.empty_like(h)
+    dh = torch.empty_like(h) if out is None else out
     torch.mul(da, silu_g, out=dh[:, d_ff:])
     da.mul_(h[:, d_ff:])
     torch.ops.aten.silu_backward.grad_input(da, h[:, :d_ff], grad_input=dh[:, :d_ff])
@@ -223,6 +174,63 @@ def grouped_ffn(
     return _GroupedFFN.apply(x.contiguous(), w_in, w_out, counts, kind, act)
 
 
+class _Scratch:
+    """Per-expert temporaries of fixed widths, carved from one flat buffer (lent by a workspace or fresh)."""
+
+    def __init__(self, workspace, max_rows, widths, like):
+        # widths: the columns of each slot (max_rows rows), or (rows, columns) for a slot of other height
+        self.workspace = workspace
+        shapes = [w if isinstance(w, tuple) else (max_rows, w) for w in widths]
+        numel = sum(r * w for r, w in shapes)
+        flat, self.token = (None, None) if workspace is None else workspace.acquire_scratch(numel, like.dtype, like.device)
+        self.flat = like.new_empty(numel) if flat is None else flat
+        self.offsets, offset = [], 0
+        for rows, width in shapes:
+            self.offsets.append((offset, width))
+            offset += rows * width
+
+    def get(self, i, rows):
+        """Slot ``i`` as a (rows, width) tensor."""
+        offset, width = self.offsets[i]
+        return self.flat[offset : offset + rows * width].view(rows, width)
+
+    def release(self):
+        if self.token is not None:
+            self.workspace.release_scratch(self.token)
+            self.token = None
+
+
+def _combine_order(token_idx: torch.Tensor, n_tokens: int) -> Optional[torch.Tensor]:
+    """Positions of each token's assignments, token by token, if every token has the same number k of them, else None.
+
+    Then ``out[t] = Σ_j rows[order[k t + j]]`` is a gather and a sum over k, both parallel and
+    without a zero-filled output, instead of a scatter-add (serial or sort-based on CPU).
+    """
+    n = token_idx.shape[0]
+    if n_tokens == 0 or n == 0 or n % n_tokens:
+        return None
+    k = n // n_tokens
+    if not bool((torch.bincount(token_idx, minlength=n_tokens) == k).all()):
+        return None
+    return torch.argsort(token_idx, stable=True)  # stable: a token's assignments in expert order
+
+
+def _gather_sum(rows: torch.Tensor, order: torch.Tensor, out: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``out[t] = Σ_j rows[order[k t + j]]`` (k = len(order) / len(out)), summed in order j = 0, 1, ...."""
+    k = order.shape[0] // out.shape[0]
+    if k == 1:
+        return torch.index_select(rows, 0, order, out=out)
+    gathered = torch.index_select(rows, 0, order, out=buffer)
+    return torch.sum(gathered.view(out.shape[0], k, out.shape[1]), 1, out=out)
+
+
+def _returned(workspace, name, shape, like):
+    """Uninitialised tensor of ``shape`` handed to the caller, from ``workspace`` when given (Workspace.returned)."""
+    if workspace is None:
+        return like.new_empty(shape)
+    return workspace.returned(name, shape, like.dtype, like.device)
+
+
 class _FusedMoEFFN(torch.autograd.Function):
     # gather → expert FFN → weighted scatter-add, one expert at a time: every intermediate is
     # one expert's block (see the note on _GroupedFFN), and nothing of size (n_assign, d) is built.
@@ -230,11 +238,23 @@ class _FusedMoEFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token_idx, weight, w_in, w_out, counts, kind, act, workspace, track):
         d_model, h_in, d_ff, d_out = x.shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
-        out = x.new_zeros(x.shape[0], d_out)
+        swiglu = kind == "swiglu"
+        # the output: memory of an earlier call's output that nobody refers to any more (Workspace.returned)
+        out = _returned(workspace, "out", (x.shape[0], d_out), x)
+        n_assign = token_idx.shape[0]
+        # with several intra-op threads, combine by a gather and a sum when every token has k assignments
+        # (parallel; a CPU scatter-add is serial or sorts, and each of its parallel regions waits for a
+        # preempted thread on a busy machine: 2 threads, 2 loaded cores, 2.10 -> 1.37-1.76 x the floor);
+        # at one thread the per-expert scatter-add into a zeroed output is the faster (1.15 against 1.17)
+        order = _combine_order(token_idx, x.shape[0]) if torch.get_num_threads() > 1 else None
+        if order is None:
+            out.zero_()
         w = weight.to(x.dtype)
-        # the saved intermediates come from the workspace when it is free (see Workspace)
-        per_row = d_model + h_in + d_out + (2 * d_ff if kind == "swiglu" else 0)
-        flat, token = (None, None) if workspace is None else workspace.acquire(
+        # saved for backward, per row: x_e, the expert's hidden pre-activation h (mlp) or, for swiglu,
+        # [u silu'(g), silu(g)] (the factors of dL/dh = dL/da * [u silu'(g), silu(g)]), and act_h, y_e;
+        # from the workspace when it is free
+        per_row = d_model + d_out + (3 * d_ff if swiglu else h_in + d_ff)
+        flat, token = (None, None) if workspace is None or not track else workspace.acquire(
             sum(counts) * per_row, x.dtype, x.device)
         offset = 0
 
@@ -246,6 +266,14 @@ class _FusedMoEFFN(torch.autograd.Function):
             offset += rows * cols
             return view
 
+        # one expert's temporaries: h = [g, u] (swiglu; not saved), the weighted expert output, and
+        # without a graph the swiglu factors and act_h
+        unsaved = swiglu and not track
+        # the weighted expert outputs of all assignments, and their gathered copy, for the combine by gather
+        rows = n_assign if order is not None else 0
+        scratch = _Scratch(workspace, max(counts, default=0),
+                           [h_in if swiglu else 0, d_out, 2 * d_ff if unsaved else 0, d_ff if unsaved else 0,
+                            (rows, d_out), (rows, d_out)], x)
         bounds, saved = [], []
         start = 0
         for e, c in enumerate(counts):
@@ -254,61 +282,87 @@ class _FusedMoEFFN(torch.autograd.Function):
             if c == 0:
                 continue
             xe = torch.index_select(x, 0, token_idx[a:b], out=block(c, d_model))
-            h = torch.mm(xe, w_in[e].t(), out=block(c, h_in))
-            if kind == "swiglu":
-                silu_g = torch.ops.aten.silu.out(h[:, :d_ff], out=block(c, d_ff))
-                act_h = torch.mul(silu_g, h[:, d_ff:], out=block(c, d_ff))
+            h = torch.mm(xe, w_in[e].t(), out=scratch.get(0, c) if swiglu else block(c, h_in))
+            if swiglu:
+                g, u = h[:, :d_ff], h[:, d_ff:]
+                hidden = (scratch.get(2, c) if unsaved else block(c, 2 * d_ff)).view(c, 2, d_ff)
+                silu_g = torch.ops.aten.silu.out(g, out=hidden[:, 1])
+                act_h = torch.mul(silu_g, u, out=scratch.get(3, c) if unsaved else block(c, d_ff))
+                if track:  # u silu'(g), computed now while h is in cache
+                    torch.ops.aten.silu_backward.grad_input(u, g, grad_input=hidden[:, 0])
             else:
-                act_h, silu_g = act(h), h.new_empty(0)
+                hidden = h
+                act_h = act(h)
             ye = torch.mm(act_h, w_out[e].t(), out=block(c, d_out))
-            _add_rows(out, token_idx[a:b], ye * w[a:b, None])
+            if order is None:
+                _add_rows(out, token_idx[a:b], torch.mul(ye, w[a:b, None], out=scratch.get(1, c)))
+            else:
+                torch.mul(ye, w[a:b, None], out=scratch.get(4, n_assign)[a:b])
             bounds.append((e, a, b))
-            saved += [xe, h, act_h, silu_g, ye]
+            if track:
+                saved += [xe, hidden, act_h, ye]
+        if order is not None:
+            _gather_sum(scratch.get(4, n_assign), order, out, scratch.get(5, n_assign))
+        scratch.release()
+        ctx.order = order
         ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
         ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
         ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
-        ctx.release = None
-        if token is not None:
-            if track:  # lent until the end of backward, or until the graph is freed without one
-                ctx.release = weakref.finalize(ctx, workspace.release, token)
-            else:  # no graph: nothing saved outlives this call
-                workspace.release(token)
+        ctx.workspace, ctx.release = workspace, None
+        if token is not None:  # lent until the end of backward, or until the graph is freed without one
+            ctx.release = weakref.finalize(ctx, workspace.release, token)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         token_idx, w, w_in, w_out, *saved = ctx.saved_tensors
-        kind, act = ctx.kind, ctx.act
+        kind, act, ws = ctx.kind, ctx.act, ctx.workspace
         need_x, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:5]
-        d_ff = w_out.shape[-1]
-        dx = dout.new_zeros(ctx.x_shape) if need_x else None
+        d_model, h_in, d_ff, d_out = ctx.x_shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
+        # the weights' gradients come from reused memory when nobody holds the previous call's
+        # (Workspace.gradient); the input's is fresh: autograd adds the router's gradient of x into it
+        # in place only if nothing else refers to its memory
+        order = ctx.order
+        dx = (dout.new_zeros(ctx.x_shape) if order is None else dout.new_empty(ctx.x_shape)) if need_x else None
         dweight = w.new_zeros(w.shape[0]) if need_weight else None
-        dw_in = torch.empty_like(w_in) if need_w_in else None
-        dw_out = torch.empty_like(w_out) if need_w_out else None
+        dw_in = _returned(ws, "w_in", w_in.shape, w_in) if need_w_in else None
+        dw_out = _returned(ws, "w_out", w_out.shape, w_out) if need_w_out else None
         _zero_unused_experts(ctx.bounds, w_in.shape[0], dw_in, dw_out)
+        # one expert's temporaries at a time: dy, dy * ye, dL/d act_h, dL/dh, dL/dx_e
+        max_rows = max((b - a for _, a, b in ctx.bounds), default=0)
+        n_assign = token_idx.shape[0] if order is not None and need_x else 0  # dL/dx_e of all assignments
+        scratch = _Scratch(ws, max_rows, [d_out, d_out, d_ff, h_in if kind == "swiglu" else 0, d_model,
+                                          (n_assign, d_model), (n_assign, d_model)], dout)
         for i, (e, a, b) in enumerate(ctx.bounds):
-            xe, h, act_h, silu_g, ye = saved[5 * i : 5 * i + 5]
-            tok = token_idx[a:b]
-            dy = dout.index_select(0, tok)  # [n_e, d], a fresh tensor
+            xe, hidden, act_h, ye = saved[4 * i : 4 * i + 4]
+            tok, c = token_idx[a:b], b - a
+            dy = torch.index_select(dout, 0, tok, out=scratch.get(0, c))  # [n_e, d]
             if dweight is not None:
-                dweight[a:b] = (dy * ye).sum(-1)
+                torch.sum(torch.mul(dy, ye, out=scratch.get(1, c)), -1, out=dweight[a:b])
             dy.mul_(w[a:b, None])
             if dw_out is not None:
                 torch.mm(dy.t(), act_h, out=dw_out[e])
             if not (need_x or need_w_in):
                 continue
-            da = torch.mm(dy, w_out[e])
-            if kind == "swiglu":
-                dh = _swiglu_backward(h, silu_g, da, d_ff)
+            da = torch.mm(dy, w_out[e], out=scratch.get(2, c))
+            if kind == "swiglu":  # dL/dh = dL/da * [u silu'(g), silu(g)]: one pass
+                dh = scratch.get(3, c)
+                torch.mul(da[:, None, :], hidden, out=dh.view(c, 2, d_ff))
             else:
                 with torch.enable_grad():
-                    hh = h.detach().requires_grad_(True)
+                    hh = hidden.detach().requires_grad_(True)
                     (dh,) = torch.autograd.grad(act(hh), hh, da)
             if dw_in is not None:
                 torch.mm(dh.t(), xe, out=dw_in[e])
             if dx is not None:
-                _add_rows(dx, tok, torch.mm(dh, w_in[e]))
+                if order is None:
+                    _add_rows(dx, tok, torch.mm(dh, w_in[e], out=scratch.get(4, c)))
+                else:
+                    torch.mm(dh, w_in[e], out=scratch.get(5, n_assign)[a:b])
+        if dx is not None and order is not None:
+            _gather_sum(scratch.get(5, n_assign), order, dx, scratch.get(6, n_assign))
+        scratch.release()
         if dweight is not None:
             dweight = dweight.to(ctx.weight_dtype)
         if ctx.release is not None:
