@@ -291,3 +291,25 @@ def test_shards_of_per_setting_grids_merge_to_the_full_run(tmp_path):
     full = full.sort_values(key).reset_index(drop=True)
     assert merged[key].values.tolist() == full[key].values.tolist()
     assert np.allclose(merged["loglik"], full["loglik"], rtol=1e-10, atol=0)
+
+
+# ------------------------------------------------------------------ EM acceleration
+def test_accelerate_key_defaults_to_plain_em_and_reaches_fit_em(monkeypatch, tmp_path):
+    assert all(f.accelerate == "off" for f in parse_study(base()).fits)
+    d = base()
+    d["fit"][0]["accelerate"] = "squarem"
+    s = parse_study(d)
+    assert [f.accelerate for f in s.fits] == ["squarem", "off"]
+    seen = []
+    orig = runner_mod.fit_em
+
+    def spy(*a, **k):
+        seen.append(k.get("accelerate", "missing"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(runner_mod, "fit_em", spy)
+    run_study(s, tmp_path / "run", progress=False)
+    assert set(seen) == {"squarem", None}
+    d["fit"][0]["accelerate"] = "anderson"
+    with pytest.raises(StudyError, match=r"fit\[0\]\.accelerate"):
+        parse_study(d)
