@@ -162,6 +162,25 @@ def test_predicted_saving_and_the_auto_decision(monkeypatch, tmp_path):
     assert autocompile.use_fused(opts, gate, 160, 50_000, "cpu") and calls  # saves ~360 s
 
 
+def test_the_rule_counts_squarem_iterations_and_the_textbook_alternative(monkeypatch, tmp_path):
+    """Measured (autocompile's module doc): diamonds 6k x 3, K = 3, SQUAREM: a fresh CLI process 24.8 s
+    uncompiled (textbook loop) vs 31.1 s compiled with a 7.4 s warm compile -> leave it uncompiled;
+    53,940 rows or plain EM -> compile."""
+    base = autocompile.predicted_saving(160, 6000, 3, 2000)
+    acc = autocompile.predicted_saving(160, 6000, 3, 2000, accelerated=True)
+    assert acc == pytest.approx(base * autocompile.TYPICAL_ITERS_ACCELERATED / autocompile.TYPICAL_ITERS)
+    tb = autocompile.predicted_saving(160, 6000, 3, 2000, accelerated=True, textbook=True)
+    assert tb < 7.4 < autocompile.predicted_saving(160, 53940, 3, 2000, accelerated=True, textbook=True)
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
+    monkeypatch.setattr(autocompile, "compile_cost", lambda *a, **k: 7.4)
+    calls = []
+    monkeypatch.setattr(autocompile, "_compile", lambda *a, **k: calls.append(a) or True)
+    gate = moelab.SoftmaxGate(torch.zeros(160, 3, 3, dtype=torch.float64), torch.zeros(160, 3, dtype=torch.float64))
+    assert autocompile.pass_mode(FitOptions(3), gate, 160, 6000, "cpu") == (False, False) and not calls
+    assert autocompile.pass_mode(FitOptions(3, accelerate=None), gate, 160, 6000, "cpu") == (True, True) and calls
+
+
 def test_successful_compile_writes_the_marker(monkeypatch, tmp_path):
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())

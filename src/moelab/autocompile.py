@@ -14,7 +14,12 @@ fused pass at d = 3 (160 starts); under load 13, ``benchmarks/multi_input.py
 ratio (≈ 10×) holds, the absolute cost grows with the load, so the constants
 are the idle machine's (a loaded machine compiles less often than it should).
 ``iterations`` is the expected number per start, min(max_iter,
-:data:`TYPICAL_ITERS`) (the median start ran 310 iterations on diamonds 6k × 3).
+:data:`TYPICAL_ITERS`) (the median start ran 310 iterations on diamonds 6k × 3), or
+:data:`TYPICAL_ITERS_ACCELERATED` with SQUAREM (89 per start there). Where the uncompiled
+iteration would be the textbook loop (linear logits with d > 1, or few samples; see
+:func:`pass_mode`) the saving is :data:`TEXTBOOK_SAVING_NS` instead of eager − fused: on
+diamonds 6k × 3 with SQUAREM a fresh ``moelab fit`` process took 24.8 s with ``--compile off``
+and 31.1 s compiled (7.4 s warm compile), so there the rule now leaves it uncompiled.
 
 The compile cost depends on what is cached:
 
@@ -45,7 +50,7 @@ from . import _fused
 from .gates import Gate, gate_spec
 
 __all__ = ["pass_mode", "use_fused", "prepare_compiled", "gate_pass_spec", "compile_cost", "predicted_saving", "marker_path", "cache_dir",
-           "EAGER_NS", "FUSED_NS", "TYPICAL_ITERS", "WARM_MIN", "WARM_COMPILE_S", "COLD_COMPILE_S", "SMALL_N"]
+           "EAGER_NS", "FUSED_NS", "TYPICAL_ITERS", "TYPICAL_ITERS_ACCELERATED", "TEXTBOOK_SAVING_NS", "WARM_MIN", "WARM_COMPILE_S", "COLD_COMPILE_S", "SMALL_N"]
 
 #: eager EM, seconds·1e-9 per sample·expert·iteration (batched starts, 2 threads, float64)
 EAGER_NS = 65.0
@@ -53,6 +58,11 @@ EAGER_NS = 65.0
 FUSED_NS = 15.0
 #: expected EM iterations per start when max_iter is larger
 TYPICAL_ITERS = 300
+#: the same with SQUAREM (``accelerate="squarem"``; diamonds 6k × 3: 14,227 start-iterations over 160 starts)
+TYPICAL_ITERS_ACCELERATED = 90
+#: where the alternative is the textbook loop (linear logits, d > 1): its cost over the fused pass, ns per
+#: sample·expert·iteration (diamonds 6k × 3, K = 3, SQUAREM, load 1.5: 69 ns textbook vs 41 ns fused)
+TEXTBOOK_SAVING_NS = 27.0
 #: with the kernels ready in this process, the fused pass from this starts·n·K on (measured crossover)
 WARM_MIN = 10_000
 #: seconds to load the kernels from Inductor's warm disk cache (K = 3, d = 3, measured 7.8 s)
@@ -105,10 +115,15 @@ def compile_cost(K: int, d: int, dtype=torch.float64, device="cpu", spec=_fused.
     return COLD_COMPILE_S
 
 
-def predicted_saving(R: int, n: int, K: int, max_iter: int) -> float:
-    """Seconds of EM the fused pass is predicted to save over the eager loop for R starts of n samples."""
-    iters = min(max_iter, TYPICAL_ITERS)
-    return (EAGER_NS - FUSED_NS) * 1e-9 * R * n * K * iters
+def predicted_saving(R: int, n: int, K: int, max_iter: int, accelerated: bool = False, textbook: bool = False) -> float:
+    """Seconds of EM the fused pass is predicted to save over the uncompiled iteration for R starts of n samples.
+
+    ``accelerated``: SQUAREM runs (fewer iterations, :data:`TYPICAL_ITERS_ACCELERATED`); ``textbook``: the
+    uncompiled alternative is the textbook loop (:data:`TEXTBOOK_SAVING_NS`), else the eager one-pass.
+    """
+    iters = min(max_iter, TYPICAL_ITERS_ACCELERATED if accelerated else TYPICAL_ITERS)
+    per = TEXTBOOK_SAVING_NS if textbook else EAGER_NS - FUSED_NS
+    return per * 1e-9 * R * n * K * iters
 
 
 def _compile(K: int, d: int, dtype, device, strict: bool = False, spec=_fused.LINEAR) -> bool:
@@ -184,7 +199,9 @@ def _pass_mode(opts, gate: Gate, R: int, n: int, device, progress=None) -> tuple
     if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device, spec)):
         return True, compile is True or R * n * K >= WARM_MIN
     cost = compile_cost(K, d, dtype, device, spec)
-    if compile is True or predicted_saving(R, n, K, max_iter) > cost:
+    accelerated = opts.accelerate == "squarem" and bool(getattr(gate, "em_extrapolation", False))
+    textbook = spec == _fused.LINEAR and (d > 1 or n < SMALL_N)  # what pass_mode runs uncompiled
+    if compile is True or predicted_saving(R, n, K, max_iter, accelerated, textbook) > cost:
         if progress is not None:
             progress.stage("compiling", expected_s=cost, detail=f"fused EM kernels for {K} experts, {d} features")
         return True, _compile(K, d, dtype, device, strict=compile is True, spec=spec)

@@ -237,7 +237,8 @@ def _compile_keys(todo, d: int) -> set:
     for n, _fi, fit, reps in todo:
         if fit.estimator == "em":
             key = _kernel_setting(fit)
-            saving = autocompile.predicted_saving(len(reps) * fit.tries, n, fit.n_experts, fit.max_iter)
+            saving = autocompile.predicted_saving(len(reps) * fit.tries, n, fit.n_experts, fit.max_iter,
+                                                  accelerated=fit.accelerate == "squarem")
             work[key] = work.get(key, 0.0) + saving
     keys = set()
     for (K, gate, opts), saving in work.items():
