@@ -30,6 +30,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
+from .threads import fit_threads
 from ._validation import as_tensor, check_xy
 from .diagnostics import warn_fit
 from .exceptions import DegenerateFitWarning, MoelabWarning
@@ -291,21 +292,19 @@ def setup_problem(x, y, opts: FitOptions, random_state) -> Problem:
 
 
 @contextlib.contextmanager
-def threads_for(prob: Problem):
-    """Run small problems on one intra-op thread (restored afterwards).
-
-    Per-iteration work below ~10^6 elements is dominated by thread
-    synchronisation; on a busy 2-core machine two threads made small fits up
-    to 70x slower than one.
-    """
+def threads_for(prob: Problem, starts: int = 1):
+    """Run the fit on :func:`moelab.threads.fit_threads` intra-op threads (restored afterwards):
+    one for small problems (below ~10^6 elements per iteration thread synchronisation dominates;
+    on a busy 2-core machine two threads made small fits up to 70x slower than one), and never
+    more than the cores without another runnable task. ``starts`` per problem."""
     before = torch.get_num_threads()
-    small = prob.B * prob.n * prob.n_experts * 100 < 1_000_000
-    if small and before > 1:
-        torch.set_num_threads(1)
+    n_threads = fit_threads(prob.B * starts * prob.n * prob.n_experts * 100, before)
+    if n_threads != before:
+        torch.set_num_threads(n_threads)
     try:
         yield
     finally:
-        if small and before > 1:
+        if n_threads != before:
             torch.set_num_threads(before)
 
 

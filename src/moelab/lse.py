@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 
+from .threads import fit_threads
 from ._scaling import Scaling
 from .fitcore import ConvergenceWarning, check_n_experts, design, prepare_xy
 from .gates import gate_spec
@@ -287,16 +288,17 @@ def _user_starts(st: _Setup, model: RegressionMoE, gate_name: str, batch, scalin
 
 @contextlib.contextmanager
 def _threads_for(work: int):
-    """One intra-op thread for small problems (below ~10^7 Jacobian entries), restored afterwards:
-    thread synchronisation dominates there, badly so on a busy machine (see moelab.fitcore.threads_for)."""
+    """One intra-op thread for small problems (below ~10^7 Jacobian entries), and never more than the
+    cores without another runnable task (:func:`moelab.threads.fit_threads`), restored afterwards:
+    thread synchronisation dominates there, badly so on a busy machine."""
     before = torch.get_num_threads()
-    small = work < 10_000_000 and before > 1
-    if small:
-        torch.set_num_threads(1)
+    n_threads = 1 if work < 10_000_000 else fit_threads(10**9, before)
+    if n_threads != before:
+        torch.set_num_threads(n_threads)
     try:
         yield
     finally:
-        if small:
+        if n_threads != before:
             torch.set_num_threads(before)
 
 
