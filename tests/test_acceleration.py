@@ -50,13 +50,13 @@ def test_parameter_vector_round_trip_and_positive_parameters():
                           temperature=torch.rand(R, generator=g, dtype=D) + 0.2, activation="tanh", learn_temperature=True)
     st = State(gate, torch.randn(R, K, d + 1, generator=g, dtype=D), torch.rand(R, K, generator=g, dtype=D) + 0.1)
     v = flatten(st)
-    assert v.shape == (R, K * d + K + 1 + K * (d + 1) + K)
+    assert v.shape == (R, K * d + K + K * (d + 1) + K)  # τ is not extrapolated
     back = unflatten(st, v, 1e-6)
     for a, b in [(back.gate.slope, gate.slope), (back.gate.intercept, gate.intercept),
                  (back.gate.temperature, gate.temperature), (back.theta, st.theta), (back.var, st.var)]:
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
-    far = unflatten(st, v - 100.0, 1e-6)  # τ and variances stay positive, variances floored
-    assert bool((far.gate.temperature > 0).all()) and bool((far.var == 1e-6).all())
+    far = unflatten(st, v - 100.0, 1e-6)  # τ kept from the plain point, variances floored
+    assert torch.equal(far.gate.temperature, gate.temperature) and bool((far.var == 1e-6).all())
 
 
 def test_families_that_cannot_be_extrapolated_say_so():
@@ -173,3 +173,52 @@ def test_bad_accelerate_is_refused():
     res = fit_em(x[0], y[0], 2, n_init=2, accelerate=None, warn=False)
     assert res.settings["accelerate"] is None and res.settings["extrapolations"] == (0, 0)
     assert math.isfinite(float(res.loglik))
+
+
+def _tester_data(n, d, seed):
+    """x ~ U(-1, 1)^d, s = Σx: y = 2 + 3s + 0.3ε with prob sigmoid(6s), else -1 - 2s + 0.5ε."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=D) * 2 - 1
+    s = x.sum(-1)
+    z = torch.rand(n, generator=g, dtype=D) < torch.sigmoid(6 * s)
+    y = torch.where(z, 2 + 3 * s + 0.3 * torch.randn(n, generator=g, dtype=D), -1 - 2 * s + 0.5 * torch.randn(n, generator=g, dtype=D))
+    return x, y
+
+
+def test_no_start_ends_below_plain_em_where_tau_would_have_jumped():
+    """Found by a test session: a sigmoid activation gate with τ estimated, 6 random starts. Extrapolating
+    log τ took τ from 0.48 to 0.004, where EM stalled 95 below plain EM's optimum and reported converged;
+    τ is no longer extrapolated and an extrapolation must beat the last plain step's gain."""
+    x, y = _tester_data(1500, 1, 2)
+    kw = dict(gate="activation", gate_options={"activation": "sigmoid", "learn_temperature": True}, n_init=6,
+              init="random", max_iter=3000, tol=1e-10, random_state=2, compile=False, warn=False)
+    fast, plain = fit_em(x, y, 2, **kw), fit_em(x, y, 2, accelerate=None, **kw)
+    ok = torch.isfinite(plain.start_loglik)
+    assert bool((fast.start_loglik[ok] >= plain.start_loglik[ok] - 1e-3).all())
+
+
+def test_settings_say_what_ran_and_the_bootstrap_and_model_file_keep_the_setting(tmp_path):
+    from moelab import MixtureOfExpertsRegressor
+    from moelab.persistence import load_estimator, save_model
+
+    x, y = _tester_data(400, 1, 0)
+    gauss = fit_em(x, y, 2, gate="gaussian", n_init=2, max_iter=50, warn=False)
+    assert gauss.settings["accelerate"] is None and gauss.settings["extrapolations"] == (0, 0)
+    est = MixtureOfExpertsRegressor(2, accelerate=None, bootstrap=5, n_init=4, random_state=0).fit(x.numpy(), y.numpy())
+    assert est.result_.settings["accelerate"] is None
+    calls = []
+    import moelab.bootstrap as bs
+
+    orig = bs.fit_em
+    try:
+        bs.fit_em = lambda *a, **k: calls.append(k.get("accelerate", "missing")) or orig(*a, **k)
+        est.fit(x.numpy(), y.numpy())
+    finally:
+        bs.fit_em = orig
+    assert calls == [None]  # the bootstrap refits run the fit's EM
+    save_model(est, tmp_path / "model.json")
+    assert load_estimator(tmp_path / "model.json").get_params()["accelerate"] is None
+    # MLE has no EM iterations: accelerate=None is accepted there (a grid over estimators), bad values are not
+    MixtureOfExpertsRegressor(2, estimator="mle", accelerate=None, n_init=2, random_state=0).fit(x.numpy(), y.numpy())
+    with pytest.raises(ValueError, match="accelerate must be"):
+        MixtureOfExpertsRegressor(2, estimator="mle", accelerate="anderson").fit(x.numpy(), y.numpy())

@@ -13,17 +13,23 @@ r = θ₁ − θ₀ and v = θ₂ − 2θ₁ + θ₀,
 (α = 1 gives θ' = θ₂, the plain EM path). Here one cycle is three EM
 iterations of :func:`moelab.em._run_em`: the passes at θ₀ and θ₁ are plain EM,
 and the third pass evaluates θ' instead of θ₂. θ' is kept only where its
-observed log-likelihood is finite and at least that of θ₁; elsewhere the
-problem takes the plain step θ₂ (its pass redone on those problems only, with
-the usual gate-step check), so the log-likelihood never decreases. ``step_max``
+observed log-likelihood is finite and exceeds ℓ(θ₁) by at least the last plain
+step's gain ℓ(θ₁) − ℓ(θ₀) (what the plain step θ₂ would at most gain under
+EM's usual slowing convergence, so an extrapolation never replaces a better
+plain step or stalls the stopping rule); elsewhere the problem takes the plain
+step θ₂ (its pass redone on those problems only, with the usual gate-step
+check), so the log-likelihood never decreases. ``step_max``
 starts at 1 and is multiplied by 4 after an accepted step that used it, divided
 by 4 (not below 1) after a rejected one (the package's ``step.max0 = 1,
 mstep = 4``). The M-step from the accepted point is the scheme's stabilising
 EM step.
 
-The vector θ holds every estimable gate parameter of :meth:`Gate.params` (those
-in ``positive_params``, such as τ, on the log scale), the experts' coefficients
-and the log variances (the variance floor applied after extrapolation). Gate
+The vector θ holds the estimable gate parameters of :meth:`Gate.params` except
+the positive ones (τ keeps the plain step's value: extrapolated on the log scale it
+could jump by orders of magnitude, e.g. τ 0.48 → 0.004 for a sigmoid activation
+gate, where the damped gate step then barely moves and EM stopped at a
+non-stationary point 95 below plain EM's optimum), the experts' coefficients and
+the log variances (the variance floor applied after extrapolation). Gate
 families with constraints the vector cannot express (the Gaussian gate's mixing
 weights and covariances; top-K's routing, which EM keeps from the start)
 declare ``em_extrapolation = False`` and run plain EM.
@@ -51,24 +57,26 @@ def supported(gate) -> bool:
 
 
 def flatten(st: State) -> torch.Tensor:
-    """Parameters of R problems → θ (R, P): gate parameters (positive ones as logs), expert coefficients, log variances."""
+    """Parameters of R problems → θ (R, P): the gate's estimable parameters except its positive ones (τ: see
+    the module doc), expert coefficients, log variances."""
     R = st.var.shape[0]
     parts = []
     for name, t in st.gate.params().items():
-        t = t.log() if name in st.gate.positive_params else t
+        if name in st.gate.positive_params:
+            continue
         parts.append(t.reshape(R, -1))
     parts += [st.theta.reshape(R, -1), st.var.log()]
     return torch.cat(parts, -1)
 
 
 def unflatten(like: State, v: torch.Tensor, var_floor: float) -> State:
-    """θ (R, P) → State shaped as ``like`` (variances floored at ``var_floor``)."""
-    R = v.shape[0]
+    """θ (R, P) → State shaped as ``like``, its positive gate parameters kept (variances floored at ``var_floor``)."""
     out, i = {}, 0
     for name, t in like.gate.params().items():
+        if name in like.gate.positive_params:
+            continue
         m = t[0].numel()
-        part = v[:, i : i + m].reshape(t.shape)
-        out[name] = part.exp() if name in like.gate.positive_params else part
+        out[name] = v[:, i : i + m].reshape(t.shape)
         i += m
     m = like.theta[0].numel()
     theta = v[:, i : i + m].reshape(like.theta.shape)
@@ -102,8 +110,13 @@ class Squarem:
         self.var_floor = var_floor
         self.step_max = torch.full((R,), STEP_MAX0, dtype=dtype, device=device)
         self.phase = 0
-        self.v0 = self.v1 = self.ll1 = self.alpha = None
+        self.v0 = self.v1 = self.ll0 = self.ll1 = self.alpha = None
         self.accepted = self.tried = 0
+
+    @property
+    def ll_min(self):
+        """(r,) the log-likelihood an extrapolated point must reach: ℓ(θ₁) + max(ℓ(θ₁) − ℓ(θ₀), 0)."""
+        return self.ll1 + (self.ll1 - self.ll0).clamp_min(0).nan_to_num(0.0)
 
     def candidate(self, st: State):
         """(point to evaluate, plain EM point or None): in the third pass of a cycle θ' and θ₂ = ``st``."""
@@ -115,7 +128,7 @@ class Squarem:
     def record(self, st: State, ll: torch.Tensor, accepted=None):
         """The checked parameters and log-likelihood of this pass (``accepted`` (R,) bool in the third)."""
         if self.phase == 0:
-            self.v0 = flatten(st)
+            self.v0, self.ll0 = flatten(st), ll
         elif self.phase == 1:
             self.v1, self.ll1 = flatten(st), ll
         else:
@@ -126,7 +139,7 @@ class Squarem:
             tried = self.alpha > 1
             self.tried += int(tried.sum())
             self.accepted += int((tried & accepted).sum())
-            self.v0 = self.v1 = self.ll1 = self.alpha = None
+            self.v0 = self.v1 = self.ll0 = self.ll1 = self.alpha = None
         self.phase = (self.phase + 1) % 3
 
     def keep(self, mask):
@@ -134,4 +147,5 @@ class Squarem:
         self.step_max = self.step_max[mask]
         self.v0 = None if self.v0 is None else self.v0[mask]
         self.v1 = None if self.v1 is None else self.v1[mask]
+        self.ll0 = None if self.ll0 is None else self.ll0[mask]
         self.ll1 = None if self.ll1 is None else self.ll1[mask]

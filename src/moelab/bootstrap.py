@@ -153,7 +153,7 @@ def _align(model: GaussianMoE, ref: GaussianMoE, x, y) -> tuple:
 
 def bootstrap_fit(model: GaussianMoE, x, y, n_boot: int, *, kind: str = "nonparametric", gate_options: Optional[dict] = None,
               random_state=None, max_iter: int = 2000, tol: float = 1e-8, feature_names: Optional[Sequence[str]] = None,
-              compile="auto") -> BootstrapResult:
+              compile="auto", accelerate="squarem") -> BootstrapResult:
     """Refit ``n_boot`` bootstrap resamples of (x, y) in one batched :func:`moelab.fit_em` call from ``model``.
 
     Parameters
@@ -179,6 +179,8 @@ def bootstrap_fit(model: GaussianMoE, x, y, n_boot: int, *, kind: str = "nonpara
         For the parameter names.
     compile : {"auto", True, False}
         As :func:`moelab.fit_em`.
+    accelerate : {"squarem", None}
+        As :func:`moelab.fit_em` (the fit's own setting, so the refits run the same EM).
 
     Returns
     -------
@@ -223,7 +225,7 @@ def bootstrap_fit(model: GaussianMoE, x, y, n_boot: int, *, kind: str = "nonpara
             if v is not None:
                 gate_options[o.name] = v
     res = fit_em(xb, yb, model.n_experts, gate=gate.name, gate_options=gate_options, init_model=model,
-                 max_iter=max_iter, tol=tol, random_state=seed, warn=False, compile=compile)
+                 max_iter=max_iter, tol=tol, random_state=seed, warn=False, compile=compile, accelerate=accelerate)
     fitted, moved = _align(res.model, model, xt, yt)
     layout = ParameterLayout.of(model, feature_names)
     draws = layout.vector(fitted).detach().cpu().numpy()

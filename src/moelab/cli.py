@@ -219,8 +219,6 @@ def check_fit_flags(args) -> dict:
         raise CLIError(f"--bootstrap must be >= 2 (resamples, e.g. 200), got {n_boot}")
     if args.compile != "auto" and args.estimator != "em":
         raise CLIError("--compile applies to --estimator em only")
-    if args.accelerate != "squarem" and args.estimator != "em":
-        raise CLIError("--accelerate applies to --estimator em only")
     if args.compile == "on" and family.em_pass is None:
         from .gates.registry import fused_families
 

@@ -96,7 +96,7 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
         st = state if full else state.take(active)
         ext, plain = accel.candidate(st) if accel is not None else (st, None)
         if plain is not None:
-            checked, lla, accepted = stepper.evaluate_extrapolated(ext, plain, accel.ll1)
+            checked, lla, accepted = stepper.evaluate_extrapolated(ext, plain, accel.ll_min)
         else:
             checked, lla = stepper.evaluate(st)
             accepted = None
@@ -351,7 +351,8 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
                     n_init=n_keep if init_model is not None else opts.n_init,
                     init=opts.init if init_model is None else "user", n_candidates=opts.n_candidates,
                     max_iter=opts.max_iter, tol=opts.tol, convergence=opts.convergence, estimator="em", compiled=fused,
-                    starts_stopped_early=0 if race is None else race.stopped, accelerate=opts.accelerate,
+                    starts_stopped_early=0 if race is None else race.stopped,
+                    accelerate=opts.accelerate if accelerable(state.gate) else None,  # what this EM ran
                     extrapolations=(0, 0) if accel is None else (accel.accepted, accel.tried))
     return finish(prob, state, xr, x1r, yr, conv, it, history, n_keep, settings=settings, t0=t0,
                   final=(stepper.sizes, ll) if one_pass else None)

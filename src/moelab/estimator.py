@@ -164,7 +164,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         ``torch.compile`` (see :func:`moelab.fit_em`).
     accelerate : {"squarem", None}, default "squarem"
         EM only: SQUAREM extrapolation (never lowers the log-likelihood), or
-        None for plain EM (see :func:`moelab.fit_em`).
+        None for plain EM (see :func:`moelab.fit_em`); ignored by ``estimator="mle"``
+        (checked as a value all the same). Also the bootstrap refits' setting.
     bootstrap : int, optional
         Refit this many bootstrap resamples (one batched EM call started from the fit,
         :func:`moelab.bootstrap_fit`) for percentile intervals (``confint(method="bootstrap")``).
@@ -304,9 +305,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
             if self.estimator != "em":
                 raise ValueError("compile applies to estimator='em' only; leave it 'auto' for 'mle'")
             kw["compile"] = self.compile
-        if self.accelerate != "squarem":
-            if self.estimator != "em":
-                raise ValueError("accelerate applies to estimator='em' only; leave it 'squarem' for 'mle'")
+        if self.accelerate not in ("squarem", None):
+            raise ValueError(f"accelerate must be 'squarem' (SQUAREM extrapolation) or None (plain EM), "
+                             f"got {self.accelerate!r}")
+        if self.accelerate != "squarem" and self.estimator == "em":  # MLE has no EM iterations: ignored there
             kw["accelerate"] = self.accelerate
         if self.progress is not False:
             if self.estimator != "em":
@@ -386,7 +388,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseEstimator):
         self.bootstrap_ = bootstrap_fit(self.model_, X, y, self.bootstrap, kind=self.bootstrap_kind,
                                     gate_options=kw["gate_options"], random_state=kw["random_state"],
                                     feature_names=None if names is None else list(names),
-                                    **{k: kw[k] for k in ("max_iter", "tol") if k in kw and self.estimator == "em"})
+                                    **{k: kw[k] for k in ("max_iter", "tol", "compile", "accelerate")
+                                       if k in kw and self.estimator == "em"})
 
     def confint(self, level=0.95, method="wald"):
         """Confidence intervals of the free parameters as a DataFrame.

@@ -76,7 +76,7 @@ FORMAT_VERSION = 2
 #: format versions this moelab reads (1: numeric inputs only, ``inputs.encodings`` empty)
 READS_VERSIONS = (1, 2)
 _HYPERPARAMS = ("n_experts", "gate", "activation", "temperature", "learn_temperature", "top_k", "gate_options",
-                "estimator", "n_init", "n_candidates", "init", "max_iter", "tol", "random_state", "compile")
+                "estimator", "n_init", "n_candidates", "init", "max_iter", "tol", "random_state", "compile", "accelerate")
 
 
 class ModelFileError(ValueError):
