@@ -61,7 +61,7 @@ from .acceleration import Squarem, supported as accelerable
 from .textbook import TextbookStepper
 from .diagnostics import warn_few_starts
 from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, finish, loglik_offset, make_starts,
-                      prepare_xy, scatter_gate, setup_problem, threads_for, user_starts)
+                      prepare_xy, setup_problem, threads_for, user_starts)
 from .options import CONVERGENCE_RULES, FitOptions
 
 __all__ = ["fit_em", "fit_em_with", "prepare_compiled", "FitOptions", "EMResult", "ConvergenceWarning", "DegenerateFitWarning", "prepare_xy", "CONVERGENCE_RULES"]
@@ -104,8 +104,7 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
             accel.record(checked, lla, accepted)
         if checked is not st:  # the pass corrected the last proposed gate step, or took the extrapolation
             st = checked
-            state = st if full else State(scatter_gate(state.gate, active, st.gate), state.theta.index_put((active,), st.theta),
-                                          state.var.index_put((active,), st.var))
+            state = st if full else state.put(active, st)
         ll[active] = lla
         history[active, it] = lla
         if prev is not None:
@@ -145,7 +144,7 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
         if full and active.numel() == R:
             state = new
         else:
-            state = State(scatter_gate(state.gate, active, new.gate), state.theta.index_put((active,), new.theta), state.var.index_put((active,), new.var))
+            state = state.put(active, new)
     return state, ll, n_iter, converged
 
 

@@ -19,7 +19,6 @@ use these names and nothing private.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -30,7 +29,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
 
 from ._scaling import Scaling
-from .threads import fit_threads
+from .threads import fit_threads, using_threads
 from ._validation import as_tensor, check_xy
 from .diagnostics import warn_fit
 from .exceptions import DegenerateFitWarning, MoelabWarning
@@ -203,6 +202,11 @@ class State:
     def take(self, idx):
         return State(index_gate(self.gate, idx), self.theta[idx], self.var[idx])
 
+    def put(self, idx, part: "State") -> "State":
+        """A copy with problems ``idx`` replaced by ``part`` (the inverse of :meth:`take`)."""
+        return State(scatter_gate(self.gate, idx, part.gate), self.theta.index_put((idx,), part.theta),
+                     self.var.index_put((idx,), part.var))
+
 
 def init_state(gate_template: Gate, resp, x, x1, y, opts: FitOptions) -> State:
     """Parameters from initial responsibilities: expert M-step, then gate Newton steps from zero."""
@@ -291,21 +295,12 @@ def setup_problem(x, y, opts: FitOptions, random_state) -> Problem:
     return Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, min_size, gen, opts.dtype, opts)
 
 
-@contextlib.contextmanager
 def threads_for(prob: Problem, starts: int = 1):
-    """Run the fit on :func:`moelab.threads.fit_threads` intra-op threads (restored afterwards):
-    one for small problems (below ~10^6 elements per iteration thread synchronisation dominates;
-    on a busy 2-core machine two threads made small fits up to 70x slower than one), and never
+    """Run the fit on :func:`moelab.threads.fit_threads` intra-op threads (a context manager, restored
+    afterwards): one for small problems (below ~10^6 elements per iteration thread synchronisation
+    dominates; on a busy 2-core machine two threads made small fits up to 70x slower than one), and never
     more than the cores without another runnable task. ``starts`` per problem."""
-    before = torch.get_num_threads()
-    n_threads = fit_threads(prob.B * starts * prob.n * prob.n_experts * 100, before)
-    if n_threads != before:
-        torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        if n_threads != before:
-            torch.set_num_threads(before)
+    return using_threads(fit_threads(prob.B * starts * prob.n * prob.n_experts * 100, torch.get_num_threads()))
 
 
 def design(xr):

@@ -29,7 +29,6 @@ Marquardt (1963), Moré (1978) for the algorithm.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -38,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .threads import fit_threads
+from .threads import fit_threads, using_threads
 from ._scaling import Scaling
 from .fitcore import ConvergenceWarning, check_n_experts, design, prepare_xy
 from .gates import gate_spec
@@ -286,20 +285,11 @@ def _user_starts(st: _Setup, model: RegressionMoE, gate_name: str, batch, scalin
     return st.flat(g_rows, e_rows), S
 
 
-@contextlib.contextmanager
 def _threads_for(work: int):
     """One intra-op thread for small problems (below ~10^7 Jacobian entries), and never more than the
-    cores without another runnable task (:func:`moelab.threads.fit_threads`), restored afterwards:
+    cores without another runnable task (:func:`moelab.threads.fit_threads`); a context manager:
     thread synchronisation dominates there, badly so on a busy machine."""
-    before = torch.get_num_threads()
-    n_threads = 1 if work < 10_000_000 else fit_threads(10**9, before)
-    if n_threads != before:
-        torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        if n_threads != before:
-            torch.set_num_threads(before)
+    return using_threads(1 if work < 10_000_000 else fit_threads(10**9, torch.get_num_threads()))
 
 
 # ------------------------------------------------------------------ entry point

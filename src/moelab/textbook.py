@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .fitcore import State, e_step, gate_step, scatter_gate
+from .fitcore import State, e_step, gate_step
 from .mstep import expert_m_step, outer_design
 
 __all__ = ["TextbookStepper"]
@@ -56,8 +56,7 @@ class TextbookStepper:
         resp, llb = e_step(sub.gate, sub.theta, sub.var, self.xa[idx], self.x1a[idx], self.ya[idx])
         self.resp[idx] = resp
         self._record_sizes()
-        st = State(scatter_gate(st.gate, idx, sub.gate), st.theta.index_put((idx,), sub.theta),
-                   st.var.index_put((idx,), sub.var))
+        st = st.put(idx, sub)
         return st, ll.index_put((idx,), llb), ok
 
     def keep(self, mask):

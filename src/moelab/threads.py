@@ -15,12 +15,15 @@ thread); elsewhere, or if that file cannot be read, torch's setting.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
 from typing import Optional
 
-__all__ = ["other_runnable", "fit_threads", "SMALL_WORK"]
+import torch
+
+__all__ = ["other_runnable", "fit_threads", "using_threads", "SMALL_WORK"]
 
 #: per-iteration work (problems · samples · experts · 100) below which one thread is used
 SMALL_WORK = 1_000_000
@@ -60,3 +63,16 @@ def fit_threads(work: int, current: int, cores: Optional[int] = None, others: Op
         if others is None:
             return current
     return max(1, min(current, cores - others))
+
+
+@contextlib.contextmanager
+def using_threads(n: int):
+    """Run the block on ``n`` torch intra-op threads, restoring the previous setting afterwards."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fitcore import State, gate_theta, scatter_gate, theta_gate
+from ..fitcore import State, gate_theta, theta_gate
 from . import linear, newton
 
 __all__ = ["LinearStepper", "NewtonStepper"]
@@ -60,8 +60,7 @@ class _Stepper:
         for k, v in stats.items():
             self.stats[k][idx] = v
         self._record_sizes(self.stats["S"])
-        st = State(scatter_gate(st.gate, idx, sub.gate), st.theta.index_put((idx,), sub.theta),
-                   st.var.index_put((idx,), sub.var))
+        st = st.put(idx, sub)
         return st, self.stats["loglik"], ok
 
     def _suspend(self):
