@@ -321,3 +321,28 @@ def test_hard_switch_in_two_features_is_a_hyperplane():
     lo, hi = sw.likelihood_interval
     assert lo <= sw.offset <= hi
     assert inf.confint()["parameter"].iloc[-1] == "gate[1] switch offset"
+
+
+def test_hard_switch_with_an_almost_uninformed_intercept_keeps_its_standard_errors():
+    """The diamonds 6k × 3 default fit (tests/data/diamonds6k_hard_switch_fit.json): expert 2's switch is hard, so
+    its intercept carries almost no information. Inverting the raw observed information lost that direction to
+    rounding (an eigenvalue ≤ 0) and made every standard error NaN; the correlation form keeps them. Reference:
+    the same fit's parameters 1e-11 away (previous EM), whose raw inverse happened to survive — the standard
+    errors of the other 19 parameters agree to 1e-6 relative."""
+    import json
+    from pathlib import Path
+
+    p = json.loads((Path(__file__).parent / "data" / "diamonds6k_hard_switch_fit.json").read_text())
+    t = lambda k: torch.tensor(p[k], dtype=torch.float64)  # noqa: E731
+    model = moelab.GaussianMoE(moelab.SoftmaxGate(t("gate_slope"), t("gate_intercept")),
+                               moelab.GaussianExperts(t("expert_slope"), t("expert_intercept"), t("expert_variance")))
+    d = moelab.load_dataset("diamonds").iloc[:6000]
+    w = moelab.wald_inference(model, d[["carat", "depth", "table"]].to_numpy(), d["price"].to_numpy(), warn=False)
+    se = np.asarray(w.se, dtype=float)
+    status = np.asarray(w.status)
+    assert list(status[4:8]) == ["unbounded"] * 4  # expert 2's gate row
+    ok = status == "estimated"
+    assert ok.sum() == 19 and np.isfinite(se[ok]).all()
+    ref = [2.4883, 0.46961, 0.032299, 0.020791, 256.95, 43.331, 3.2124, 2.3056, 4.3790, 183.84, 67.661, 2.2081,
+           1.2813, 1.6977, 158.22, 32.484, 1.9359, 1.3617, 4.6901]
+    np.testing.assert_allclose(se[ok], ref, rtol=1e-4)  # the reference is printed to 5 digits

@@ -336,8 +336,12 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         R = xr.shape[0]
         history = torch.full((R, opts.max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
         one_pass, fused = pass_mode(opts, state.gate, R, prob.n, xr.device, progress=bar)
-        stepper = (_fused.stepper(state.gate, xr, yr, opts.reg_variance, fused) if one_pass
-                   else TextbookStepper(xr, x1r, yr, opts))
+        if one_pass:
+            stepper = _fused.stepper(state.gate, xr, yr, opts.reg_variance, fused)
+        elif prob.B == 1 and state.gate.linear_logits:  # the starts of one fit share its data: keep it once
+            stepper = TextbookStepper(xr[0], x1r[0], yr[0], opts, shared_by=R)
+        else:
+            stepper = TextbookStepper(xr, x1r, yr, opts)
         accel = (Squarem(R, opts.reg_variance, prob.dtype, xr.device)
                  if opts.accelerate == "squarem" and accelerable(state.gate) else None)
         race = StartRace(prob.B, n_keep, prob.min_size, opts.min_expert_sd) if opts.prune_starts and n_keep > 1 else None

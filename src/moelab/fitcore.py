@@ -144,11 +144,16 @@ def gate_step(gate: Gate, x, x1, resp, n_steps, xx=None):
 def linear_kn(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """θ_k·[x_n, 1] for every expert and sample: theta (R, K, d+1), x (R, n, d) → (R, K, n).
 
-    A batched matmul with inner dimension d (baddbmm), or one fused multiply-add when
-    d = 1: matmuls with an inner dimension of 1–2 are slow on CPU.
+    ``x`` may also be one design (n, d) shared by all R problems (the starts of one fit):
+    then one matrix product over the R·K rows. A batched matmul with inner dimension d
+    (baddbmm), or one fused multiply-add when d = 1: matmuls with an inner dimension of
+    1–2 are slow on CPU.
     """
     if x.shape[-1] == 1:
         return torch.addcmul(theta[..., 1:], theta[..., :1], x.transpose(-1, -2))
+    if x.dim() == 2:
+        R, K, p = theta.shape
+        return torch.addmm(theta[..., -1:].reshape(R * K, 1), theta[..., :-1].reshape(R * K, p - 1), x.t()).view(R, K, -1)
     return torch.baddbmm(theta[..., -1:], theta[..., :-1], x.transpose(-1, -2))
 
 
@@ -165,6 +170,9 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 def e_step(gate, theta_e, var, x, x1, y):
     """log g + log f, then logsumexp over experts: resp (R, K, n) and loglik (R,).
 
+    x (R, n, d), x1 (R, n, d+1), y (R, n); for linear logits also one design x (n, d), x1 (n, d+1), y (n,)
+    shared by all R problems (see :func:`linear_kn`).
+
     The loglik is Σ log p(y | x); for gates that model x (``models_x``) it is the joint
     Σ log p(x, y) that their EM maximises (log π_k N(x; c_k, Γ_k) in place of log g_k(x)).
     """
@@ -178,8 +186,13 @@ def e_step(gate, theta_e, var, x, x1, y):
     # in place on the one (R, K, n) temporary: joint = logw − ½log(2πν) − (y − mean)²/(2ν)
     joint = mean.sub_(y.unsqueeze(-2)).square_().mul_((-0.5 / var).unsqueeze(-1))
     joint.add_(logw).sub_((_HALF_LOG_2PI + 0.5 * var.log()).unsqueeze(-1))
-    lse = torch.logsumexp(joint, -2)  # [R, n]
-    return joint.sub_(lse.unsqueeze(-2)).exp_(), lse.sum(-1)
+    # logsumexp over the few experts by hand: max, exp in place, sum; half the passes of
+    # torch.logsumexp followed by a subtract and exp (measured 1.7 vs 3.3 ms at (40, 3, 6000))
+    top = joint.amax(-2, keepdim=True)  # [R, 1, n]
+    top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
+    resp = joint.sub_(top).exp_()
+    total = resp.sum(-2, keepdim=True)
+    return resp.div_(total), (total.log_().add_(top)).sum((-1, -2))
 
 
 def index_gate(gate: Gate, idx) -> Gate:
@@ -209,7 +222,10 @@ class State:
 
 
 def init_state(gate_template: Gate, resp, x, x1, y, opts: FitOptions) -> State:
-    """Parameters from initial responsibilities: expert M-step, then gate Newton steps from zero."""
+    """Parameters from initial responsibilities resp (R, K, n): expert M-step, then gate Newton steps from zero.
+
+    x (R, n, d), x1 (R, n, d+1), y (R, n), or for linear logits one data set x (n, d), x1 (n, d+1), y (n,) shared
+    by the R candidates."""
     K = resp.shape[-2]
     resp = 0.95 * resp + 0.05 / K  # soften hard starts so no expert starts empty
     theta, var = expert_m_step(x1, y, resp, opts.reg_variance)
@@ -348,22 +364,26 @@ def make_starts(prob: Problem, S: int, init_model=None):
     for method, n_cand, n_keep in plan:
         resp_parts = [init_responsibilities(method, prob.xs[b], prob.ys[b], K, n_cand, prob.generator) for b in range(B)]
         resp0 = torch.cat(resp_parts, 0).to(dev).transpose(-1, -2).contiguous()  # [B*n_cand, K, n]
-        xr = prob.xs.repeat_interleave(n_cand, 0)
-        yr = prob.ys.repeat_interleave(n_cand, 0)
-        x1r = design(xr)
         template = gate_template(prob.gate, K, d, B * n_cand, dtype, dev)
-        state = init_state(template, resp0, xr, x1r, yr, prob.options)
+        if B == 1 and template.linear_logits:  # the candidates share one data set: keep it once
+            data = (prob.xs[0], design(prob.xs[0]), prob.ys[0])
+        else:
+            xr = prob.xs.repeat_interleave(n_cand, 0)
+            data = (xr, design(xr), prob.ys.repeat_interleave(n_cand, 0))
+        state = init_state(template, resp0, *data, prob.options)
         if n_keep < n_cand:
             # screen by the likelihood of the initial fit (for segment starts this is the
             # segmented-regression likelihood, which ranks rare hard-switch basins well)
             # Each kept start is the best of its own group of candidates, so the kept
             # starts stay diverse (a plain top-k concentrates on near-duplicates).
-            _, ll = e_step(state.gate, state.theta, state.var, xr, x1r, yr)
+            _, ll = e_step(state.gate, state.theta, state.var, *data)
             group = n_cand // n_keep
             ll = torch.nan_to_num(ll, nan=-math.inf).reshape(B, n_cand)[:, : group * n_keep].reshape(B, n_keep, group)
             top = ll.argmax(-1) + torch.arange(n_keep, device=dev) * group  # [B, n_keep]
             idx = (top + torch.arange(B, device=dev).unsqueeze(-1) * n_cand).reshape(-1)
-            state, xr, x1r, yr = state.take(idx), xr[idx], x1r[idx], yr[idx]
+            state = state.take(idx)
+        xr, yr = prob.xs.repeat_interleave(n_keep, 0), prob.ys.repeat_interleave(n_keep, 0)
+        x1r = design(xr)
         states.append(state)
         xrs.append(xr.reshape(B, n_keep, n, d))
         x1rs.append(x1r.reshape(B, n_keep, n, d + 1))

@@ -480,16 +480,19 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     mask2 = free.unsqueeze(-1) & free.unsqueeze(-2)
     eye = torch.eye(p, dtype=info.dtype).expand_as(info)
     a = torch.where(mask2, 0.5 * (info + info.transpose(-1, -2)), eye)  # fixed entries: decoupled unit rows
-    evals, evecs = torch.linalg.eigh(a)
-    # positive definiteness judged on the correlation form D^-½ A D^-½ (free of the parameters' units)
+    # positive definiteness judged, and the inverse taken, on the correlation form C = D^-½ A D^-½ (free of the
+    # parameters' units): A⁻¹ = D^-½ C⁻¹ D^-½. Inverting A itself lost a parameter with almost no information
+    # (the intercept at a hard switch) to rounding: an eigenvalue ≤ 0 made every standard error NaN.
     diag = torch.diagonal(a, dim1=-2, dim2=-1)
     dpos = (diag > 0).all(-1)
     dn = diag.clamp_min(1e-300).rsqrt()
     corr = a * dn.unsqueeze(-1) * dn.unsqueeze(-2)
-    min_eig = torch.linalg.eigvalsh(corr)[..., 0]
+    evals, evecs = torch.linalg.eigh(corr)
+    min_eig = evals[..., 0]
     pd_ok = dpos & (min_eig > 1e-12)
     inv_ev = torch.where(evals > 0, 1.0 / evals, torch.full_like(evals, math.nan))
-    cov_s = torch.where(mask2, (evecs * inv_ev.unsqueeze(-2)) @ evecs.transpose(-1, -2), torch.zeros_like(a))
+    inv_c = (evecs * inv_ev.unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    cov_s = torch.where(mask2, dn.unsqueeze(-1) * inv_c * dn.unsqueeze(-2), torch.zeros_like(a))
     cov = jac @ cov_s @ jac.transpose(-1, -2)
     se = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     unbounded = torch.as_tensor((status == "unbounded").astype(bool), device=dev)

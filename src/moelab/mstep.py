@@ -41,9 +41,9 @@ def expert_m_step(x1, y, resp, var_floor, old_theta=None, old_var=None, xx=None)
 
     Parameters
     ----------
-    x1 : tensor of shape (R, n, p)
-        Design matrix [x, 1].
-    y : tensor of shape (R, n)
+    x1 : tensor of shape (R, n, p) or (n, p)
+        Design matrix [x, 1]; (n, p) when one design is shared by all R problems.
+    y : tensor of shape (R, n), or (n,) with a shared design
     resp : tensor of shape (R, K, n)
         Responsibilities (sum to 1 over K).
     var_floor : float or tensor broadcastable to (R, K)
@@ -51,7 +51,7 @@ def expert_m_step(x1, y, resp, var_floor, old_theta=None, old_var=None, xx=None)
         is ``max(ν̂_k, var_floor)``.
     old_theta, old_var : tensors of shape (R, K, p) and (R, K), optional
         Kept for experts whose total responsibility is ~0 (nothing to fit).
-    xx : tensor of shape (R, n, p*p), optional
+    xx : tensor of shape (R, n, p*p) or (n, p*p), optional
         :func:`outer_design` of x1, if cached.
 
     Returns
@@ -164,12 +164,13 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
 
     Parameters
     ----------
-    x1 : tensor of shape (R, n, p)
+    x1 : tensor of shape (R, n, p), or (n, p) for one design shared by all R problems
+        (each product over samples is then one matrix product over the R problems).
     resp : tensor of shape (R, K, n)
     theta : tensor of shape (R, K, p)
         Logit coefficients; row K-1 must be zero.
     n_steps : int
-    xx : tensor of shape (R, n, p*p), optional
+    xx : tensor of shape (R, n, p*p) or (n, p*p), optional
         Cached :func:`outer_design` of x1.
 
     Returns
@@ -178,11 +179,12 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
 
     Source: Jordan & Jacobs (1994), Section 4 (IRLS for the gating network).
     """
-    R, n, p = x1.shape
-    K = resp.shape[-2]
+    R, K = resp.shape[:2]
+    n, p = x1.shape[-2:]
+    shared = x1.dim() == 2
     if K == 1:
         return theta
-    x1t = x1.transpose(-1, -2)  # [R, p, n]
+    x1t = x1.transpose(-1, -2)  # [R, p, n] or [p, n]
     P = (K - 1) * p
     eye = torch.eye(P, dtype=x1.dtype, device=x1.device)
     zeros_row = torch.zeros(1, p, dtype=theta.dtype, device=theta.device)
@@ -191,7 +193,7 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
         return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros_row.expand(*free.shape[:-1], 1, p)], -2)
 
     def q_fn(free, idx):
-        xs, rs = (x1t, resp) if idx is None else (x1t[idx], resp[idx])
+        xs, rs = (x1t, resp) if idx is None else (x1t if shared else x1t[idx], resp[idx])
         logits = full(free) @ xs  # [A, r, K, n]
         return gate_q(torch.log_softmax(logits, -2), rs, finite=True)
 

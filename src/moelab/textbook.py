@@ -11,6 +11,8 @@ finds it the faster (small or multi-input uncompiled linear-logit fits).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .fitcore import State, e_step, gate_step
@@ -22,15 +24,29 @@ __all__ = ["TextbookStepper"]
 class TextbookStepper:
     """R problems' data, ``x`` (R, n, d), ``x1`` (R, n, d+1), ``y`` (R, n), and the responsibilities of the
     last E-step; ``opts`` the fit's :class:`~moelab.options.FitOptions` (``reg_variance``, ``gate_steps``).
-    ``sizes`` (R, K) holds the effective expert sizes Σ_n r_nk at each problem's last E-step."""
+    ``sizes`` (R, K) holds the effective expert sizes Σ_n r_nk at each problem's last E-step.
 
-    def __init__(self, x, x1, y, opts):
-        self.xa, self.x1a, self.ya = x, x1, y
+    ``shared_by=R``: the R problems are starts of one fit with linear logits, and ``x`` (n, d), ``x1``
+    (n, d+1), ``y`` (n,) their one data set, kept once. Each sum over samples is then one matrix product
+    over all R·K rows instead of a batched one over R copies of the (n, (d+1)²) design moments (diamonds
+    6,000 × 3 with 160 starts: 0.8 MB instead of 123 MB read per product), and dropping converged starts
+    copies no data. ``ya`` is then a broadcast view (R, n)."""
+
+    def __init__(self, x, x1, y, opts, shared_by: Optional[int] = None):
+        self.shared = shared_by is not None
+        if self.shared and not (x.dim() == 2 and x1.dim() == 2 and y.dim() == 1):
+            raise ValueError("shared_by needs one data set: x (n, d), x1 (n, d+1), y (n,)")
+        self.xa, self.x1a, self._y = x, x1, y
         self.xxa = outer_design(x1)
         self.opts = opts
-        self.active = torch.arange(y.shape[0], device=y.device)
+        self.active = torch.arange(shared_by if self.shared else y.shape[0], device=y.device)
         self.resp = None
         self.sizes = None
+
+    @property
+    def ya(self):
+        """(r, n) responses of the problems still iterating (a broadcast view with ``shared_by``)."""
+        return self._y.expand(self.active.numel(), self._y.shape[0]) if self.shared else self._y
 
     def _record_sizes(self):
         S = self.resp.sum(-1)
@@ -40,7 +56,7 @@ class TextbookStepper:
 
     def evaluate(self, st: State):
         """E-step at ``st``: returns (st, loglik (r,))."""
-        self.resp, ll = e_step(st.gate, st.theta, st.var, self.xa, self.x1a, self.ya)
+        self.resp, ll = e_step(st.gate, st.theta, st.var, self.xa, self.x1a, self._y)
         self._record_sizes()
         return st, ll
 
@@ -53,7 +69,8 @@ class TextbookStepper:
             return st, ll, ok
         idx = (~ok).nonzero().squeeze(-1)
         sub = plain.take(idx)
-        resp, llb = e_step(sub.gate, sub.theta, sub.var, self.xa[idx], self.x1a[idx], self.ya[idx])
+        data = (self.xa, self.x1a, self._y) if self.shared else (self.xa[idx], self.x1a[idx], self._y[idx])
+        resp, llb = e_step(sub.gate, sub.theta, sub.var, *data)
         self.resp[idx] = resp
         self._record_sizes()
         st = st.put(idx, sub)
@@ -62,11 +79,12 @@ class TextbookStepper:
     def keep(self, mask):
         """Problems ``mask`` (bool over the current ones) go on iterating."""
         self.active = self.active[mask]
-        self.xa, self.x1a, self.ya, self.xxa = self.xa[mask], self.x1a[mask], self.ya[mask], self.xxa[mask]
+        if not self.shared:
+            self.xa, self.x1a, self._y, self.xxa = self.xa[mask], self.x1a[mask], self._y[mask], self.xxa[mask]
         self.resp = self.resp[mask]
 
     def m_step(self, st: State) -> State:
         """Closed-form experts, then the gate step, from the last E-step's responsibilities."""
-        theta, var = expert_m_step(self.x1a, self.ya, self.resp, self.opts.reg_variance, st.theta, st.var, self.xxa)
+        theta, var = expert_m_step(self.x1a, self._y, self.resp, self.opts.reg_variance, st.theta, st.var, self.xxa)
         gate = gate_step(st.gate, self.xa, self.x1a, self.resp, self.opts.gate_steps, self.xxa)
         return State(gate, theta, var)

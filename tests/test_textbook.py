@@ -1,0 +1,59 @@
+"""The textbook EM loop with one data set shared by all starts (``TextbookStepper(shared_by=R)``) equals the loop
+on R copies of it, step by step, for the linear-logit gates, and keeps it once (no copies when starts stop)."""
+
+import pytest
+import torch
+
+from moelab import GaussianExperts, GaussianMoE, SoftmaxGate, TemperatureGate
+from moelab.fitcore import State
+from moelab.options import FitOptions
+from moelab.textbook import TextbookStepper
+
+D = torch.float64
+
+
+def _starts(R, d, K, seed, temperature=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=D)  # noqa: E731
+    slope, icpt = r(R, K, d), r(R, K)
+    slope[:, -1], icpt[:, -1] = 0, 0
+    gate = (TemperatureGate(slope, icpt, temperature=0.5 + r(R).exp()) if temperature else SoftmaxGate(slope, icpt))
+    return State(gate, r(R, K, d + 1), 0.5 + r(R, K).exp())
+
+
+@pytest.mark.parametrize("temperature", [False, True])
+@pytest.mark.parametrize("d", [1, 3])
+def test_shared_data_equals_copies_step_by_step(d, temperature):
+    R, K, n = 6, 3, 400
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=D)
+    y = x @ torch.randn(d, generator=g, dtype=D) + torch.randn(n, generator=g, dtype=D).abs()
+    x1 = torch.cat([x, torch.ones(n, 1, dtype=D)], -1)
+    opts = FitOptions(K, "temperature" if temperature else "softmax",
+                      {"learn_temperature": True} if temperature else None, estimator="em")
+    copies = TextbookStepper(x.expand(R, n, d).clone(), x1.expand(R, n, d + 1).clone(), y.expand(R, n).clone(), opts)
+    shared = TextbookStepper(x, x1, y, opts, shared_by=R)
+    a = b = _starts(R, d, K, seed=1, temperature=temperature)
+    for it in range(12):
+        a, lla = copies.evaluate(a)
+        b, llb = shared.evaluate(b)
+        torch.testing.assert_close(llb, lla, rtol=1e-12, atol=0)
+        torch.testing.assert_close(shared.resp, copies.resp, rtol=1e-10, atol=1e-14)
+        assert shared.ya.shape == copies.ya.shape
+        if it == 5:  # two starts stop: the shared stepper drops their rows only
+            keep = torch.tensor([True, False, True, True, False, True])
+            a, b = a.take(keep), b.take(keep)
+            copies.keep(keep)
+            shared.keep(keep)
+            assert shared.xa.shape == (n, d) and shared.xxa.shape == (n, (d + 1) ** 2)
+        a, b = copies.m_step(a), shared.m_step(b)
+        torch.testing.assert_close(b.theta, a.theta, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.var, a.var, rtol=1e-9, atol=0)
+        torch.testing.assert_close(b.gate.logit_coefficients(), a.gate.logit_coefficients(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(shared.sizes, copies.sizes, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_needs_one_data_set():
+    x = torch.zeros(2, 5, 1, dtype=D)
+    with pytest.raises(ValueError, match="one data set"):
+        TextbookStepper(x, x, x[..., 0], FitOptions(2, "softmax", estimator="em"), shared_by=2)
