@@ -242,7 +242,6 @@ def main(argv=None):
     # moelab: warm-up, then per-call floor (one iteration at n = 100)
     x100 = torch.linspace(0, 1, 100, dtype=DTYPE).unsqueeze(-1)
     y100 = truth.sample(x100, torch.Generator().manual_seed(0))
-    st = model_from_r(vec(rrows[0]["start_alpha"]), vec(rrows[0]["start_beta"]), vec(rrows[0]["start_sigma2"]), jobs[0]["K"])
     for K in sorted({K for K, _ in grid}):
         for j in jobs:
             if j["K"] == K:
@@ -253,7 +252,7 @@ def main(argv=None):
                 moelab_fit(xw.expand(2, -1, -1), yw.expand(2, -1), K, stack_models([s, s]), args)
                 break
     one = argparse.Namespace(**{**vars(args), "max_iter": 1})
-    m_overhead = [moelab_fit(x100, y100, 2, st, one)[0] for _ in range(args.overhead_repeats)]
+    m_overhead = [moelab_fit(x100, y100, 2, truth, one)[0] for _ in range(args.overhead_repeats)]  # K = 2, as R's
 
     # moelab fits, single and batched
     for j in jobs:

@@ -91,30 +91,30 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
     n_iter = torch.zeros(R, dtype=torch.long, device=dev)
     converged = torch.zeros(R, dtype=torch.bool, device=dev)
     prev = None
+    # ``st`` holds the problems still iterating (``active``); ``state`` receives each problem when it
+    # leaves, so an iteration indexes no parameters unless some problem stops at it
+    st = state
     for it in range(max_iter + 1):
-        full = active.numel() == R
-        st = state if full else state.take(active)
         ext, plain = accel.candidate(st) if accel is not None else (st, None)
         if plain is not None:
-            checked, lla, accepted = stepper.evaluate_extrapolated(ext, plain, accel.ll_min)
+            st, lla, accepted = stepper.evaluate_extrapolated(ext, plain, accel.ll_min)
         else:
-            checked, lla = stepper.evaluate(st)
+            st, lla = stepper.evaluate(st)  # corrects the last proposed gate step where it failed
             accepted = None
         if accel is not None:
-            accel.record(checked, lla, accepted)
-        if checked is not st:  # the pass corrected the last proposed gate step, or took the extrapolation
-            st = checked
-            state = st if full else state.put(active, st)
-        ll[active] = lla
-        history[active, it] = lla
+            accel.record(st, lla, accepted)
+        if active.numel() == R:
+            history[:, it] = lla
+        else:
+            history[active, it] = lla
         if prev is not None:
             if ll_offset is None:
-                done = (lla - prev).abs() / n < tol
+                conv = (lla - prev).abs() / n < tol
             else:  # relative change of the log-likelihood in the original units of y
                 off = ll_offset if active.numel() == R else ll_offset[active]
-                done = (lla - prev).abs() < tol * (prev - off).abs()
-            done |= ~torch.isfinite(lla)
-            converged[active] = done
+                conv = (lla - prev).abs() < tol * (prev - off).abs()
+            conv |= ~torch.isfinite(lla)
+            done = conv
             eps = tol * n if ll_offset is None else tol * (prev - off).abs()
             if race is not None:
                 if bool(done.any()):
@@ -126,25 +126,26 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
                 progress.em(it, left, int((~done).sum()), R)
         else:
             done = ~torch.isfinite(lla)
+            conv = torch.zeros_like(done)
         if it == max_iter:
             break
         keep = ~done
         if not bool(keep.any()):
             break
-        if not bool(keep.all()):
+        if not bool(keep.all()):  # these problems stop: their state, log-likelihood and M-steps are final
+            leave = done
+            gone = active[leave]
+            state = state.put(gone, st.take(leave))
+            ll[gone], converged[gone], n_iter[gone] = lla[leave], conv[leave], it
             active, st, prev = active[keep], st.take(keep), lla[keep]
             stepper.keep(keep)
             if accel is not None:
                 accel.keep(keep)
-            full = False
         else:
             prev = lla
-        new = stepper.m_step(st)
-        n_iter[active] += 1
-        if full and active.numel() == R:
-            state = new
-        else:
-            state = state.put(active, new)
+        st = stepper.m_step(st)
+    state = st if active.numel() == R else state.put(active, st)
+    ll[active], converged[active], n_iter[active] = lla, conv, it
     return state, ll, n_iter, converged
 
 
