@@ -21,8 +21,8 @@ For the activation gate (u = log τ): ∂l_k/∂β_{1k} = σ'(z_k) x/τ, ∂l_k/
 :func:`moelab.activations.closed_form_derivatives`). For top-K the logits are
 linear (no second derivatives) and g, r vanish outside the routing set.
 
-The Newton step itself is :func:`moelab.mstep.newton_ascent_step` (the same
-Levenberg–Marquardt shift and logit cap as the autograd step
+The Newton steps themselves are :func:`moelab.mstep.newton_ascent_steps` (the same
+Levenberg–Marquardt damping ladder and logit cap as the autograd step
 :func:`moelab.mstep.gate_newton_step`), and the line search evaluates
 Q_gate(θ') = Σ_n Σ_k r_nk log g_k(x_n; θ') at candidates θ' by
 :func:`newton_q`, which recomputes r at the current parameters in the same pass.
@@ -42,7 +42,7 @@ import math
 import torch
 
 from ..activations import closed_form_derivatives
-from ..mstep import GateParameters, line_search, newton_ascent_step
+from ..mstep import GateParameters, damped_line_search, negligible_gain, newton_ascent_steps
 from .linear import EXP_FLOOR, exp_terms, expert_columns, expert_update, lin, n_expert_columns, unpack_experts
 
 __all__ = ["n_params", "n_sums", "newton_sums", "newton_q", "unpack_sums", "gate_args", "m_step"]
@@ -272,9 +272,10 @@ def gate_args(gate):
 def m_step(st, gate, expert_theta, var, x, y, var_floor, spec, run, x_abs_max):
     """One M-step from :func:`unpack_sums` statistics: (new gate, expert θ, variance).
 
-    Experts: :func:`moelab._fused.linear.expert_update`. Gate: the damped Newton step
-    of :func:`moelab.mstep.newton_ascent_step`, kept only where Q_gate increases
-    (full step, else the best smaller step size, else unchanged), with Q at the
+    Experts: :func:`moelab._fused.linear.expert_update`. Gate: the damped Newton steps
+    of :func:`moelab.mstep.newton_ascent_steps`, kept only where Q_gate increases
+    (the least damped, else the best of the more damped ones, else unchanged; none where
+    its predicted gain is below rounding, :func:`moelab.mstep.negligible_gain`), with Q at the
     candidates from :func:`newton_q` through ``run``. ``x_abs_max`` (R,) = max |x|.
     """
     n, d = x.shape[-2], x.shape[-1]
@@ -282,7 +283,8 @@ def m_step(st, gate, expert_theta, var, x, y, var_floor, spec, run, x_abs_max):
     layout = GateParameters(gate)
     slope, intercept, tau = gate_args(gate)
     theta0 = layout.flatten()
-    delta = newton_ascent_step(st["grad"], st["negH"], x_abs_max, d)
+    steps = newton_ascent_steps(st["grad"], st["negH"], x_abs_max, d)
+    skip = negligible_gain(st["grad"], steps[0], st["negH"], st["q0"], n, torch.ones_like(st["q0"], dtype=torch.bool))
 
     def q_fn(cand, idx):
         ps = layout.unflatten(cand)
@@ -291,5 +293,5 @@ def m_step(st, gate, expert_theta, var, x, y, var_floor, spec, run, x_abs_max):
         return run(newton_q, ps["slope"].contiguous(), ps["intercept"].contiguous(), ctau.contiguous(), sub(slope),
                    sub(intercept), sub(tau), sub(expert_theta), sub(var), sub(x), sub(y), spec)
 
-    theta, _ = line_search(q_fn, theta0, delta, st["q0"])
+    theta, _ = damped_line_search(q_fn, theta0, steps, st["q0"], skip)
     return gate.replace(**layout.unflatten(theta)), new_theta, new_var
