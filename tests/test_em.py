@@ -174,3 +174,22 @@ def test_collapsed_starts_are_rejected():
 def test_bad_input_errors(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         fit_em(**kwargs)
+
+
+def test_one_expert_is_least_squares_from_one_start():
+    """K = 1 has one fit, the least-squares line: one start (not n_init identical ones), no FewStartsWarning;
+    reference numpy.linalg.lstsq and the ML variance RSS / n."""
+    import warnings as _w
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(200, 2, generator=gen, dtype=D)
+    y = 1.5 - 2.0 * x[:, 0] + 0.7 * x[:, 1] + 0.3 * torch.randn(200, generator=gen, dtype=D)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        res = fit_em(x, y, 1, random_state=0)
+    assert res.start_loglik.shape[-1] == 1 and res.settings["n_init"] == 1
+    X = np.column_stack([x.numpy(), np.ones(200)])
+    coef, rss, *_ = np.linalg.lstsq(X, y.numpy(), rcond=None)
+    np.testing.assert_allclose(res.model.experts.slope.numpy().ravel(), coef[:2], rtol=1e-9)
+    np.testing.assert_allclose(float(res.model.experts.intercept), coef[2], rtol=1e-9)
+    np.testing.assert_allclose(float(res.model.experts.variance), rss[0] / 200, rtol=1e-9)

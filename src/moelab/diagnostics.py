@@ -259,7 +259,7 @@ def warn_fit(x: torch.Tensor, expert_size, start_loglik, *, n_init: int, user_st
     start_loglik : tensor of shape (..., n_init)
     n_init : int
     user_starts : bool
-        The starts were the user's (``init_model``): no FewStartsWarning.
+        The starts were the user's (``init_model``): no FewStartsWarning (nor with one expert, fitted from one start).
     degenerate : bool tensor of shape (...), optional
         Problems where every start collapsed (a DegenerateFitWarning already said so): no
         SmallExpertWarning for them.
@@ -271,7 +271,7 @@ def warn_fit(x: torch.Tensor, expert_size, start_loglik, *, n_init: int, user_st
     if degenerate is not None:
         size[torch.as_tensor(degenerate).cpu()] = float("inf")
     warn_small_experts(size.numpy(), x.shape[-1], stacklevel=stacklevel + 1)
-    if not user_starts:
+    if not user_starts and size.shape[-1] > 1:  # one expert: one start is the least-squares fit
         warn_few_starts(n_init, torch.as_tensor(start_loglik).cpu().numpy(), stacklevel=stacklevel + 1)
 
 

@@ -331,7 +331,10 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         init_model = GaussianMoE(spec.family.from_dense(dense.model.gate, **spec.options), dense.model.experts)
     prob = setup_problem(x, y, opts, random_state)
     with threads_for(prob), FitProgress.create(opts.progress) as bar:
-        n_keep = opts.n_init if init_model is None else user_starts(init_model, prob.batch)
+        if init_model is not None:
+            n_keep = user_starts(init_model, prob.batch)
+        else:  # one expert: every start gives the same least-squares fit
+            n_keep = 1 if prob.n_experts == 1 else opts.n_init
         bar.stage("screening starts", detail=f"{n_keep} start(s) per problem")
         state, xr, x1r, yr = make_starts(prob, n_keep, init_model)
         R = xr.shape[0]
@@ -352,7 +355,7 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         state, ll, it, conv = _run_em(state, stepper, opts, history, ll_offset=offset, race=race, progress=bar,
                                       accel=accel)
     settings = dict(gate=spec.name, gate_options=dict(spec.options),
-                    n_init=n_keep if init_model is not None else opts.n_init,
+                    n_init=n_keep if init_model is not None or prob.n_experts == 1 else opts.n_init,
                     init=opts.init if init_model is None else "user", n_candidates=opts.n_candidates,
                     max_iter=opts.max_iter, tol=opts.tol, convergence=opts.convergence, estimator="em", compiled=fused,
                     starts_stopped_early=0 if race is None else race.stopped,
