@@ -151,6 +151,12 @@ KERNELS = {
 }
 
 
+def _detached(args) -> tuple:
+    """The arguments without autograd flags: dynamo guards on ``requires_grad``, which the kernels never need
+    (they run inside an autograd Function), so a training and an inference call share one graph."""
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def _small(args) -> bool:
     """True if a tensor argument has a dimension below 2 (dynamo would compile sizes 0 and 1 separately)."""
     return any(isinstance(a, torch.Tensor) and any(s < 2 for s in a.shape) for a in args)
@@ -178,6 +184,7 @@ class FusedKernels:
         def call(*args):
             if _small(args) or owner.failed(name):
                 return eager(*args)
+            args = _detached(args)
             try:
                 with warnings.catch_warnings():
                     # torch.compile imports torch.jit helpers that warn (not actionable by a user)
@@ -324,7 +331,7 @@ class _Strict(FusedKernels):
                 raise ValueError(f"the check of {name} must use sizes of at least 2 (got {[tuple(getattr(a, 'shape', ())) for a in args]})")
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                return self._owner.compiled_fn(name)(*args)
+                return self._owner.compiled_fn(name)(*_detached(args))
 
         return call
 

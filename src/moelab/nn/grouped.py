@@ -474,8 +474,8 @@ def _check_fused(fused: FusedKernels, dtype: torch.dtype, device: torch.device, 
     kw = dict(dtype=dtype, device=device)
     token_idx = torch.randperm(n_assign, generator=gen).to(device) % n_tokens
     inputs = [torch.randn(n_tokens, d_model, generator=gen).to(**kw), torch.rand(n_assign, generator=gen).to(**kw),
-              torch.randn(n_experts, 2 * d_ff, d_model, generator=gen).to(**kw),
-              torch.randn(n_experts, d_model, d_ff, generator=gen).to(**kw)]
+              (torch.randn(n_experts, 2 * d_ff, d_model, generator=gen) / d_model**0.5).to(**kw),
+              (torch.randn(n_experts, d_model, d_ff, generator=gen) / d_ff**0.5).to(**kw)]
     dout = torch.randn(n_tokens, d_model, generator=gen).to(**kw)
     results = []
     with torch.inference_mode(False), torch.enable_grad():
@@ -488,6 +488,7 @@ def _check_fused(fused: FusedKernels, dtype: torch.dtype, device: torch.device, 
                 plain = _FusedMoEFFN.apply(*inputs[:1], token_idx, *inputs[1:], counts, "swiglu", F.silu, Workspace(),
                                            False, kernels_used)
             results.append([out.detach(), plain, *torch.autograd.grad(out, leaves, dout)])
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+    low = dtype in (torch.bfloat16, torch.float16)  # the eager path rounds after every op, the kernels once
     for got, ref in zip(*results):
-        torch.testing.assert_close(got, ref, **tol)
+        scale = float(ref.abs().max()) if low else 0.0
+        torch.testing.assert_close(got, ref, **(dict(rtol=0.0, atol=0.05 * scale) if low else {}))
