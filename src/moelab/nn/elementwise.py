@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from typing import Callable, Optional, Union
 
@@ -223,6 +224,7 @@ class ElementwiseKernels:
         self._status: dict = {}  # (device type, dtype) -> True, or the failure's text
         self._failed_calls: dict = {}
         self._reported: set = set()
+        self._sets: dict = {}  # way of reporting -> FusedKernels
         #: seconds the last successful check took (compile included), per (device type, dtype)
         self.check_seconds: dict = {}
 
@@ -232,6 +234,7 @@ class ElementwiseKernels:
             self._status.clear()
             self._failed_calls.clear()
             self._reported.clear()
+            self._sets.clear()
             self.check_seconds.clear()
 
     def compiled_fn(self, name: str):
@@ -265,17 +268,15 @@ class ElementwiseKernels:
             known = self._status.get(key)
             if known is True:
                 return True
-            if known is not None:
-                return False
-            import time
-
-            t0 = time.perf_counter()
-            try:
-                check(_Strict(self))
-            except Exception as exc:  # no compiler, an Inductor error, or results that differ
-                self._status[key] = f"{type(exc).__name__}: {_first_line(exc)}"
+            if known is None:
+                t0 = time.perf_counter()
+                try:
+                    check(_Strict(self))
+                except Exception as exc:  # no compiler, an Inductor error, or results that differ
+                    known = self._status[key] = f"{type(exc).__name__}: {_first_line(exc)}"
+            if known is not None:  # this attempt or an earlier one failed: said once per way of reporting
                 report(f"torch.compile of the fused element-wise kernels failed for {dtype} on {key[0]} "
-                       f"({self._status[key]}); the MoE layer runs its eager element-wise path instead (same results, "
+                       f"({known}); the MoE layer runs its eager element-wise path instead (same results, "
                        "slower). torch.compile on CPU needs a C++ compiler (g++ or clang); "
                        "pass fused_elementwise=False to skip this attempt")
                 return False
@@ -304,16 +305,20 @@ class ElementwiseKernels:
             report = self._warning_report
         if not self.available(dtype, device, check, report):
             return None
-        return FusedKernels(self, True, report)
+        with self._lock:
+            fused = self._sets.get(report.__name__)
+            if fused is None:
+                fused = self._sets[report.__name__] = FusedKernels(self, True, report)
+            return fused
 
     def _warning_report(self, message: str) -> None:
-        if message not in self._reported:
-            self._reported.add(message)
+        if ("warning", message) not in self._reported:
+            self._reported.add(("warning", message))
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _logger_report(self, message: str) -> None:
-        if message not in self._reported:
-            self._reported.add(message)
+        if ("log", message) not in self._reported:
+            self._reported.add(("log", message))
             logger.warning(message)
 
 
