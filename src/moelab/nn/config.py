@@ -128,19 +128,24 @@ class MoEConfig:
         in ``benchmarks/nn_layer.py``), at the cost of keeping it allocated
         between calls (``layer.experts.workspace.clear()`` frees it).
         ``False`` allocates it afresh every time.
-    fused_elementwise : {"auto", True, False}, default "auto"
+    fused_elementwise : {False, "auto", True}, default False
         Run the routed experts' element-wise work between their matmuls
         (the SwiGLU forward with the factors of its derivative, the weighted
-        combine of the outputs and of the input gradient) as kernels that ``torch.compile`` (Inductor's C++ backend on CPU)
-        fuses into one pass each (:mod:`moelab.nn.elementwise`). ``"auto"``:
-        on CPU for float32 / bfloat16 calls with at least
+        combine of the outputs and of the input gradient) as kernels that
+        ``torch.compile`` (Inductor's C++ backend on CPU) fuses into one pass
+        each (:mod:`moelab.nn.elementwise`; the matmuls stay in ATen).
+        ``False``: eager, no compilation. ``"auto"``: compiled on CPU for
+        float32 / bfloat16 calls with at least
         :data:`~moelab.nn.elementwise.AUTO_MIN_ELEMENTS` (2**20)
-        assignments × d_ff, so small layers never pay the one-off compile
-        (seconds, once per process, dtype and intra-op thread count);
-        ``True``: for every call (any dtype and device); ``False``: never.
-        If compiling fails the layer runs eagerly and says so once
-        (``RuntimeWarning`` for True, a ``moelab.nn`` log record for
-        "auto"). Results agree with the eager path to rounding.
+        assignments × d_ff, eager otherwise; ``True``: compiled for every
+        call (any dtype and device). Opt-in because it pays only over long
+        runs: about 1 % per forward+backward on ``benchmarks/nn_layer.py``,
+        against a first call that compiles for seconds (4 s with Inductor's
+        cache warm, 17 s cold, once per process and dtype, and again for
+        each new intra-op thread count). If compiling fails the layer runs
+        eagerly and says so once (``RuntimeWarning`` for True, a
+        ``moelab.nn`` log record for "auto"). Results agree with the eager
+        path to rounding.
 
     Raises
     ------
@@ -175,7 +180,7 @@ class MoEConfig:
     validate_inputs: bool = True
     expert_bias_update_rate: Optional[float] = None
     reuse_buffers: bool = True
-    fused_elementwise: Union[str, bool] = "auto"
+    fused_elementwise: Union[str, bool] = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "n_experts", "top_k", "schedule_steps"):

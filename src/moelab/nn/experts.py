@@ -39,11 +39,11 @@ class Experts(nn.Module):
         gradients, output) in a :class:`~moelab.nn.grouped.Workspace` reused from call to call (no
         page faults on CPU; costs one forward's intermediates, one set of gradients and one output of
         memory; a gradient or output is reused only once nothing refers to it).
-    fused_elementwise : {"auto", True, False}, default "auto"
+    fused_elementwise : {False, "auto", True}, default False
         Run :meth:`routed`'s element-wise work (the SwiGLU forward with its derivative's factors, the
-        weighted combine of the outputs and of the input gradient) as kernels compiled by ``torch.compile`` (:mod:`moelab.nn.elementwise`; see
-        :func:`~moelab.nn.grouped.fused_moe_ffn`). ``"auto"``: on CPU for float32 / bfloat16 calls
-        with at least :data:`~moelab.nn.elementwise.AUTO_MIN_ELEMENTS` assignments × d_ff.
+        weighted combine of the outputs and of the input gradient) as kernels compiled by
+        ``torch.compile`` (:mod:`moelab.nn.elementwise`; see :func:`~moelab.nn.grouped.fused_moe_ffn`
+        and :class:`~moelab.nn.MoEConfig`).
 
     Attributes
     ----------
@@ -51,7 +51,7 @@ class Experts(nn.Module):
     w_out : Parameter of shape (n, d_model, d_ff)
     workspace : Workspace or None
         None when ``reuse_buffers=False``.
-    fused_elementwise : {"auto", True, False}
+    fused_elementwise : {False, "auto", True}
         May be changed after construction.
     """
 
@@ -64,7 +64,7 @@ class Experts(nn.Module):
         activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "gelu",
         dtype: Optional[torch.dtype] = None,
         reuse_buffers: bool = True,
-        fused_elementwise: Union[str, bool] = "auto",
+        fused_elementwise: Union[str, bool] = False,
     ) -> None:
         super().__init__()
         self.workspace = Workspace() if reuse_buffers else None

@@ -9,6 +9,8 @@ still in cache, the two factors of ``dL/dh = dL/da * [u silu'(g), silu(g)]``
 (saved side by side instead of ``h``), so its backward is one element-wise
 pass; and it keeps its saved intermediates, per-expert temporaries, weight
 gradients and output in memory reused from call to call (:class:`Workspace`).
+With ``fused_elementwise`` its SwiGLU forward and its two combines run as kernels
+compiled by ``torch.compile`` (:mod:`moelab.nn.elementwise`), one pass each.
 This keeps the layer close to the compute floor (the per-expert matmuls alone;
 ``benchmarks/nn_layer.py``). Differentiable once (no double backward).
 """
@@ -402,7 +404,7 @@ def fused_moe_ffn(
     kind: str,
     act: Callable[[torch.Tensor], torch.Tensor],
     workspace: Optional[Workspace] = None,
-    fused_elementwise: Union[str, bool] = "auto",
+    fused_elementwise: Union[str, bool] = False,
 ) -> torch.Tensor:
     """``out[t] = Σ_{a: token_idx[a]=t} weight[a] f_{e(a)}(x[t])`` for expert-sorted assignments (differentiable once).
 
@@ -421,13 +423,13 @@ def fused_moe_ffn(
     workspace : Workspace, optional
         Reused memory for the intermediates saved for backward (:class:`Workspace`);
         None allocates them afresh on every call.
-    fused_elementwise : {"auto", True, False}, default "auto"
+    fused_elementwise : {False, "auto", True}, default False
         Run the element-wise work between the matmuls (the SwiGLU forward with the factors of its
         derivative; the weighted combine of the outputs and of the input gradient) as kernels
         compiled by ``torch.compile``
         (:mod:`moelab.nn.elementwise`). ``"auto"``: on CPU for float32 / bfloat16 calls of at least
         :data:`~moelab.nn.elementwise.AUTO_MIN_ELEMENTS` assignments × d_ff; ``True``: always;
-        ``False``: never. If compiling fails the call runs eagerly (reported once per process:
+        ``False``: never (see :class:`~moelab.nn.MoEConfig` for why that is the default). If compiling fails the call runs eagerly (reported once per process:
         a ``RuntimeWarning`` for True, a ``moelab.nn`` log record for "auto"). Outputs and gradients
         agree with the eager path to rounding.
 
