@@ -186,11 +186,8 @@ class FusedKernels:
             if _small(args) or owner.failed(name):
                 return eager(*args)
             args = _detached(args)
-            try:
-                with warnings.catch_warnings():
-                    # torch.compile imports torch.jit helpers that warn (not actionable by a user)
-                    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
-                    return owner.compiled_fn(name)(*args)
+            try:  # compiled by the start-up check (which mutes torch's own warnings); no global state touched here
+                return owner.compiled_fn(name)(*args)
             except Exception as exc:  # a recompilation that fails mid-run, say
                 owner.mark_failed(name, exc)
                 report(f"the compiled element-wise kernel {name} failed ({type(exc).__name__}: "
@@ -335,6 +332,7 @@ class _Strict(FusedKernels):
             if _small(args):
                 raise ValueError(f"the check of {name} must use sizes of at least 2 (got {[tuple(getattr(a, 'shape', ())) for a in args]})")
             with warnings.catch_warnings():
+                # torch.compile imports torch.jit helpers that warn (not actionable by a user)
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
                 return self._owner.compiled_fn(name)(*_detached(args))
 
