@@ -2,7 +2,11 @@
 
 Same configuration for every contender: hidden 512, SwiGLU ffn 1024, 8
 experts, top-2 softmax with renormalised weights (Mixtral's router), 4096
-tokens, float32, identical weights and routing. Also times the *compute
+tokens, float32, identical weights and routing. moelab runs with
+``--fused-elementwise`` (default ``auto``: its element-wise work compiled by
+torch.compile, :mod:`moelab.nn.elementwise`; compiled before the timings,
+the first-call cost is reported); unless that is ``off`` the eager layer
+(``fused_elementwise=False``) is timed alongside as ``moelab_eager``. Also times the *compute
 floor*: only the per-expert matmuls of forward and backward (6 per expert),
 on pre-sorted token blocks of the sizes the router produced, with
 preallocated outputs. Each timing is the median of ``--repeats`` rounds (the
@@ -14,6 +18,7 @@ Run::
     python benchmarks/nn_layer.py            # table
     python benchmarks/nn_layer.py --json     # JSON with ratio_vs_hf_eager_1thread
     python benchmarks/nn_layer.py --profile  # where moelab's time goes (torch.profiler), per category
+    python benchmarks/nn_layer.py --fused-elementwise off   # the eager element-wise path only
 
 ``ratio_vs_hf_eager_Nthread`` = HF time / moelab time (> 1: moelab faster);
 ``ratio_vs_floor_Nthread`` = moelab time / floor time (1.0 is the floor).
@@ -23,6 +28,7 @@ Without ``transformers`` installed the HF column is skipped with a message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.nn import MoEConfig, MoELayer
+from moelab.nn.elementwise import kernels
 
 D_MODEL, D_FF, N_EXPERTS, TOP_K, N_TOKENS = 512, 1024, 8, 2, 4096
 
@@ -155,6 +162,8 @@ def fwd_bwd(module_fn, params, x, dy):
 
 
 EXPERT_NODES = ("_FusedMoEFFN", "_GroupedFFN")  # the autograd Functions of moelab/nn/grouped.py
+COMPILED = ("## Call CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode",
+            "AOTDispatcher")  # torch.compile'd kernels (moelab/nn/elementwise.py) and dynamo's per-call work
 GATHER_SCATTER = ("aten::index_select", "aten::index_add_", "aten::scatter_add_", "aten::index_add")
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm")
 ROUTER = ("aten::linear", "aten::softmax", "aten::_softmax", "aten::topk", "aten::gather", "aten::sigmoid",
@@ -174,6 +183,10 @@ def categorise(top: str, name: str) -> str:
             return "experts: gather / weighted scatter-add"
         if any(node in name for node in EXPERT_NODES):
             return "experts: Python of the autograd Function"
+        if name.startswith(COMPILED[0]):
+            return "experts: compiled element-wise kernels"
+        if name.startswith(COMPILED[1:]):
+            return "experts: torch.compile call overhead (guards, wrappers)"
         return "experts: SwiGLU, weights, zeros (element-wise)"
     if top.startswith("autograd::engine::evaluate_function"):
         return "router & combine-weight backward" if "AccumulateGrad" not in top else "gradient accumulation"
@@ -214,30 +227,45 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--fused-elementwise", choices=("auto", "on", "off"), default="auto",
+                        help="moelab's MoEConfig(fused_elementwise=...): auto (default), on (True), off (False)")
     parser.add_argument("--profile", action="store_true",
                         help="profile moelab and the floor (torch.profiler) instead of timing; per category")
     args = parser.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
 
+    fused = {"auto": "auto", "on": True, "off": False}[args.fused_elementwise]
     torch.manual_seed(0)
-    layer = MoELayer(
-        MoEConfig(d_model=D_MODEL, d_ff=D_FF, n_experts=N_EXPERTS, top_k=TOP_K, normalize_weights=True)
-    )
+    config = MoEConfig(d_model=D_MODEL, d_ff=D_FF, n_experts=N_EXPERTS, top_k=TOP_K, normalize_weights=True,
+                       fused_elementwise=fused)
+    layer = MoELayer(config)
+    eager = None
+    if fused is not False:
+        eager = MoELayer(dataclasses.replace(config, fused_elementwise=False))
+        eager.load_state_dict(layer.state_dict())
     x = torch.randn(N_TOKENS, D_MODEL)
     dy = torch.randn(N_TOKENS, D_MODEL)
     hf, hf_reason = make_hf_block(layer)
 
+    torch.set_num_threads(args.threads[0])
+    t0 = time.perf_counter()
+    fwd_bwd(lambda t: layer(t).output, list(layer.parameters()), x, dy)()  # compiles the fused kernels, if used
+    first_call = time.perf_counter() - t0
     with torch.no_grad():
         ours = layer(x)
         counts = ours.tokens_per_expert.tolist()
         err_naive = (naive_loop(layer, x) - ours.output).abs().max().item()
+        err_eager = None if eager is None else (eager(x).output - ours.output).abs().max().item()
         err_hf = None if hf is None else (hf_forward(hf, x) - ours.output).abs().max().item()
+    compiled = kernels.status(torch.float32, x.device) is True and fused is not False
 
     contenders = {
         "moelab": fwd_bwd(lambda t: layer(t).output, list(layer.parameters()), x, dy),
         "naive_loop": fwd_bwd(lambda t: naive_loop(layer, t), list(layer.parameters()), x, dy),
         "compute_floor": make_floor(counts),
     }
+    if eager is not None:
+        contenders["moelab_eager"] = fwd_bwd(lambda t: eager(t).output, list(eager.parameters()), x, dy)
     if hf is not None:
         contenders["hf_mixtral_eager"] = fwd_bwd(lambda t: hf_forward(hf, t), list(hf.parameters()), x, dy)
 
@@ -265,8 +293,12 @@ def main(argv=None) -> int:
         "command": command,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "config": dict(d_model=D_MODEL, d_ff=D_FF, n_experts=N_EXPERTS, top_k=TOP_K, n_tokens=N_TOKENS, dtype="float32"),
+        "fused_elementwise": args.fused_elementwise,
+        "compiled_kernels_used": compiled,
+        "first_call_seconds": first_call,
         "tokens_per_expert": counts,
         "max_abs_diff_vs_naive": err_naive,
+        "max_abs_diff_vs_eager": err_eager,
         "max_abs_diff_vs_hf": err_hf,
         "hf_skipped": hf_reason,
         "load_average_1min_at_start": os.getloadavg()[0],
@@ -284,6 +316,8 @@ def main(argv=None) -> int:
             result[f"ratio_vs_hf_eager_{n}thread"] = times["hf_mixtral_eager"] / times["moelab"]
         result[f"ratio_vs_naive_{n}thread"] = times["naive_loop"] / times["moelab"]
         result[f"ratio_vs_floor_{n}thread"] = times["moelab"] / times["compute_floor"]
+        if eager is not None:
+            result[f"ratio_eager_vs_floor_{n}thread"] = times["moelab_eager"] / times["compute_floor"]
 
     if args.json:
         print(json.dumps(result, indent=2))
@@ -292,15 +326,19 @@ def main(argv=None) -> int:
     print(f"machine: {result['machine']}")
     if hf_reason:
         print(f"note: HF column skipped: {hf_reason}")
-    print(f"max |moelab - naive| = {err_naive:.2e}" + ("" if err_hf is None else f", max |moelab - HF| = {err_hf:.2e}"))
+    print(f"moelab: fused_elementwise={args.fused_elementwise} (compiled kernels {'used' if compiled else 'not used'}); "
+          f"first forward+backward {first_call:.2f} s")
+    print(f"max |moelab - naive| = {err_naive:.2e}" + ("" if err_eager is None else f", max |moelab - eager| = {err_eager:.2e}")
+          + ("" if err_hf is None else f", max |moelab - HF| = {err_hf:.2e}"))
     print(f"{'threads':>7} " + " ".join(f"{name:>17}" for name in contenders) + "   (median s, fwd+bwd)")
     for n in args.threads:
         t = result["seconds"][f"{n}thread"]
         print(f"{n:>7} " + " ".join(f"{t[name]:>17.4f}" for name in contenders))
     for n in args.threads:
         hf_part = f"HF eager / moelab = {result[f'ratio_vs_hf_eager_{n}thread']:.3f}, " if hf is not None else ""
+        eager_part = "" if eager is None else f", moelab_eager / floor = {result[f'ratio_eager_vs_floor_{n}thread']:.3f}"
         print(f"{n} thread(s): {hf_part}naive / moelab = {result[f'ratio_vs_naive_{n}thread']:.3f}, "
-              f"moelab / floor = {result[f'ratio_vs_floor_{n}thread']:.3f}")
+              f"moelab / floor = {result[f'ratio_vs_floor_{n}thread']:.3f}{eager_part}")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from moelab.activations import resolve_activation
+from moelab.nn.elementwise import resolve_fused_elementwise
 
 __all__ = ["MoEConfig", "ROUTERS", "ROUTER_ALIASES", "EXPERT_KINDS", "NOISE_KINDS", "SCHEDULES"]
 
@@ -127,12 +128,31 @@ class MoEConfig:
         in ``benchmarks/nn_layer.py``), at the cost of keeping it allocated
         between calls (``layer.experts.workspace.clear()`` frees it).
         ``False`` allocates it afresh every time.
+    fused_elementwise : {False, "auto", True}, default False
+        Run the routed experts' element-wise work between their matmuls
+        (the SwiGLU forward with the factors of its derivative, the weighted
+        combine of the outputs and of the input gradient) as kernels that
+        ``torch.compile`` (Inductor's C++ backend on CPU) fuses into one pass
+        each (:mod:`moelab.nn.elementwise`; the matmuls stay in ATen).
+        ``False``: eager, no compilation. ``"auto"``: compiled on CPU for
+        float32 / bfloat16 calls with at least
+        :data:`~moelab.nn.elementwise.AUTO_MIN_ELEMENTS` (2**20)
+        assignments × d_ff, eager otherwise; ``True``: compiled for every
+        call (any dtype and device). Opt-in because it pays only over long
+        runs: about 1 % per forward+backward on ``benchmarks/nn_layer.py``,
+        against a first call that compiles for seconds (4 s with Inductor's
+        cache warm, 17 s cold, once per process and dtype, and again for
+        each new intra-op thread count). If compiling fails the layer runs
+        eagerly and says so once (``RuntimeWarning`` for True, a
+        ``moelab.nn`` log record for "auto"). Results agree with the eager
+        path to rounding.
 
     Raises
     ------
     TypeError
         ``capacity_factor`` or ``expert_bias_update_rate`` not a real number
-        (a bool or a string, say); ``reuse_buffers`` not a bool.
+        (a bool or a string, say); ``reuse_buffers`` not a bool;
+        ``fused_elementwise`` not "auto", True or False.
     ValueError
         For any value outside the ranges above, with the fix in the message.
     """
@@ -160,6 +180,7 @@ class MoEConfig:
     validate_inputs: bool = True
     expert_bias_update_rate: Optional[float] = None
     reuse_buffers: bool = True
+    fused_elementwise: Union[str, bool] = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "n_experts", "top_k", "schedule_steps"):
@@ -233,6 +254,7 @@ class MoEConfig:
             raise ValueError(f"d_ff_shared must be a positive int or None, got {self.d_ff_shared!r}")
         if not isinstance(self.reuse_buffers, bool):
             raise TypeError(f"reuse_buffers must be True or False, got {self.reuse_buffers!r}")
+        resolve_fused_elementwise(self.fused_elementwise)
         if not (0.0 < self.noise_eps < 1.0):
             raise ValueError(f"noise_eps must be in (0, 1), got {self.noise_eps!r}")
         resolve_activation(self.gate_activation)

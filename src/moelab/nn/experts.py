@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.activations import resolve_activation
+from moelab.nn.elementwise import resolve_fused_elementwise
 from moelab.nn.grouped import Workspace, fused_moe_ffn, grouped_ffn
 
 __all__ = ["Experts"]
@@ -38,6 +39,11 @@ class Experts(nn.Module):
         gradients, output) in a :class:`~moelab.nn.grouped.Workspace` reused from call to call (no
         page faults on CPU; costs one forward's intermediates, one set of gradients and one output of
         memory; a gradient or output is reused only once nothing refers to it).
+    fused_elementwise : {False, "auto", True}, default False
+        Run :meth:`routed`'s element-wise work (the SwiGLU forward with its derivative's factors, the
+        weighted combine of the outputs and of the input gradient) as kernels compiled by
+        ``torch.compile`` (:mod:`moelab.nn.elementwise`; see :func:`~moelab.nn.grouped.fused_moe_ffn`
+        and :class:`~moelab.nn.MoEConfig`).
 
     Attributes
     ----------
@@ -45,6 +51,8 @@ class Experts(nn.Module):
     w_out : Parameter of shape (n, d_model, d_ff)
     workspace : Workspace or None
         None when ``reuse_buffers=False``.
+    fused_elementwise : {False, "auto", True}
+        May be changed after construction.
     """
 
     def __init__(
@@ -56,9 +64,11 @@ class Experts(nn.Module):
         activation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "gelu",
         dtype: Optional[torch.dtype] = None,
         reuse_buffers: bool = True,
+        fused_elementwise: Union[str, bool] = False,
     ) -> None:
         super().__init__()
         self.workspace = Workspace() if reuse_buffers else None
+        self.fused_elementwise = resolve_fused_elementwise(fused_elementwise)
         if kind not in ("swiglu", "mlp"):
             raise ValueError(f"unknown expert kind {kind!r}; choose 'swiglu' or 'mlp'")
         self.n, self.d_model, self.d_ff, self.kind = n, d_model, d_ff, kind
@@ -112,7 +122,8 @@ class Experts(nn.Module):
         Tensor of shape (n_tokens, d_model): ``Σ_a weight[a] f_{e(a)}(x[token_idx[a]])``
         accumulated at ``token_idx[a]`` (:func:`moelab.nn.grouped.fused_moe_ffn`).
         """
-        return fused_moe_ffn(x, token_idx, weight, self.w_in, self.w_out, counts, self.kind, self.act, self.workspace)
+        return fused_moe_ffn(x, token_idx, weight, self.w_in, self.w_out, counts, self.kind, self.act, self.workspace,
+                             self.fused_elementwise)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of all experts applied to every token (shared experts).

@@ -9,6 +9,8 @@ still in cache, the two factors of ``dL/dh = dL/da * [u silu'(g), silu(g)]``
 (saved side by side instead of ``h``), so its backward is one element-wise
 pass; and it keeps its saved intermediates, per-expert temporaries, weight
 gradients and output in memory reused from call to call (:class:`Workspace`).
+With ``fused_elementwise`` its SwiGLU forward and its two combines run as kernels
+compiled by ``torch.compile`` (:mod:`moelab.nn.elementwise`), one pass each.
 This keeps the layer close to the compute floor (the per-expert matmuls alone;
 ``benchmarks/nn_layer.py``). Differentiable once (no double backward).
 """
@@ -16,12 +18,13 @@ This keeps the layer close to the compute floor (the per-expert matmuls alone;
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from moelab.nn.elementwise import FusedKernels, kernels, resolve_fused_elementwise
 from moelab.nn.workspace import Workspace
 
 __all__ = ["grouped_ffn", "fused_moe_ffn", "Workspace"]
@@ -236,17 +239,18 @@ class _FusedMoEFFN(torch.autograd.Function):
     # one expert's block (see the note on _GroupedFFN), and nothing of size (n_assign, d) is built.
 
     @staticmethod
-    def forward(ctx, x, token_idx, weight, w_in, w_out, counts, kind, act, workspace, track):
+    def forward(ctx, x, token_idx, weight, w_in, w_out, counts, kind, act, workspace, track, fused):
         d_model, h_in, d_ff, d_out = x.shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
         swiglu = kind == "swiglu"
         # the output: memory of an earlier call's output that nobody refers to any more (Workspace.returned)
         out = _returned(workspace, "out", (x.shape[0], d_out), x)
         n_assign = token_idx.shape[0]
-        # with several intra-op threads, combine by a gather and a sum when every token has k assignments
-        # (parallel; a CPU scatter-add is serial or sorts, and each of its parallel regions waits for a
-        # preempted thread on a busy machine: 2 threads, 2 loaded cores, 2.10 -> 1.37-1.76 x the floor);
-        # at one thread the per-expert scatter-add into a zeroed output is the faster (1.15 against 1.17)
-        order = _combine_order(token_idx, x.shape[0]) if torch.get_num_threads() > 1 else None
+        # combine by a gather and a sum when every token has k assignments: with the fused kernels (one
+        # pass, no zero fill), or eagerly with several intra-op threads (parallel; a CPU scatter-add is
+        # serial or sorts, and each of its parallel regions waits for a preempted thread on a busy machine:
+        # 2 threads, 2 loaded cores, 2.10 -> 1.37-1.76 x the floor); eagerly at one thread the per-expert
+        # scatter-add into a zeroed output is the faster (1.15 against 1.17)
+        order = _combine_order(token_idx, x.shape[0]) if fused is not None or torch.get_num_threads() > 1 else None
         if order is None:
             out.zero_()
         w = weight.to(x.dtype)
@@ -266,14 +270,18 @@ class _FusedMoEFFN(torch.autograd.Function):
             offset += rows * cols
             return view
 
-        # one expert's temporaries: h = [g, u] (swiglu; not saved), the weighted expert output, and
-        # without a graph the swiglu factors and act_h
+        # one expert's temporaries: h = [g, u] (swiglu; not saved: the matmul writes it to memory still in
+        # cache), the weighted expert output, and without a graph the swiglu factors and act_h
         unsaved = swiglu and not track
-        # the weighted expert outputs of all assignments, and their gathered copy, for the combine by gather
+        # the weighted expert outputs of all assignments and their gathered copy, for the eager combine by
+        # gather; the fused combine reads the unweighted outputs (saved, or in the first of these slots)
         rows = n_assign if order is not None else 0
         scratch = _Scratch(workspace, max(counts, default=0),
-                           [h_in if swiglu else 0, d_out, 2 * d_ff if unsaved else 0, d_ff if unsaved else 0,
-                            (rows, d_out), (rows, d_out)], x)
+                           [h_in if swiglu else 0, d_out, d_ff if unsaved and fused is None else 0,
+                            d_ff if unsaved else 0, (rows if fused is None or not track else 0, d_out),
+                            (rows if fused is None else 0, d_out)], x)
+        # the expert outputs of all assignments, one block per expert (saved; or the fused combine's input)
+        ys = block(n_assign, d_out) if track else (scratch.get(4, n_assign) if rows and fused is not None else None)
         bounds, saved = [], []
         start = 0
         for e, c in enumerate(counts):
@@ -282,31 +290,44 @@ class _FusedMoEFFN(torch.autograd.Function):
             if c == 0:
                 continue
             xe = torch.index_select(x, 0, token_idx[a:b], out=block(c, d_model))
-            h = torch.mm(xe, w_in[e].t(), out=scratch.get(0, c) if swiglu else block(c, h_in))
             if swiglu:
+                h = torch.mm(xe, w_in[e].t(), out=scratch.get(0, c))
                 g, u = h[:, :d_ff], h[:, d_ff:]
-                hidden = (scratch.get(2, c) if unsaved else block(c, 2 * d_ff)).view(c, 2, d_ff)
-                silu_g = torch.ops.aten.silu.out(g, out=hidden[:, 1])
-                act_h = torch.mul(silu_g, u, out=scratch.get(3, c) if unsaved else block(c, d_ff))
-                if track:  # u silu'(g), computed now while h is in cache
-                    torch.ops.aten.silu_backward.grad_input(u, g, grad_input=hidden[:, 0])
+                if track:  # act_h and the factors [u silu'(g), silu(g)], computed now while h is in cache
+                    hidden = block(c, 2 * d_ff).view(c, 2, d_ff)
+                    act_h = block(c, d_ff)
+                    if fused is not None:
+                        fused.swiglu_forward(g, u, act_h, hidden[:, 0], hidden[:, 1])
+                    else:
+                        silu_g = torch.ops.aten.silu.out(g, out=hidden[:, 1])
+                        torch.mul(silu_g, u, out=act_h)
+                        torch.ops.aten.silu_backward.grad_input(u, g, grad_input=hidden[:, 0])
+                else:
+                    hidden, act_h = None, scratch.get(3, c)
+                    if fused is not None:
+                        fused.swiglu(g, u, act_h)
+                    else:
+                        torch.mul(torch.ops.aten.silu.out(g, out=scratch.get(2, c)), u, out=act_h)
             else:
-                hidden = h
-                act_h = act(h)
-            ye = torch.mm(act_h, w_out[e].t(), out=block(c, d_out))
+                hidden = torch.mm(xe, w_in[e].t(), out=block(c, h_in))
+                act_h = act(hidden)
+            ye = torch.mm(act_h, w_out[e].t(), out=ys[a:b] if ys is not None else block(c, d_out))
             if order is None:
                 _add_rows(out, token_idx[a:b], torch.mul(ye, w[a:b, None], out=scratch.get(1, c)))
-            else:
+            elif fused is None:
                 torch.mul(ye, w[a:b, None], out=scratch.get(4, n_assign)[a:b])
             bounds.append((e, a, b))
             if track:
                 saved += [xe, hidden, act_h, ye]
         if order is not None:
-            _gather_sum(scratch.get(4, n_assign), order, out, scratch.get(5, n_assign))
+            if fused is not None:
+                fused.sum_rows(ys, order, w, out)
+            else:
+                _gather_sum(scratch.get(4, n_assign), order, out, scratch.get(5, n_assign))
         scratch.release()
         ctx.order = order
         ctx.save_for_backward(token_idx, w, w_in, w_out, *saved)
-        ctx.bounds, ctx.kind, ctx.act = bounds, kind, act
+        ctx.bounds, ctx.kind, ctx.act, ctx.fused = bounds, kind, act, fused
         ctx.x_shape, ctx.weight_dtype = x.shape, weight.dtype
         ctx.workspace, ctx.release = workspace, None
         if token is not None:  # lent until the end of backward, or until the graph is freed without one
@@ -317,7 +338,7 @@ class _FusedMoEFFN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         token_idx, w, w_in, w_out, *saved = ctx.saved_tensors
-        kind, act, ws = ctx.kind, ctx.act, ctx.workspace
+        kind, act, ws, fused = ctx.kind, ctx.act, ctx.workspace, ctx.fused
         need_x, _, need_weight, need_w_in, need_w_out = ctx.needs_input_grad[:5]
         d_model, h_in, d_ff, d_out = ctx.x_shape[1], w_in.shape[1], w_out.shape[-1], w_out.shape[1]
         # the weights' gradients come from reused memory when nobody holds the previous call's
@@ -333,7 +354,7 @@ class _FusedMoEFFN(torch.autograd.Function):
         max_rows = max((b - a for _, a, b in ctx.bounds), default=0)
         n_assign = token_idx.shape[0] if order is not None and need_x else 0  # dL/dx_e of all assignments
         scratch = _Scratch(ws, max_rows, [d_out, d_out, d_ff, h_in if kind == "swiglu" else 0, d_model,
-                                          (n_assign, d_model), (n_assign, d_model)], dout)
+                                          (n_assign, d_model), (n_assign if fused is None else 0, d_model)], dout)
         for i, (e, a, b) in enumerate(ctx.bounds):
             xe, hidden, act_h, ye = saved[4 * i : 4 * i + 4]
             tok, c = token_idx[a:b], b - a
@@ -361,13 +382,16 @@ class _FusedMoEFFN(torch.autograd.Function):
                 else:
                     torch.mm(dh, w_in[e], out=scratch.get(5, n_assign)[a:b])
         if dx is not None and order is not None:
-            _gather_sum(scratch.get(5, n_assign), order, dx, scratch.get(6, n_assign))
+            if fused is not None:
+                fused.gather_sum(scratch.get(5, n_assign), order, dx)
+            else:
+                _gather_sum(scratch.get(5, n_assign), order, dx, scratch.get(6, n_assign))
         scratch.release()
         if dweight is not None:
             dweight = dweight.to(ctx.weight_dtype)
         if ctx.release is not None:
             ctx.release()  # the saved intermediates are used up: the workspace may be lent again
-        return dx, None, dweight, dw_in, dw_out, None, None, None, None, None
+        return dx, None, dweight, dw_in, dw_out, None, None, None, None, None, None
 
 
 def fused_moe_ffn(
@@ -380,6 +404,7 @@ def fused_moe_ffn(
     kind: str,
     act: Callable[[torch.Tensor], torch.Tensor],
     workspace: Optional[Workspace] = None,
+    fused_elementwise: Union[str, bool] = False,
 ) -> torch.Tensor:
     """``out[t] = Σ_{a: token_idx[a]=t} weight[a] f_{e(a)}(x[t])`` for expert-sorted assignments (differentiable once).
 
@@ -398,6 +423,15 @@ def fused_moe_ffn(
     workspace : Workspace, optional
         Reused memory for the intermediates saved for backward (:class:`Workspace`);
         None allocates them afresh on every call.
+    fused_elementwise : {False, "auto", True}, default False
+        Run the element-wise work between the matmuls (the SwiGLU forward with the factors of its
+        derivative; the weighted combine of the outputs and of the input gradient) as kernels
+        compiled by ``torch.compile``
+        (:mod:`moelab.nn.elementwise`). ``"auto"``: on CPU for float32 / bfloat16 calls of at least
+        :data:`~moelab.nn.elementwise.AUTO_MIN_ELEMENTS` assignments × d_ff; ``True``: always;
+        ``False``: never (see :class:`~moelab.nn.MoEConfig` for why that is the default). If compiling fails the call runs eagerly (reported once per process:
+        a ``RuntimeWarning`` for True, a ``moelab.nn`` log record for "auto"). Outputs and gradients
+        agree with the eager path to rounding.
 
     Returns
     -------
@@ -407,6 +441,8 @@ def fused_moe_ffn(
     ------
     ValueError
         If ``counts`` does not match ``token_idx`` or ``w_in``, or ``weight`` and ``token_idx`` differ in length.
+    TypeError
+        If ``fused_elementwise`` is not "auto", True or False.
     """
     counts = [int(c) for c in counts]
     if len(counts) != w_in.shape[0] or sum(counts) != token_idx.shape[0]:
@@ -416,5 +452,45 @@ def fused_moe_ffn(
         )
     if weight.shape != token_idx.shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {tuple(token_idx.shape)}")
+    setting = resolve_fused_elementwise(fused_elementwise)
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, w_in, w_out))
-    return _FusedMoEFFN.apply(x.contiguous(), token_idx, weight, w_in, w_out, counts, kind, act, workspace, track)
+    fused = None
+    if setting is not False and token_idx.shape[0]:
+        k = max(1, token_idx.shape[0] // max(1, x.shape[0]))
+        fused = kernels.select(setting, x.dtype, x.device, token_idx.shape[0] * w_out.shape[-1],
+                               check=lambda f: _check_fused(f, x.dtype, x.device, k))
+    return _FusedMoEFFN.apply(x.contiguous(), token_idx, weight, w_in, w_out, counts, kind, act, workspace, track, fused)
+
+
+def _check_fused(fused: FusedKernels, dtype: torch.dtype, device: torch.device, k: int) -> None:
+    """Forward + backward of a small problem with ``fused`` against the eager path; raises if they differ.
+
+    Runs (and so compiles) every kernel through the views the layer passes them, at sizes that
+    are all distinct and at least 2 (dynamo would otherwise specialise the graphs to equal or
+    unit sizes and compile again for the real ones).
+    """
+    n_tokens, d_model, d_ff, n_experts = 7, 10, 11, 3
+    n_assign = k * n_tokens
+    counts = [2, 3, n_assign - 5]  # n_assign >= 7
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(dtype=dtype, device=device)
+    token_idx = torch.randperm(n_assign, generator=gen).to(device) % n_tokens
+    inputs = [torch.randn(n_tokens, d_model, generator=gen).to(**kw), torch.rand(n_assign, generator=gen).to(**kw),
+              (torch.randn(n_experts, 2 * d_ff, d_model, generator=gen) / d_model**0.5).to(**kw),
+              (torch.randn(n_experts, d_model, d_ff, generator=gen) / d_ff**0.5).to(**kw)]
+    dout = torch.randn(n_tokens, d_model, generator=gen).to(**kw)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for kernels_used in (fused, None):
+            leaves = [t.detach().requires_grad_(True) for t in inputs]
+            x, weight, w_in, w_out = leaves
+            out = _FusedMoEFFN.apply(x, token_idx, weight, w_in, w_out, counts, "swiglu", F.silu, Workspace(), True,
+                                     kernels_used)
+            with torch.no_grad():  # the forward without a graph (kernel "swiglu")
+                plain = _FusedMoEFFN.apply(*inputs[:1], token_idx, *inputs[1:], counts, "swiglu", F.silu, Workspace(),
+                                           False, kernels_used)
+            results.append([out.detach(), plain, *torch.autograd.grad(out, leaves, dout)])
+    low = dtype in (torch.bfloat16, torch.float16)  # the eager path rounds after every op, the kernels once
+    for got, ref in zip(*results):
+        scale = float(ref.abs().max()) if low else 0.0
+        torch.testing.assert_close(got, ref, **(dict(rtol=0.0, atol=0.05 * scale) if low else {}))

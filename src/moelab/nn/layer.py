@@ -89,7 +89,7 @@ class MoELayer(nn.Module):
     def build_experts(self, config: MoEConfig, dtype: Optional[torch.dtype]) -> Experts:
         """The routed experts (all ``n_experts`` here; a slice of them in :class:`ExpertParallelMoE`)."""
         return Experts(config.n_experts, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype,
-                       reuse_buffers=config.reuse_buffers)
+                       reuse_buffers=config.reuse_buffers, fused_elementwise=config.fused_elementwise)
 
     @property
     def is_causal(self) -> bool:

@@ -103,7 +103,8 @@ class ExpertParallelMoE(MoELayer):
     def build_experts(self, config: MoEConfig, dtype: Optional[torch.dtype]) -> Experts:
         """This rank's ``n_experts / world_size`` experts."""
         return Experts(
-            config.n_experts // self.world, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype
+            config.n_experts // self.world, config.d_model, config.d_ff, config.expert, config.expert_activation, dtype,
+            reuse_buffers=config.reuse_buffers, fused_elementwise=config.fused_elementwise,
         )
 
     @classmethod
