@@ -36,3 +36,20 @@ def test_small_samples_run_the_loop_for_linear_logits(gate, options, n, one_pass
     opts = FitOptions(3, gate, options, estimator="em", compile=False)
     template = gate_spec(gate, options, n_experts=3).template(3, 1, (1,), dtype=torch.float64)
     assert pass_mode(opts, template, 160, n, "cpu") == (one_pass, False)
+
+
+def test_auto_never_compiles_multi_input_linear_logits(monkeypatch):
+    """d > 1 with linear logits runs the textbook loop under compile="auto" even when the fused kernels are already
+    compiled in this process (the loop is the faster: 11.1 s vs 15.2 s on diamonds 6k × 3, autocompile.py);
+    compile=True still runs the fused pass."""
+    from moelab import _fused
+
+    monkeypatch.setattr(_fused.kernels, "is_ready", lambda key: True)  # as if compiled earlier in the process
+    template = gate_spec("softmax", None, n_experts=3).template(3, 3, (1,), dtype=torch.float64)
+    auto = FitOptions(3, "softmax", None, estimator="em", compile="auto")
+    assert pass_mode(auto, template, 160, 53940, "cpu") == (False, False)
+    one = gate_spec("softmax", None, n_experts=3).template(3, 1, (1,), dtype=torch.float64)
+    assert pass_mode(auto, one, 160, 53940, "cpu") == (True, True)  # d = 1: the warm fused pass
+    monkeypatch.setattr("moelab.autocompile._compile", lambda *a, **k: True)
+    forced = FitOptions(3, "softmax", None, estimator="em", compile=True)
+    assert pass_mode(forced, template, 160, 53940, "cpu") == (True, True)

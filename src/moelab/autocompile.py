@@ -16,10 +16,11 @@ are the idle machine's (a loaded machine compiles less often than it should).
 ``iterations`` is the expected number per start, min(max_iter,
 :data:`TYPICAL_ITERS`) (the median start ran 310 iterations on diamonds 6k × 3), or
 :data:`TYPICAL_ITERS_ACCELERATED` with SQUAREM (89 per start there). Where the uncompiled
-iteration would be the textbook loop (linear logits with d > 1, or few samples; see
-:func:`pass_mode`) the saving is :data:`TEXTBOOK_SAVING_NS` instead of eager − fused: on
-diamonds 6k × 3 with SQUAREM a fresh ``moelab fit`` process took 24.8 s with ``--compile off``
-and 31.1 s compiled (7.4 s warm compile), so there the rule now leaves it uncompiled.
+iteration would be the textbook loop with few samples (see :func:`pass_mode`) the saving is
+:data:`TEXTBOOK_SAVING_NS` instead of eager − fused. Linear logits with d > 1 are never compiled
+by ``"auto"``: since the textbook loop keeps one fit's data once for all its starts, it is faster
+than the fused pass even with the kernels compiled (diamonds 6k × 3, 160 starts, SQUAREM, idle:
+11.1 s vs 15.2 s in-process; the full diamonds CLI 128.5 s vs 142.5 s).
 
 The compile cost depends on what is cached:
 
@@ -60,8 +61,9 @@ FUSED_NS = 15.0
 TYPICAL_ITERS = 300
 #: the same with SQUAREM (``accelerate="squarem"``; diamonds 6k × 3: 14,227 start-iterations over 160 starts)
 TYPICAL_ITERS_ACCELERATED = 90
-#: where the alternative is the textbook loop (linear logits, d > 1): its cost over the fused pass, ns per
-#: sample·expert·iteration (diamonds 6k × 3, K = 3, SQUAREM, load 1.5: 69 ns textbook vs 41 ns fused)
+#: where the alternative is the textbook loop (linear logits, n < SMALL_N; d > 1 is never compiled by "auto"): its
+#: cost over the fused pass, ns per sample·expert·iteration (measured before the loop shared one fit's data:
+#: diamonds 6k × 3, K = 3, SQUAREM, load 1.5, 69 ns textbook vs 41 ns fused)
 TEXTBOOK_SAVING_NS = 27.0
 #: with the kernels ready in this process, the fused pass from this starts·n·K on (measured crossover)
 WARM_MIN = 10_000
@@ -104,6 +106,11 @@ def compile_cost(K: int, d: int, dtype=torch.float64, device="cpu", spec=_fused.
     ``spec`` is the gate's one-pass kernel spec (:func:`moelab._fused.pass_spec`; default the
     linear-logit pass of softmax and temperature gates). See the module doc for the rule.
     """
+    if spec == _fused.LINEAR and d > 1 and compile is not True:
+        # the textbook loop (what pass_mode runs uncompiled) beats even the warm fused pass here: diamonds
+        # 6k x 3, K = 3, 160 starts, SQUAREM, idle 2-core machine, in-process: 11.1 s textbook vs 15.2 s
+        # with the kernels already compiled; the full diamonds (53,940 rows) CLI: 128.5 s vs 142.5 s
+        return True, False
     if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device, spec)):
         return 0.0
     path = marker_path(K, d, dtype, device, spec)
@@ -196,6 +203,11 @@ def _pass_mode(opts, gate: Gate, R: int, n: int, device, progress=None) -> tuple
         )
     if not ok or compile is False:
         return ok, False
+    if spec == _fused.LINEAR and d > 1 and compile is not True:
+        # the textbook loop (what pass_mode runs uncompiled) beats even the warm fused pass here: diamonds
+        # 6k x 3, K = 3, 160 starts, SQUAREM, idle 2-core machine, in-process: 11.1 s textbook vs 15.2 s
+        # with the kernels already compiled; the full diamonds (53,940 rows) CLI: 128.5 s vs 142.5 s
+        return True, False
     if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device, spec)):
         return True, compile is True or R * n * K >= WARM_MIN
     cost = compile_cost(K, d, dtype, device, spec)

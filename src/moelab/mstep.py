@@ -160,6 +160,12 @@ def cap_step(delta_logits_max: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
     return delta * factor[:, None]
 
 
+def _logsumexp_experts(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the experts axis (−2) of finite logits (..., K, n) → (..., n), overwriting ``logits``."""
+    top = logits.amax(-2, keepdim=True)
+    return logits.sub_(top).exp_().sum(-2).log_().add_(top.squeeze(-2))
+
+
 def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     """Damped Newton (IRLS) steps on the gate part of Q for linear softmax logits.
 
@@ -175,6 +181,7 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     x1 : tensor of shape (R, n, p), or (n, p) for one design shared by all R problems
         (each product over samples is then one matrix product over the R problems).
     resp : tensor of shape (R, K, n)
+        Responsibilities (each sample's sum to 1 over the experts; the gradient and Hessian assume it).
     theta : tensor of shape (R, K, p)
         Logit coefficients; row K-1 must be zero.
     n_steps : int
@@ -200,29 +207,45 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     def full(free):  # [..., R, P] -> [..., R, K, p]
         return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros_row.expand(*free.shape[:-1], 1, p)], -2)
 
+    # Q_gate(θ) = Σ_k θ_k·S_k − Σ_n w_n logsumexp_k θ_k·x1_n with S_k = Σ_n r_nk x1_n and w_n = Σ_k r_nk (= 1 for
+    # responsibilities): a candidate needs only its logsumexp, not a log-softmax and a product with r (two fewer
+    # (R, K, n) temporaries; the fused pass uses the same form, moelab._fused.linear.gate_proposal)
+    S = resp @ x1  # [R, K, p]
+    w = resp.sum(-2)  # [R, n]
+
+    def q_of(th, lse, Ss, ws):  # th (..., r, K, p), lse (..., r, n)
+        return (th * Ss).sum((-1, -2)) - (lse * ws).sum(-1)
+
     def q_fn(free, idx):
-        xs, rs = (x1t, resp) if idx is None else (x1t if shared else x1t[idx], resp[idx])
-        logits = full(free) @ xs  # [A, r, K, n]
-        return gate_q(torch.log_softmax(logits, -2), rs, finite=True)
+        xs = x1t if idx is None or shared else x1t[idx]
+        Ss, ws = (S, w) if idx is None else (S[idx], w[idx])
+        th = full(free)
+        return q_of(th, _logsumexp_experts(th @ xs), Ss, ws)  # logits [A, r, K, n], overwritten
 
     if xx is None:
         xx = outer_design(x1)
     free = theta[:, : K - 1].reshape(R, P)
+    pairs = [(k, l) for k in range(K - 1) for l in range(k, K - 1)]
     for _ in range(n_steps):
-        logits = full(free) @ x1t  # [R, K, n]
-        logg = torch.log_softmax(logits, -2)
-        q0 = gate_q(logg, resp, finite=True)
-        g = logg[:, : K - 1].exp()  # [R, K-1, n]
-        grad = ((resp[:, : K - 1] - g) @ x1).reshape(R, P)
-        W = g.unsqueeze(2) * (-g).unsqueeze(1)  # [R, K-1, K-1, n]
-        W.diagonal(dim1=1, dim2=2).add_(g.transpose(-1, -2))
-        H = W.flatten(1, 2) @ xx  # [R, (K-1)^2, p^2]
-        H = H.reshape(R, K - 1, K - 1, p, p).permute(0, 1, 3, 2, 4).reshape(R, P, P)  # minus the Hessian (PSD)
+        th = full(free)
+        g = th @ x1t  # logits [R, K, n], turned into the gate probabilities in place
+        top = g.amax(-2, keepdim=True)
+        total = g.sub_(top).exp_().sum(-2, keepdim=True)
+        q0 = q_of(th, (total.log() + top).squeeze(-2), S, w)
+        g.div_(total)
+        grad = (S - g @ x1)[:, : K - 1].reshape(R, P)
+        Gxx = (g @ xx)[:, : K - 1]  # Σ_n g_nk x1 x1ᵀ  [R, K-1, p^2]
+        GG = torch.stack([g[:, k] * g[:, l] for k, l in pairs], 1) @ xx  # Σ_n g_nk g_nl x1 x1ᵀ, k ≤ l
+        H = torch.empty(R, K - 1, K - 1, p * p, dtype=g.dtype, device=g.device)
+        for i, (k, l) in enumerate(pairs):  # minus the Hessian: δ_kl Σ g_k xxᵀ − Σ g_k g_l xxᵀ (PSD)
+            H[:, k, l] = (Gxx[:, k] - GG[:, i]) if k == l else -GG[:, i]
+            H[:, l, k] = H[:, k, l]
+        H = H.reshape(R, K - 1, K - 1, p, p).permute(0, 1, 3, 2, 4).reshape(R, P, P)
         ridge = 1e-9 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12) + 1e-12
         L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * eye)
         delta = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
         delta = torch.where((info > 0)[:, None], grad, delta)  # gradient step if Cholesky failed
-        dl = (delta.reshape(R, K - 1, p) @ x1t).abs().amax((-1, -2))
+        dl = (delta.reshape(R, K - 1, p) @ x1t).abs_().amax((-1, -2))
         delta = cap_step(dl, delta)
         skip = negligible_gain(grad, delta, H, q0, n, info == 0)
         free, _ = _line_search(q_fn, free, delta, q0, skip)
