@@ -106,11 +106,6 @@ def compile_cost(K: int, d: int, dtype=torch.float64, device="cpu", spec=_fused.
     ``spec`` is the gate's one-pass kernel spec (:func:`moelab._fused.pass_spec`; default the
     linear-logit pass of softmax and temperature gates). See the module doc for the rule.
     """
-    if spec == _fused.LINEAR and d > 1 and compile is not True:
-        # the textbook loop (what pass_mode runs uncompiled) beats even the warm fused pass here: diamonds
-        # 6k x 3, K = 3, 160 starts, SQUAREM, idle 2-core machine, in-process: 11.1 s textbook vs 15.2 s
-        # with the kernels already compiled; the full diamonds (53,940 rows) CLI: 128.5 s vs 142.5 s
-        return True, False
     if _fused.kernels.is_ready(_fused.kernel_key(K, d, dtype, device, spec)):
         return 0.0
     path = marker_path(K, d, dtype, device, spec)

@@ -127,18 +127,8 @@ def _line_search(q_fn, theta0, delta, q0, skip=None):
     ``idx`` (None = all) to Q values (A, r). ``skip`` (R,) bool: problems that
     keep θ0 without a search (see :func:`negligible_gain`).
     """
-    full = theta0 + delta
-    q1 = q_fn(full.unsqueeze(0), None).squeeze(0)
-    ok = q1 > q0  # NaN compares False
-    if skip is not None:
-        ok = ok & ~skip
-    new, qnew = torch.where(ok[:, None], full, theta0), torch.where(ok, q1, q0)
-    failed = ~ok if skip is None else ~ok & ~skip
-    if not bool(failed.any()):
-        return new, qnew
-    idx = failed.nonzero().squeeze(-1)
-    new[idx], qnew[idx] = backtrack(q_fn, theta0, delta, q0, idx)
-    return new, qnew
+    alphas = torch.tensor(_STEP_SIZES, dtype=theta0.dtype, device=theta0.device)
+    return damped_line_search(q_fn, theta0, alphas[:, None, None] * delta.unsqueeze(0), q0, skip)
 
 
 def negligible_gain(grad, delta, negH, q0, n, chol_ok):
