@@ -200,6 +200,10 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     # Q_gate(θ) = Σ_k θ_k·S_k − Σ_n w_n logsumexp_k θ_k·x1_n with S_k = Σ_n r_nk x1_n and w_n = Σ_k r_nk (= 1 for
     # responsibilities): a candidate needs only its logsumexp, not a log-softmax and a product with r (two fewer
     # (R, K, n) temporaries; the fused pass uses the same form, moelab._fused.linear.gate_proposal)
+    # In float32 the sums (≈ 1e5 on a hard gate) cancel to more than the gains near convergence: there Q, the
+    # gradient and the Hessian are sums of per-sample differences, as before the S form (a test session: float32
+    # fits had stalled up to 1.7 below)
+    direct = resp.dtype != torch.float64
     S = resp @ x1  # [R, K, p]
     w = resp.sum(-2)  # [R, n]
 
@@ -208,9 +212,12 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
 
     def q_fn(free, idx):
         xs = x1t if idx is None or shared else x1t[idx]
-        Ss, ws = (S, w) if idx is None else (S[idx], w[idx])
         th = full(free)
-        return q_of(th, _logsumexp_experts(th @ xs), Ss, ws)  # logits [A, r, K, n], overwritten
+        logits = th @ xs  # [A, r, K, n]
+        if direct:
+            return gate_q(torch.log_softmax(logits, -2), resp if idx is None else resp[idx], finite=True)
+        Ss, ws = (S, w) if idx is None else (S[idx], w[idx])
+        return q_of(th, _logsumexp_experts(logits), Ss, ws)  # logits overwritten
 
     if xx is None:
         xx = outer_design(x1)
@@ -219,17 +226,29 @@ def softmax_gate_newton_step(x1, resp, theta, n_steps: int = 1, xx=None):
     for _ in range(n_steps):
         th = full(free)
         g = th @ x1t  # logits [R, K, n], turned into the gate probabilities in place
-        top = g.amax(-2, keepdim=True)
-        total = g.sub_(top).exp_().sum(-2, keepdim=True)
-        q0 = q_of(th, (total.log() + top).squeeze(-2), S, w)
-        g.div_(total)
-        grad = (S - g @ x1)[:, : K - 1].reshape(R, P)
-        Gxx = (g @ xx)[:, : K - 1]  # Σ_n g_nk x1 x1ᵀ  [R, K-1, p^2]
-        GG = torch.stack([g[:, k] * g[:, l] for k, l in pairs], 1) @ xx  # Σ_n g_nk g_nl x1 x1ᵀ, k ≤ l
-        H = torch.empty(R, K - 1, K - 1, p * p, dtype=g.dtype, device=g.device)
-        for i, (k, l) in enumerate(pairs):  # minus the Hessian: δ_kl Σ g_k xxᵀ − Σ g_k g_l xxᵀ (PSD)
-            H[:, k, l] = (Gxx[:, k] - GG[:, i]) if k == l else -GG[:, i]
-            H[:, l, k] = H[:, k, l]
+        if direct:
+            logg = torch.log_softmax(g, -2)
+            q0 = gate_q(logg, resp, finite=True)
+            g = logg.exp_()
+        else:
+            top = g.amax(-2, keepdim=True)
+            total = g.sub_(top).exp_().sum(-2, keepdim=True)
+            q0 = q_of(th, (total.log() + top).squeeze(-2), S, w)
+            g.div_(total)
+        if direct:  # per-sample differences first: (r − g) and g(δ − g) are small where the sums would cancel
+            gf = g[:, : K - 1]
+            grad = ((resp[:, : K - 1] - gf) @ x1).reshape(R, P)
+            W = gf.unsqueeze(2) * (-gf).unsqueeze(1)  # [R, K-1, K-1, n]
+            W.diagonal(dim1=1, dim2=2).add_(gf.transpose(-1, -2))
+            H = (W.flatten(1, 2) @ xx).reshape(R, K - 1, K - 1, p * p)
+        else:
+            grad = (S - g @ x1)[:, : K - 1].reshape(R, P)
+            Gxx = (g @ xx)[:, : K - 1]  # Σ_n g_nk x1 x1ᵀ  [R, K-1, p^2]
+            GG = torch.stack([g[:, k] * g[:, l] for k, l in pairs], 1) @ xx  # Σ_n g_nk g_nl x1 x1ᵀ, k ≤ l
+            H = torch.empty(R, K - 1, K - 1, p * p, dtype=g.dtype, device=g.device)
+            for i, (k, l) in enumerate(pairs):  # minus the Hessian: δ_kl Σ g_k xxᵀ − Σ g_k g_l xxᵀ (PSD)
+                H[:, k, l] = (Gxx[:, k] - GG[:, i]) if k == l else -GG[:, i]
+                H[:, l, k] = H[:, k, l]
         H = H.reshape(R, K - 1, K - 1, p, p).permute(0, 1, 3, 2, 4).reshape(R, P, P)
         ridge = 1e-9 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12) + 1e-12
         L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * eye)
