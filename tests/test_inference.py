@@ -346,3 +346,24 @@ def test_hard_switch_with_an_almost_uninformed_intercept_keeps_its_standard_erro
     ref = [2.4883, 0.46961, 0.032299, 0.020791, 256.95, 43.331, 3.2124, 2.3056, 4.3790, 183.84, 67.661, 2.2081,
            1.2813, 1.6977, 158.22, 32.484, 1.9359, 1.3617, 4.6901]
     np.testing.assert_allclose(se[ok], ref, rtol=1e-4)  # the reference is printed to 5 digits
+
+
+def test_collinear_inputs_are_not_identified_rather_than_not_a_maximum():
+    """x = [x0, 2·x0 + 1e-9 noise]: the information is singular (a flat ridge), not indefinite, so the parameters are
+    'not identified' with a warning that says so (a test session found 'not a maximum' here)."""
+    g = np.random.default_rng(1)
+    n = 400
+    x = g.uniform(-1, 1, size=(n, 1))
+    z = x[:, 0] + 0.3 * g.normal(size=n) > 0
+    y = np.where(z, 1 + 2 * x[:, 0], -1 - x[:, 0]) + 0.5 * g.normal(size=n)
+    xd = np.c_[x, 2 * x + 1e-9 * g.normal(size=(n, 1))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = moelab.fit_em(xd, y, 2, random_state=0, n_init=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inf = wald_inference(fit.model, xd, y)
+    assert abs(float(inf.min_eigenvalue)) <= 1e-8
+    assert (np.asarray(inf.status) == "not identified").all() and np.isnan(inf.se).all()
+    msgs = [str(w.message) for w in caught]
+    assert any("singular" in m and "not identified" in m for m in msgs) and not any("not positive definite" in m for m in msgs)

@@ -394,6 +394,11 @@ def _hard_switch_gaps(model: GaussianMoE, x, y, ll_hat):
     return gaps
 
 
+#: |smallest eigenvalue| of the information's correlation form at or below which it counts as singular (a flat
+#: direction: parameters not identified) rather than indefinite (not a maximum)
+SINGULAR_EIGENVALUE = 1e-8
+
+
 def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence[str]] = None,
                    warn: bool = True) -> WaldInference:
     """Standard errors of a fitted model from the observed information, with hard switches detected.
@@ -499,8 +504,11 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     se[fixed | unbounded] = math.nan
     se[~pd_ok.to(dev)] = math.nan
     pd_ok = pd_ok.cpu()
-    for r in np.nonzero(~pd_ok.numpy())[0]:  # not a maximum: no SEs, and no hard-switch claims either
-        status[r, (free[r] | unbounded[r]).cpu().numpy()] = "not a maximum"
+    # singular rather than indefinite (smallest eigenvalue of the correlation form zero to rounding): a flat
+    # direction, e.g. collinear inputs, so the parameters are not identified; otherwise not a maximum
+    singular = (~pd_ok) & dpos.cpu() & (min_eig.abs().cpu() <= SINGULAR_EIGENVALUE)
+    for r in np.nonzero(~pd_ok.numpy())[0]:  # no SEs, and no hard-switch claims either
+        status[r, (free[r] | unbounded[r]).cpu().numpy()] = "not identified" if bool(singular[r]) else "not a maximum"
         separated[r] = False
     covn = cov.clone()
     bad = fixed | unbounded | (~pd_ok).to(dev).unsqueeze(-1)
@@ -509,7 +517,7 @@ def wald_inference(model: GaussianMoE, x, y, *, feature_names: Optional[Sequence
     switches = _switch_points(fit, layout, separated, gaps, cov, estimate, xt, yt, pd_ok)
     msgs = []
     if warn:
-        msgs = _warnings(layout, switches, pd_ok, R)
+        msgs = _warnings(layout, switches, pd_ok, R, singular)
     tau = getattr(model.gate, "temperature", None)
     fixed_tau = None
     if tau is not None and not layout.temperature:
@@ -609,7 +617,7 @@ def _switch_points(fit: GaussianMoE, layout: ParameterLayout, separated, gaps, c
     return out
 
 
-def _warnings(layout, switches, pd_ok, R) -> list:
+def _warnings(layout, switches, pd_ok, R, singular) -> list:
     msgs = []
     for r, sw in enumerate(switches):
         where = f" (problem {r})" if R > 1 else ""
@@ -632,7 +640,14 @@ def _warnings(layout, switches, pd_ok, R) -> list:
                    f"standard error); {instead}.")
             msgs.append(msg)
             warnings.warn(msg, SeparationWarning, stacklevel=3)
-    bad = np.nonzero(~pd_ok.numpy())[0]
+    flat = np.nonzero(singular.numpy())[0]
+    if flat.size:
+        msg = (f"the observed information is singular in {flat.size} of {R} problem(s): the likelihood is flat along "
+               "some direction of the parameters, so they are not identified and have no standard errors (collinear or "
+               "constant inputs, or a gate parameter the data do not determine); drop the redundant input(s)")
+        msgs.append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    bad = np.nonzero((~pd_ok & ~singular).numpy())[0]
     if bad.size:
         msg = (f"the observed information is not positive definite in {bad.size} of {R} problem(s): the fit is not "
                "at a local maximum of the likelihood (not converged, or a saddle), so it has no standard errors; "
