@@ -34,6 +34,8 @@ Dempster, Laird & Rubin (1977) (generalised EM).
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -92,8 +94,9 @@ def monomials(d: int):
     return [()] + [(j,) for j in range(d)] + [(j, l) for j in range(d) for l in range(j, d)]
 
 
+@functools.lru_cache(maxsize=None)
 def moment_index(d: int):
-    """Index of x1_j·x1_l (p, p) and of x1_j (p,) into the list of :func:`_monomials`."""
+    """Index of x1_j·x1_l (p, p) and of x1_j (p,) into the list of :func:`_monomials` (cached: read-only)."""
     mono = {m: i for i, m in enumerate(monomials(d))}
     p = d + 1
 
@@ -179,6 +182,14 @@ def em_sums(gate_theta, expert_theta, var, x, y):
     return torch.stack(cols, -1)
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_index(K: int) -> torch.Tensor:
+    """(K−1, K−1) index of the pair (min(k, l), max(k, l)) in the k ≤ l order of :func:`em_sums` (cached: read-only)."""
+    pairs = [(k, k2) for k in range(K - 1) for k2 in range(k, K - 1)]
+    return torch.tensor([[pairs.index((min(k, k2), max(k, k2))) for k2 in range(K - 1)] for k in range(K - 1)],
+                        dtype=torch.long)
+
+
 def unpack_sums(sums, K: int, d: int) -> dict:
     """Name the columns of :func:`em_sums` (R, M): the dict of :func:`em_statistics`."""
     R = sums.shape[0]
@@ -189,10 +200,9 @@ def unpack_sums(sums, K: int, d: int) -> dict:
     i = 2 + n_expert_columns(K, d)
     gq = sums[:, i : i + (K - 1) * q].reshape(R, K - 1, q)
     i += (K - 1) * q
-    pairs = [(k, k2) for k in range(K - 1) for k2 in range(k, K - 1)]
-    ggq = sums[:, i : i + len(pairs) * q].reshape(R, len(pairs), q)
-    pair_index = torch.tensor([[pairs.index((min(k, k2), max(k, k2))) for k2 in range(K - 1)] for k in range(K - 1)],
-                              device=sums.device)
+    n_pairs = K * (K - 1) // 2
+    ggq = sums[:, i : i + n_pairs * q].reshape(R, n_pairs, q)
+    pair_index = _pair_index(K).to(sums.device)
     out.update(G=gq[..., first], Gxx=gq[..., second],
                GG=ggq[:, pair_index][..., second] if K > 1 else sums.new_zeros(R, 0, 0, p, p))
     return out
