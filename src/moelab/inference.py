@@ -640,18 +640,15 @@ def _warnings(layout, switches, pd_ok, R, singular) -> list:
                    f"standard error); {instead}.")
             msgs.append(msg)
             warnings.warn(msg, SeparationWarning, stacklevel=3)
-    flat = np.nonzero(singular.numpy())[0]
-    if flat.size:
-        msg = (f"the observed information is singular in {flat.size} of {R} problem(s): the likelihood is flat along "
-               "some direction of the parameters, so they are not identified and have no standard errors (collinear or "
-               "constant inputs, or a gate parameter the data do not determine); drop the redundant input(s)")
-        msgs.append(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    bad = np.nonzero((~pd_ok & ~singular).numpy())[0]
-    if bad.size:
-        msg = (f"the observed information is not positive definite in {bad.size} of {R} problem(s): the fit is not "
-               "at a local maximum of the likelihood (not converged, or a saddle), so it has no standard errors; "
-               "fit with more iterations (max_iter) or a smaller tol")
-        msgs.append(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    for which, text in ((singular, "is singular in {m} of {R} problem(s): the likelihood is flat along some direction "
+                         "of the parameters, so they are not identified and have no standard errors (collinear or "
+                         "constant inputs, or a gate parameter the data do not determine); drop the redundant input(s)"),
+                        (~pd_ok & ~singular, "is not positive definite in {m} of {R} problem(s): the fit is not at a "
+                         "local maximum of the likelihood (not converged, or a saddle), so it has no standard errors; "
+                         "fit with more iterations (max_iter) or a smaller tol")):
+        m = int(which.sum())
+        if m:
+            msg = "the observed information " + text.format(m=m, R=R)
+            msgs.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return msgs
