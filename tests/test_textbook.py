@@ -78,3 +78,32 @@ def test_float32_reaches_the_float64_optimum_from_the_same_starts():
     m32 = GaussianMoE(model.gate.map_tensors(lambda t: t.float()), model.experts.map_tensors(lambda t: t.float()))
     r32 = fit_em(x.float(), y.float(), K, **dict(kw, init_model=m32), dtype=torch.float32)
     assert abs(float(r32.loglik) - float(r64.loglik)) < 0.01, (float(r32.loglik), float(r64.loglik))
+
+
+def test_groups_of_starts_equal_one_block(monkeypatch):
+    """Shared data with the starts in groups (GROUP_BYTES small: groups of 2 of 6) equals one block step by step."""
+    import moelab.textbook as tb
+
+    R, K, n, d = 6, 3, 400, 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, d, generator=g, dtype=D)
+    y = x.sum(-1) + torch.randn(n, generator=g, dtype=D).abs()
+    x1 = torch.cat([x, torch.ones(n, 1, dtype=D)], -1)
+    opts = FitOptions(K, "softmax", None, estimator="em")
+    one = TextbookStepper(x, x1, y, opts, shared_by=R)
+    monkeypatch.setattr(tb, "GROUP_BYTES", 2 * K * n * 8)
+    grouped = TextbookStepper(x, x1, y, opts, shared_by=R)
+    a = b = _starts(R, d, K, seed=5)
+    for it in range(8):
+        monkeypatch.setattr(tb, "GROUP_BYTES", 16 * 2**20)
+        a, lla = one.evaluate(a)
+        ra = one.resp.clone()
+        a = one.m_step(a)
+        monkeypatch.setattr(tb, "GROUP_BYTES", 2 * K * n * 8)
+        assert len(grouped._groups(R, K)) == 3
+        b, llb = grouped.evaluate(b)
+        torch.testing.assert_close(llb, lla, rtol=1e-13, atol=0)
+        torch.testing.assert_close(grouped.resp, ra, rtol=1e-12, atol=1e-15)
+        b = grouped.m_step(b)
+        torch.testing.assert_close(b.theta, a.theta, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.gate.logit_coefficients(), a.gate.logit_coefficients(), rtol=1e-10, atol=1e-12)
