@@ -293,3 +293,30 @@ def test_unregistered_pass_family_gets_a_clear_compile_error():
         assert not res.settings["compiled"]
     finally:
         unregister_gate("plain-test")
+
+
+@pytest.mark.parametrize("spec", [("activation", "tanh", True), ("activation", "sigmoid", False)], ids=str)
+def test_line_search_from_the_pass_responsibilities_equals_recomputing_them(spec):
+    # newton_sums_resp writes r once; newton_q_resp evaluates candidates from it (no second E-step)
+    gate, eth, var, x, y = _problem(spec, R=3, n=700, seed=7)
+    args = newton.gate_args(gate) + (eth, var, x, y, spec)
+    sums, resp = newton.newton_sums_resp(*args)
+    torch.testing.assert_close(sums, newton.newton_sums(*args), rtol=0, atol=0)
+    ref_resp, _ = _textbook(gate, eth, var, x, y)
+    torch.testing.assert_close(resp, ref_resp.transpose(1, 2), rtol=1e-12, atol=1e-14)
+    layout = GateParameters(gate)
+    th = layout.flatten()
+    gen = torch.Generator().manual_seed(2)
+    cand = torch.stack([th + 0.05 * torch.randn(th.shape, generator=gen, dtype=D) for _ in range(2)])
+    ps = layout.unflatten(cand)
+    tau = newton.gate_args(gate)[2]
+    ctau = ps.get("temperature", tau.expand(2, -1))
+    want = newton.newton_q(ps["slope"], ps["intercept"], ctau, *args)
+    torch.testing.assert_close(newton.newton_q_resp(ps["slope"], ps["intercept"], ctau, resp, x, spec), want,
+                               rtol=1e-12, atol=1e-10)
+    # blocked over samples: sums add up, responsibilities are concatenated in sample order
+    bs, br = fcache.run_blocked(newton.newton_sums_resp, args, block_elements=256)
+    torch.testing.assert_close(bs, sums, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(br, resp, rtol=0, atol=0)
+    got = fcache.run_blocked(newton.newton_q_resp, (ps["slope"], ps["intercept"], ctau, resp, x, spec), block_elements=256)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)

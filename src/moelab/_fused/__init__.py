@@ -101,6 +101,10 @@ def _check_problem(K, d, spec, dtype, device):
         args = (slope, icpt, tau, eth, var, x, y, spec)
         cs, ci, ct = torch.stack([slope, 0.5 * slope]), torch.stack([icpt, -icpt]), torch.stack([tau, 2 * tau])
         calls = [(newton.newton_sums, args), (newton.newton_q, (cs, ci, ct) + args)]
+        if spec[0] == "activation":
+            resp = newton.newton_sums_resp(*args)[1]
+            calls += [(newton.newton_sums_resp, args), (newton.newton_q_resp, (cs, ci, ct, resp, x, spec)),
+                      (newton.newton_q_resp, (cs[:1], ci[:1], ct[:1], resp, x, spec))]  # one candidate: a graph of its own
     return [(kernels.get(fn)(*a, fallback=False), fn(*a)) for fn, a in calls]
 
 

@@ -10,8 +10,10 @@ the current parameters: log-likelihood, effective expert sizes, statistics),
   Σ logsumexp at the proposal), so an iteration is one pass; problems whose
   proposal did not increase Q search smaller steps and redo their pass.
 * :class:`NewtonStepper` — activation and top-K gates: Q_gate at a candidate
-  needs the current responsibilities, so the step is checked at once by
-  :func:`moelab._fused.newton.newton_q` (a second, lighter pass).
+  needs the current responsibilities, so the step is checked at once by a
+  second, lighter pass: :func:`moelab._fused.newton.newton_q_resp` on the
+  responsibilities the first pass wrote (activation gates), or
+  :func:`moelab._fused.newton.newton_q`, which recomputes them (top-K).
 """
 
 from __future__ import annotations
@@ -136,19 +138,25 @@ class NewtonStepper(_Stepper):
     def __init__(self, spec, x, y, var_floor, run):
         super().__init__(spec, x, y, var_floor, run)
         self.x_abs_max = x.abs().amax(-2).amax(-1)
+        # activation gates keep the pass's responsibilities for the line search (newton_q_resp: no second
+        # E-step); top-K recomputes them in newton_q (its routing test needs the eager E-step's zeros)
+        self.keep_resp = spec[0] == "activation"
+
+    def _pass(self, st: State, xa, ya):
+        K, d = st.theta.shape[-2], xa.shape[-1]
+        args = (*newton.gate_args(st.gate), st.theta, st.var, xa, ya, self.spec)
+        if not self.keep_resp:
+            return newton.unpack_sums(self.run(newton.newton_sums, *args), self.spec, K, d)
+        sums, resp = self.run(newton.newton_sums_resp, *args)
+        return dict(newton.unpack_sums(sums, self.spec, K, d), resp=resp)
 
     def evaluate(self, st: State):
-        K, d = st.theta.shape[-2], self.xa.shape[-1]
-        sums = self.run(newton.newton_sums, *newton.gate_args(st.gate), st.theta, st.var, self.xa, self.ya, self.spec)
-        self.stats = newton.unpack_sums(sums, self.spec, K, d)
+        self.stats = self._pass(st, self.xa, self.ya)
         self._record_sizes(self.stats["S"])
         return st, self.stats["loglik"]
 
     def _evaluate_subset(self, st: State, idx, pending):
-        K, d = st.theta.shape[-2], self.xa.shape[-1]
-        sums = self.run(newton.newton_sums, *newton.gate_args(st.gate), st.theta, st.var, self.xa[idx], self.ya[idx],
-                        self.spec)
-        return st, newton.unpack_sums(sums, self.spec, K, d)
+        return st, self._pass(st, self.xa[idx], self.ya[idx])
 
     def keep(self, mask):
         super().keep(mask)
@@ -156,5 +164,5 @@ class NewtonStepper(_Stepper):
 
     def m_step(self, st: State) -> State:
         gate, theta, var = newton.m_step(self.stats, st.gate, st.theta, st.var, self.xa, self.ya, self.var_floor,
-                                         self.spec, self.run, self.x_abs_max)
+                                         self.spec, self.run, self.x_abs_max, resp=self.stats.get("resp"))
         return State(gate, theta, var)
