@@ -36,7 +36,7 @@ def assert_same_table(got: pd.DataFrame, want: pd.DataFrame) -> None:
             np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-12, atol=1e-12,
                                        equal_nan=True, err_msg=col)
         else:  # strings and flags; an empty CSV field reads as NaN on both sides
-            assert a[col].fillna("").astype(str).tolist() == b[col].fillna("").astype(str).tolist(), col
+            assert a[col].astype(object).fillna("").astype(str).tolist() == b[col].astype(object).fillna("").astype(str).tolist(), col
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,19 @@ def test_a_task_that_kills_its_workers_is_a_failed_row(study_file, serial, clust
     client.wait_for_workers(2, timeout=60)
 
 
+class HoldBack(distributed.WorkerPlugin):
+    """Hold every task but the one whose key contains ``first`` for ``seconds`` as it starts executing."""
+
+    name = "hold-back"
+
+    def __init__(self, first: str, seconds: float):
+        self.first, self.seconds = first, seconds
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and self.first not in str(key):
+            time.sleep(self.seconds)
+
+
 def test_interrupted_driver_writes_what_finished_and_resumes(study_file, serial, cluster, tmp_path, monkeypatch):
     """A real SIGINT in the driver after its first write: finished batches are on disk, the rest cancelled;
     the rerun fits only what is missing and the table equals the serial run's."""
@@ -158,8 +171,12 @@ def test_interrupted_driver_writes_what_finished_and_resumes(study_file, serial,
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(runner_mod, "_append_rows", append_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        run_study(load_study(study_file), tmp_path / "out", progress=False, client=client)
+    client.register_plugin(HoldBack("-exact-n80-r0-", seconds=2.0))  # the rest cannot all finish before the Ctrl-C
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_study(load_study(study_file), tmp_path / "out", progress=False, client=client)
+    finally:
+        client.unregister_worker_plugin("hold-back")
     first = read_results(path)
     assert 1 <= len(first) < 12 and len(first) == sum(calls)  # every handled batch is on disk
     assert not first.duplicated(KEY).any()

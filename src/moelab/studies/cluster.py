@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, Tuple
 
@@ -216,8 +218,18 @@ def run_tasks(client, tasks: Sequence[Tuple[str, Callable, tuple, object]], hand
         handle(info, result)
 
     try:
-        for fut in distributed.as_completed(list(pending)):
-            take(fut)
+        with _sigint_deferred() as interrupted:
+            done = distributed.as_completed(list(pending))
+            while not done.is_empty():
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                if not done.has_ready():
+                    interrupted.wait(_POLL_S)
+                    continue
+                for fut in done.next_batch(block=False):
+                    take(fut)
+            if interrupted.is_set():
+                raise KeyboardInterrupt
     except BaseException:
         for fut in [f for f in pending if f.status == "finished"]:
             with contextlib.suppress(Exception):
@@ -225,3 +237,29 @@ def run_tasks(client, tasks: Sequence[Tuple[str, Callable, tuple, object]], hand
         with contextlib.suppress(Exception):
             client.cancel(list(pending))
         raise
+
+
+#: how often the driver looks for finished tasks and for a Ctrl-C while none has finished (seconds)
+_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[threading.Event]:
+    """Within the block, SIGINT sets the yielded event instead of raising KeyboardInterrupt.
+
+    The default handler raises KeyboardInterrupt wherever the main thread
+    happens to be, and inside distributed's own client code (a future's
+    bookkeeping, a lock) it can be lost, so the run carried on to the end. The
+    driver loop checks the event between tasks and raises there. The
+    previous handler is restored on leaving; off the main thread (where
+    Python delivers no signals) the event is never set.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    old = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, old)
