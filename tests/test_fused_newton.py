@@ -26,6 +26,7 @@ from moelab.gates import ActivationGate, TopKGate
 from moelab.mstep import GateParameters, gate_q
 from moelab._fused import cache as fcache
 from moelab._fused import newton
+from moelab._fused import steppers as fsteppers
 
 D = torch.float64
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -300,13 +301,18 @@ def test_line_search_from_the_pass_responsibilities_equals_recomputing_them(spec
     # newton_sums_resp writes r once; newton_q_resp evaluates candidates from it (no second E-step)
     gate, eth, var, x, y = _problem(spec, R=3, n=700, seed=7)
     args = newton.gate_args(gate) + (eth, var, x, y, spec)
-    sums, resp = newton.newton_sums_resp(*args)
-    torch.testing.assert_close(sums, newton.newton_sums(*args), rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(2)
+    check = torch.softmax(torch.randn(3, 3, 700, generator=gen, dtype=D), 1)  # a previous pass's responsibilities
+    rargs = args[:-1] + (check, spec)
+    sums, resp = newton.newton_sums_resp(*rargs)
+    torch.testing.assert_close(sums[:, :-1], newton.newton_sums(*args), rtol=0, atol=0)
     ref_resp, _ = _textbook(gate, eth, var, x, y)
     torch.testing.assert_close(resp, ref_resp.transpose(1, 2), rtol=1e-12, atol=1e-14)
+    # the last column: Q_gate of this gate under the check responsibilities (the deferred step check)
+    q_here = newton.newton_q_resp(*(t.unsqueeze(0) for t in newton.gate_args(gate)), check, x, spec)[0]
+    torch.testing.assert_close(sums[:, -1], q_here, rtol=1e-13, atol=1e-10)
     layout = GateParameters(gate)
     th = layout.flatten()
-    gen = torch.Generator().manual_seed(2)
     cand = torch.stack([th + 0.05 * torch.randn(th.shape, generator=gen, dtype=D) for _ in range(2)])
     ps = layout.unflatten(cand)
     tau = newton.gate_args(gate)[2]
@@ -315,8 +321,36 @@ def test_line_search_from_the_pass_responsibilities_equals_recomputing_them(spec
     torch.testing.assert_close(newton.newton_q_resp(ps["slope"], ps["intercept"], ctau, resp, x, spec), want,
                                rtol=1e-12, atol=1e-10)
     # blocked over samples: sums add up, responsibilities are concatenated in sample order
-    bs, br = fcache.run_blocked(newton.newton_sums_resp, args, block_elements=256)
+    bs, br = fcache.run_blocked(newton.newton_sums_resp, rargs, block_elements=256)
     torch.testing.assert_close(bs, sums, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(br, resp, rtol=0, atol=0)
     got = fcache.run_blocked(newton.newton_q_resp, (ps["slope"], ps["intercept"], ctau, resp, x, spec), block_elements=256)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("accelerate", [None, "squarem"])
+def test_gate_step_checked_by_the_next_pass_equals_checking_it_at_once(accelerate, monkeypatch):
+    """Activation gates: the proposed Newton step is checked by the next pass (Q_gate column from the previous
+    responsibilities), failed steps searched and their pass redone; the fit equals checking every step at once
+    by a pass of its own (newton.m_step, as top-K does), with SQUAREM's extrapolated passes in between too."""
+    verify, fixed = newton.verify, []
+
+    def spy(*a, **k):
+        out = verify(*a, **k)
+        fixed.append(0 if out is None else len(out[0]))
+        return out
+
+    monkeypatch.setattr(newton, "verify", spy)
+    deferred = _fit("activation-tanh-learned", compile=False, accelerate=accelerate)
+    assert sum(fixed) > 0 and len(fixed) > 10  # some proposals failed and were searched and redone
+    monkeypatch.setattr(newton, "verify", verify)
+    init = fsteppers.NewtonStepper.__init__
+
+    def at_once(self, *a, **k):
+        init(self, *a, **k)
+        self.keep_resp = False
+
+    monkeypatch.setattr(fsteppers.NewtonStepper, "__init__", at_once)
+    immediate = _fit("activation-tanh-learned", compile=False, accelerate=accelerate)
+    _assert_equal_fits(deferred, immediate, rtol=1e-11)
+    assert _monotone(deferred)

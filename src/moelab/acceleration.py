@@ -114,6 +114,11 @@ class Squarem:
         self.accepted = self.tried = 0
 
     @property
+    def extrapolates_next(self) -> bool:
+        """Whether the next pass is a cycle's third: θ' from θ₀, θ₁ and the state the coming M-step returns (θ₂)."""
+        return self.phase == 2
+
+    @property
     def ll_min(self):
         """(r,) the log-likelihood an extrapolated point must reach: ℓ(θ₁) + max(ℓ(θ₁) − ℓ(θ₀), 0)."""
         return self.ll1 + (self.ll1 - self.ll0).clamp_min(0).nan_to_num(0.0)

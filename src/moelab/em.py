@@ -143,7 +143,8 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
                 accel.keep(keep)
         else:
             prev = lla
-        st = stepper.m_step(st)
+        # SQUAREM builds its extrapolation from the next state: its gate step must be checked, not pending
+        st = stepper.m_step(st, checked=accel is not None and accel.extrapolates_next)
     state = st if active.numel() == R else state.put(active, st)
     ll[active], converged[active], n_iter[active] = lla, conv, it
     return state, ll, n_iter, converged

@@ -108,8 +108,9 @@ class TextbookStepper:
             self.xa, self.x1a, self._y, self.xxa = self.xa[mask], self.x1a[mask], self._y[mask], self.xxa[mask]
         self.resp = self.resp[mask]
 
-    def m_step(self, st: State) -> State:
-        """Closed-form experts, then the gate step, from the last E-step's responsibilities."""
+    def m_step(self, st: State, checked: bool = False) -> State:
+        """Closed-form experts, then the gate step, from the last E-step's responsibilities (checked at once;
+        ``checked`` is for the steppers that defer the check to the next pass)."""
         groups = self._groups(*st.var.shape) or [slice(None)]
         parts = []
         for g in groups:

@@ -11,7 +11,8 @@ needs from the data is a fixed set of sums over samples:
   moments of the gate weights; the step is checked by the next pass;
 * ``"newton"`` (activation with fixed or estimated τ, top-K) —
   :mod:`moelab._fused.newton`: damped Newton from closed-form derivatives
-  of the logits; the step is checked by a pass at the candidates.
+  of the logits; activation gates have the step checked by the next pass
+  (as linear gates), top-K by a pass at the candidates.
 
 Each pass runs compiled by ``torch.compile`` (one fused loop over the samples,
 :class:`~moelab._fused.cache.KernelCache`) or eagerly on blocks of samples
@@ -102,8 +103,9 @@ def _check_problem(K, d, spec, dtype, device):
         cs, ci, ct = torch.stack([slope, 0.5 * slope]), torch.stack([icpt, -icpt]), torch.stack([tau, 2 * tau])
         calls = [(newton.newton_sums, args), (newton.newton_q, (cs, ci, ct) + args)]
         if spec[0] == "activation":
-            resp = newton.newton_sums_resp(*args)[1]
-            calls += [(newton.newton_sums_resp, args), (newton.newton_q_resp, (cs, ci, ct, resp, x, spec)),
+            check = torch.softmax(torch.randn(R, K, n, generator=gen, **kw), 1).to(device)
+            resp = newton.newton_sums_resp(*args[:-1], check, spec)[1]
+            calls += [(newton.newton_sums_resp, args[:-1] + (check, spec)), (newton.newton_q_resp, (cs, ci, ct, resp, x, spec)),
                       (newton.newton_q_resp, (cs[:1], ci[:1], ct[:1], resp, x, spec))]  # one candidate: a graph of its own
     return [(kernels.get(fn)(*a, fallback=False), fn(*a)) for fn, a in calls]
 

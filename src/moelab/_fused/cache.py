@@ -81,8 +81,8 @@ KERNELS = MappingProxyType({
     # candidate slope (A, R, K, d), intercept (A, R, K), tau (A, R); then as newton_sums
     "newton_q": KernelSpec((1, 1, 1) + (0,) * 7 + (None,), 1, (None,) * 8 + (1, 1, None), cands=(0, 0, 0) + (None,) * 8,
                            out_cand=0),
-    # as newton_sums; second result the responsibilities (R, K, n)
-    "newton_sums_resp": KernelSpec((0, 0, 0, 0, 0, 0, 0, None), 0, (None,) * 5 + (1, 1, None), per_sample=2),
+    # as newton_sums with the previous pass's responsibilities (R, K, n) before the spec; second result this pass's
+    "newton_sums_resp": KernelSpec((0,) * 8 + (None,), 0, (None,) * 5 + (1, 1, 2, None), per_sample=2),
     # candidate slope, intercept, tau as newton_q; responsibilities (R, K, n), x, pass spec. One candidate (the
     # Newton step; the damping ladder only where it fails) gets its own graph: padded to two it cost 18 ms
     # against 11.6 ms (R = 40, n = 10^4, K = 3, tanh, 2 threads)

@@ -42,10 +42,10 @@ import math
 import torch
 
 from ..activations import closed_form_derivatives
-from ..mstep import GateParameters, damped_line_search, negligible_gain, newton_ascent_steps
+from ..mstep import GateParameters, best_candidate, damped_line_search, negligible_gain, newton_ascent_steps
 from .linear import EXP_FLOOR, exp_terms, expert_columns, expert_update, lin, n_expert_columns, unpack_experts
 
-__all__ = ["n_params", "n_sums", "newton_sums", "newton_sums_resp", "newton_q", "newton_q_resp", "unpack_sums", "gate_args", "m_step"]
+__all__ = ["n_params", "n_sums", "newton_sums", "newton_sums_resp", "newton_q", "newton_q_resp", "unpack_sums", "gate_args", "m_step", "propose", "verify"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: exp(t) is 0 in float64 below this: where the eager E-step's responsibilities underflow to exactly 0
@@ -188,19 +188,29 @@ def newton_sums(slope, intercept, tau, expert_theta, var, x, y, spec):
     return _pass_body(slope, intercept, tau, expert_theta, var, x, y, spec)[0]
 
 
-def newton_sums_resp(slope, intercept, tau, expert_theta, var, x, y, spec):
-    """:func:`newton_sums` and, from the same pass, the responsibilities r (R, K, n) for :func:`newton_q_resp`.
+def newton_sums_resp(slope, intercept, tau, expert_theta, var, x, y, check_resp, spec):
+    """:func:`newton_sums` with one more column, and the responsibilities r (R, K, n) of the same pass.
+
+    ``check_resp`` (R, K, n): the responsibilities of the *previous* pass. The extra (last) column
+    is Σ_n Σ_k check_resp_nk log g_nk at this pass's gate: Q_gate of the gate step the previous
+    M-step proposed, with that M-step's responsibilities — what :func:`newton_q_resp` gives for
+    it — so the step is checked by the next pass instead of a pass of its own
+    (:class:`moelab._fused.steppers.NewtonStepper`). Where no step is pending the column is
+    ignored (any responsibilities of the right shape do).
 
     Writing r (R·K·n values) costs less than the E-step :func:`newton_q` redoes at every line search:
     measured on the headline cell (tanh, K = 3, R = 40, n = 10⁴, 2 threads) that recomputation was
     two thirds of the line-search pass, and the line-search pass 27 of the iteration's 61 ms.
     """
-    sums, r = _pass_body(slope, intercept, tau, expert_theta, var, x, y, spec)
-    return sums, torch.stack(r, 1)
+    sums, r, logg = _pass_body(slope, intercept, tau, expert_theta, var, x, y, spec)
+    q = check_resp[:, 0] * logg[0]
+    for k in range(1, len(logg)):
+        q = q + check_resp[:, k] * logg[k]
+    return torch.cat([sums, q.sum(-1).unsqueeze(-1)], -1), torch.stack(r, 1)
 
 
 def _pass_body(slope, intercept, tau, expert_theta, var, x, y, spec):
-    """The sums of :func:`newton_sums` (R, M) and the responsibilities (list of K (R, n))."""
+    """The sums of :func:`newton_sums` (R, M), the responsibilities and log gate weights (lists of K (R, n))."""
     R, n, d = x.shape
     K = slope.shape[-2]
     xs = [x[..., j] for j in range(d)]
@@ -231,7 +241,7 @@ def _pass_body(slope, intercept, tau, expert_theta, var, x, y, spec):
                 if (a, b) in D[k]:
                     h = h - w[k] * D[k][(a, b)]
             cols.append(h.sum(-1))
-    return torch.stack(cols, -1), r
+    return torch.stack(cols, -1), r, logg
 
 
 def unpack_sums(sums, spec, K: int, d: int) -> dict:
@@ -304,33 +314,85 @@ def gate_args(gate):
     return gate.slope, gate.intercept, tau
 
 
+def _gate_q(layout, tau, resp, x, spec, run, recompute=None):
+    """``q_fn(cand, idx)`` for :func:`moelab.mstep.damped_line_search`: Q_gate at flat candidates (A, r, P)
+    of ``layout`` for problems ``idx`` (None = all) → (A, r). From the responsibilities ``resp``
+    (R, K, n) by :func:`newton_q_resp`, or, with ``recompute`` = (slope, intercept, tau, expert θ,
+    var, y) of the current parameters, by :func:`newton_q` (top-K)."""
+
+    def q_fn(cand, idx):
+        ps = layout.unflatten(cand)
+        sub = (lambda t: t) if idx is None else (lambda t: t[idx])
+        ctau = ps["temperature"] if "temperature" in ps else sub(tau).expand(cand.shape[:-1])
+        cs, ci, ct = ps["slope"].contiguous(), ps["intercept"].contiguous(), ctau.contiguous()
+        if recompute is None:
+            return run(newton_q_resp, cs, ci, ct, sub(resp), sub(x), spec)
+        return run(newton_q, cs, ci, ct, *(sub(t) for t in recompute[:5]), sub(x), sub(recompute[5]), spec)
+
+    return q_fn
+
+
+def _gate_steps(st, gate, x, x_abs_max):
+    """(layout, θ0 (R, P), damped Newton steps (A, R, P), skip (R,) bool) of the gate M-step."""
+    n, d = x.shape[-2], x.shape[-1]
+    layout = GateParameters(gate)
+    steps = newton_ascent_steps(st["grad"], st["negH"], x_abs_max, d)
+    skip = negligible_gain(st["grad"], steps[0], st["negH"], st["q0"], n, torch.ones_like(st["q0"], dtype=torch.bool))
+    return layout, layout.flatten(), steps, skip
+
+
 def m_step(st, gate, expert_theta, var, x, y, var_floor, spec, run, x_abs_max, resp=None):
-    """One M-step from :func:`unpack_sums` statistics: (new gate, expert θ, variance).
+    """One M-step from :func:`unpack_sums` statistics, the gate step checked at once: (new gate, expert θ, variance).
 
     Experts: :func:`moelab._fused.linear.expert_update`. Gate: the damped Newton steps
     of :func:`moelab.mstep.newton_ascent_steps`, kept only where Q_gate increases
     (the least damped, else the best of the more damped ones, else unchanged; none where
     its predicted gain is below rounding, :func:`moelab.mstep.negligible_gain`), with Q at the
     candidates from :func:`newton_q` through ``run`` (from :func:`newton_q_resp` given ``resp``, the
-    responsibilities (R, K, n) of the pass that gave ``st``). ``x_abs_max`` (R,) = max |x|.
+    responsibilities (R, K, n) of the pass that gave ``st``). Top-K, and activation gates where the
+    step must be checked before the next pass (:class:`moelab._fused.steppers.NewtonStepper`;
+    otherwise :func:`propose` and :func:`verify`). ``x_abs_max`` (R,) = max |x|.
     """
-    n, d = x.shape[-2], x.shape[-1]
-    new_theta, new_var = expert_update(st, expert_theta, var, n, var_floor)
-    layout = GateParameters(gate)
+    new_theta, new_var = expert_update(st, expert_theta, var, x.shape[-2], var_floor)
+    layout, theta0, steps, skip = _gate_steps(st, gate, x, x_abs_max)
     slope, intercept, tau = gate_args(gate)
-    theta0 = layout.flatten()
-    steps = newton_ascent_steps(st["grad"], st["negH"], x_abs_max, d)
-    skip = negligible_gain(st["grad"], steps[0], st["negH"], st["q0"], n, torch.ones_like(st["q0"], dtype=torch.bool))
-
-    def q_fn(cand, idx):
-        ps = layout.unflatten(cand)
-        sub = (lambda t: t) if idx is None else (lambda t: t[idx])
-        ctau = ps["temperature"] if "temperature" in ps else sub(tau).expand(cand.shape[:-1])
-        if resp is not None:
-            return run(newton_q_resp, ps["slope"].contiguous(), ps["intercept"].contiguous(), ctau.contiguous(),
-                       sub(resp), sub(x), spec)
-        return run(newton_q, ps["slope"].contiguous(), ps["intercept"].contiguous(), ctau.contiguous(), sub(slope),
-                   sub(intercept), sub(tau), sub(expert_theta), sub(var), sub(x), sub(y), spec)
-
+    q_fn = _gate_q(layout, tau, resp, x, spec, run,
+                   recompute=None if resp is not None else (slope, intercept, tau, expert_theta, var, y))
     theta, _ = damped_line_search(q_fn, theta0, steps, st["q0"], skip)
     return gate.replace(**layout.unflatten(theta)), new_theta, new_var
+
+
+def propose(st, gate, expert_theta, var, x, var_floor, x_abs_max):
+    """:func:`m_step` with the gate step proposed, not yet checked: (gate, expert θ, variance, pending).
+
+    The gate takes the least damped Newton step (none where :func:`moelab.mstep.negligible_gain`);
+    ``pending`` holds what :func:`verify` needs to check it against the next pass's Q_gate column
+    (:func:`newton_sums_resp`): θ0 (R, P), the more damped steps ``ladder`` (R, A−1, P), Q_gate
+    at θ0 ``q0`` (R,), ``skip`` (R,) and the responsibilities ``resp`` (R, K, n) of ``st``'s pass.
+    Activation gates.
+    """
+    new_theta, new_var = expert_update(st, expert_theta, var, x.shape[-2], var_floor)
+    layout, theta0, steps, skip = _gate_steps(st, gate, x, x_abs_max)
+    full = torch.where(skip[:, None], theta0, theta0 + steps[0])
+    pending = dict(theta0=theta0, ladder=steps[1:].transpose(0, 1), q0=st["q0"], skip=skip, resp=st["resp"])
+    return gate.replace(**layout.unflatten(full)), new_theta, new_var, pending
+
+
+def verify(q_check, pending, gate, x, spec, run):
+    """Check the gate steps :func:`propose` made, from Q_gate at them (``q_check`` (R,), the next pass's column).
+
+    Returns None where every step increased Q_gate (or none was taken), else (idx, θ (r, P)): the
+    problems ``idx`` whose step did not, and their gate parameters instead (layout of
+    :class:`moelab.mstep.GateParameters`): the best of the more damped steps where that increases
+    Q_gate, else θ0 (the rule of :func:`moelab.mstep.damped_line_search`, Q from ``pending["resp"]``).
+    ``gate`` (for its layout and fixed τ) and x (R, n, d) are those of the pass.
+    """
+    failed = ~(q_check > pending["q0"]) & ~pending["skip"]  # NaN compares False: failed
+    if not bool(failed.any()):
+        return None
+    idx = failed.nonzero().squeeze(-1)
+    theta0 = pending["theta0"]
+    if pending["ladder"].shape[1] == 0:
+        return idx, theta0[idx]
+    q_fn = _gate_q(GateParameters(gate), gate_args(gate)[2], pending["resp"], x, spec, run)
+    return idx, best_candidate(q_fn, theta0, pending["ladder"][idx].transpose(0, 1), pending["q0"], idx)[0]

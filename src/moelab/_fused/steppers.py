@@ -10,10 +10,13 @@ the current parameters: log-likelihood, effective expert sizes, statistics),
   Σ logsumexp at the proposal), so an iteration is one pass; problems whose
   proposal did not increase Q search smaller steps and redo their pass.
 * :class:`NewtonStepper` — activation and top-K gates: Q_gate at a candidate
-  needs the current responsibilities, so the step is checked at once by a
-  second, lighter pass: :func:`moelab._fused.newton.newton_q_resp` on the
-  responsibilities the first pass wrote (activation gates), or
-  :func:`moelab._fused.newton.newton_q`, which recomputes them (top-K).
+  needs the responsibilities of the pass the step was computed from. For
+  activation gates the next pass takes them as an input and returns Q_gate
+  at its own gate (the proposal), so an iteration is again one pass; failed
+  steps search the more damped ones with
+  :func:`moelab._fused.newton.newton_q_resp` and redo their pass. Top-K
+  checks the step at once by :func:`moelab._fused.newton.newton_q`, which
+  recomputes the responsibilities (its routing test needs the eager E-step's zeros).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..fitcore import State, gate_theta, theta_gate
+from ..mstep import GateParameters
 from . import linear, newton
 
 __all__ = ["LinearStepper", "NewtonStepper"]
@@ -126,43 +130,89 @@ class LinearStepper(_Stepper):
         if self.x_range is not None:
             self.x_range = (self.x_range[0][mask], self.x_range[1][mask])
 
-    def m_step(self, st: State) -> State:
+    def m_step(self, st: State, checked: bool = False) -> State:
+        # ``checked`` (the state is extrapolated from next) is not needed: an IRLS step rarely fails its check
         theta, var = linear.expert_update(self.stats, st.theta, st.var, self.n, self.var_floor)
         gth, self.pending = linear.gate_proposal(self.stats, self.gth, self.xa, self.run, x_range=self.x_range)
         return State(theta_gate(st.gate, gth), theta, var)
 
 
 class NewtonStepper(_Stepper):
-    """Activation and top-K gates (:mod:`moelab._fused.newton`)."""
+    """Activation and top-K gates (:mod:`moelab._fused.newton`).
+
+    Activation gates: the M-step proposes the least damped Newton step (:func:`newton.propose`)
+    and the next pass, given the responsibilities of the pass before, returns Q_gate at it
+    (:func:`newton.newton_sums_resp`'s last column), so an iteration is one pass; problems whose
+    step did not increase Q_gate take the more damped steps' best (:func:`newton.verify`, Q from
+    those responsibilities) and redo their pass. Top-K checks at once (:func:`newton.m_step`).
+    """
 
     def __init__(self, spec, x, y, var_floor, run):
         super().__init__(spec, x, y, var_floor, run)
         self.x_abs_max = x.abs().amax(-2).amax(-1)
-        # activation gates keep the pass's responsibilities for the line search (newton_q_resp: no second
-        # E-step); top-K recomputes them in newton_q (its routing test needs the eager E-step's zeros)
+        # activation gates keep the pass's responsibilities for the step check (no second E-step); top-K
+        # recomputes them in newton_q (its routing test needs the eager E-step's zeros)
         self.keep_resp = spec[0] == "activation"
+        self.pending = None
 
-    def _pass(self, st: State, xa, ya):
+    def _pass(self, st: State, xa, ya, check=None):
+        """The pass at ``st``; ``check`` (r, K, n): the responsibilities a pending gate step is checked with."""
         K, d = st.theta.shape[-2], xa.shape[-1]
-        args = (*newton.gate_args(st.gate), st.theta, st.var, xa, ya, self.spec)
+        args = (*newton.gate_args(st.gate), st.theta, st.var, xa, ya)
         if not self.keep_resp:
-            return newton.unpack_sums(self.run(newton.newton_sums, *args), self.spec, K, d)
-        sums, resp = self.run(newton.newton_sums_resp, *args)
-        return dict(newton.unpack_sums(sums, self.spec, K, d), resp=resp)
+            return newton.unpack_sums(self.run(newton.newton_sums, *args, self.spec), self.spec, K, d)
+        if check is None:  # nothing pending: the Q_gate column is not read
+            prev = self.stats["resp"] if self.stats is not None else None
+            check = prev if prev is not None and prev.shape[0] == xa.shape[0] else xa.new_zeros(xa.shape[0], K, xa.shape[1])
+        sums, resp = self.run(newton.newton_sums_resp, *args, check, self.spec)
+        return dict(newton.unpack_sums(sums[:, :-1], self.spec, K, d), resp=resp, q_check=sums[:, -1])
+
+    def _checked_pass(self, st: State, xa, ya, pending):
+        """The pass at ``st`` with the gate steps of ``pending`` (:func:`newton.propose`) checked: (state, stats)."""
+        if pending is None:
+            return st, self._pass(st, xa, ya)
+        stats = self._pass(st, xa, ya, pending["resp"])
+        fix = newton.verify(stats["q_check"], pending, st.gate, xa, self.spec, self.run)
+        if fix is None:
+            return st, stats
+        idx, theta = fix
+        sub = st.take(idx)
+        sub = State(sub.gate.replace(**GateParameters(sub.gate).unflatten(theta)), sub.theta, sub.var)
+        for k, v in self._pass(sub, xa[idx], ya[idx]).items():
+            stats[k][idx] = v
+        return st.put(idx, sub), stats
 
     def evaluate(self, st: State):
-        self.stats = self._pass(st, self.xa, self.ya)
+        """The pass at ``st``; returns (state, loglik (r,)), the state's gate corrected where the
+        proposed step did not increase Q_gate."""
+        pending, self.pending = self.pending, None
+        st, self.stats = self._checked_pass(st, self.xa, self.ya, pending)
         self._record_sizes(self.stats["S"])
         return st, self.stats["loglik"]
 
+    def _suspend(self):
+        # the gate step proposed by the last M-step belongs to the plain point, not the extrapolated one
+        pending, self.pending = self.pending, None
+        return pending
+
     def _evaluate_subset(self, st: State, idx, pending):
-        return st, self._pass(st, self.xa[idx], self.ya[idx])
+        if pending is not None:
+            pending = {k: v[idx] for k, v in pending.items()}
+        return self._checked_pass(st, self.xa[idx], self.ya[idx], pending)
 
     def keep(self, mask):
         super().keep(mask)
         self.x_abs_max = self.x_abs_max[mask]
+        if self.pending is not None:
+            self.pending = {k: v[mask] for k, v in self.pending.items()}
 
-    def m_step(self, st: State) -> State:
-        gate, theta, var = newton.m_step(self.stats, st.gate, st.theta, st.var, self.xa, self.ya, self.var_floor,
-                                         self.spec, self.run, self.x_abs_max, resp=self.stats.get("resp"))
+    def m_step(self, st: State, checked: bool = False) -> State:
+        """The M-step from the last pass; ``checked``: the gate step is checked now, not by the next pass
+        (SQUAREM extrapolates from the returned state: an unchecked, failed step would enter θ₂)."""
+        if self.keep_resp and not checked:
+            gate, theta, var, self.pending = newton.propose(self.stats, st.gate, st.theta, st.var, self.xa,
+                                                            self.var_floor, self.x_abs_max)
+        else:
+            gate, theta, var = newton.m_step(self.stats, st.gate, st.theta, st.var, self.xa, self.ya, self.var_floor,
+                                             self.spec, self.run, self.x_abs_max, resp=self.stats.get("resp"))
         return State(gate, theta, var)
