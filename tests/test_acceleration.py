@@ -222,3 +222,51 @@ def test_settings_say_what_ran_and_the_bootstrap_and_model_file_keep_the_setting
     MixtureOfExpertsRegressor(2, estimator="mle", accelerate=None, n_init=2, random_state=0).fit(x.numpy(), y.numpy())
     with pytest.raises(ValueError, match="accelerate must be"):
         MixtureOfExpertsRegressor(2, estimator="mle", accelerate="anderson").fit(x.numpy(), y.numpy())
+
+
+@pytest.mark.parametrize("gate,options", [("activation", {"activation": "tanh", "learn_temperature": True}),
+                                          ("temperature", {"learn_temperature": True}), ("softmax", None)])
+def test_a_cycle_at_step_length_one_evaluates_the_plain_point_once(gate, options, monkeypatch):
+    """α = 1 makes θ' the plain θ₂: θ₂ itself is evaluated and that pass is kept (before, a failed test
+    ℓ(θ') ≥ ℓ_min redid the same pass: 15 % of the passes of the headline cell). The fit equals the one
+    that evaluates θ' as a rounded copy of θ₂ and redoes the pass on failure (same iterations, log-likelihoods
+    to rounding), with fewer problem-passes redone (the activation gate's cycles often fall back to α = 1 after
+    a rejected extrapolation; the linear gates' rarely)."""
+    from moelab._fused import steppers as fsteppers
+
+    x, y = _overspecified(n=600, R=3, seed=4)
+    kw = dict(gate=gate, gate_options=options, n_init=2, init="random", max_iter=300, tol=1e-10, random_state=0,
+              compile=False, warn=False)
+    same_rows, redone = [], []
+    cand, ev_ext, ev_sub = Squarem.candidate, fsteppers._Stepper.evaluate_extrapolated, None
+
+    def spy_cand(self, st):
+        out = cand(self, st)
+        if self.same is not None:
+            same_rows.append(int(self.same.sum()))
+        return out
+
+    def spy_sub(self, st, idx, pending):
+        redone.append(len(idx))
+        return type(self)._orig_subset(self, st, idx, pending)
+
+    for cls in (fsteppers.LinearStepper, fsteppers.NewtonStepper):
+        monkeypatch.setattr(cls, "_orig_subset", cls._evaluate_subset, raising=False)
+        monkeypatch.setattr(cls, "_evaluate_subset", spy_sub)
+    monkeypatch.setattr(Squarem, "candidate", spy_cand)
+    fast = fit_em(x, y, 3, **kw)
+    fast_redone = sum(redone)
+    assert sum(same_rows) > 0 and _monotone(fast)  # some cycles ran at α = 1
+
+    def old_rule(self, ext, plain, ll_min, same=None):  # θ' = θ₂ up to rounding, the pass redone where ℓ falls short
+        if same is not None and bool(same.any()):
+            idx = same.nonzero().squeeze(-1)
+            ext = ext.put(idx, unflatten(plain, flatten(plain), 1e-300).take(idx))
+        return ev_ext(self, ext, plain, ll_min, None)
+
+    redone.clear()
+    monkeypatch.setattr(fsteppers._Stepper, "evaluate_extrapolated", old_rule)
+    slow = fit_em(x, y, 3, **kw)
+    assert torch.equal(fast.n_iter, slow.n_iter)
+    torch.testing.assert_close(fast.start_loglik, slow.start_loglik, rtol=1e-10, atol=0)
+    assert fast_redone <= sum(redone) and (gate != "activation" or fast_redone < sum(redone))

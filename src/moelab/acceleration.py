@@ -10,7 +10,7 @@ r = θ₁ − θ₀ and v = θ₂ − 2θ₁ + θ₀,
 
     θ' = θ₀ + 2α r + α² v,    α = clamp(‖r‖ / ‖v‖, 1, step_max)
 
-(α = 1 gives θ' = θ₂, the plain EM path). Here one cycle is three EM
+(α = 1 gives θ' = θ₂, the plain EM path: θ₂ itself is then evaluated, and kept). Here one cycle is three EM
 iterations of :func:`moelab.em._run_em`: the passes at θ₀ and θ₁ are plain EM,
 and the third pass evaluates θ' instead of θ₂. θ' is kept only where its
 observed log-likelihood is finite and exceeds ℓ(θ₁) by at least the last plain
@@ -110,7 +110,7 @@ class Squarem:
         self.var_floor = var_floor
         self.step_max = torch.full((R,), STEP_MAX0, dtype=dtype, device=device)
         self.phase = 0
-        self.v0 = self.v1 = self.ll0 = self.ll1 = self.alpha = None
+        self.v0 = self.v1 = self.ll0 = self.ll1 = self.alpha = self.same = None
         self.accepted = self.tried = 0
 
     @property
@@ -124,11 +124,23 @@ class Squarem:
         return self.ll1 + (self.ll1 - self.ll0).clamp_min(0).nan_to_num(0.0)
 
     def candidate(self, st: State):
-        """(point to evaluate, plain EM point or None): in the third pass of a cycle θ' and θ₂ = ``st``."""
+        """(point to evaluate, plain EM point or None): in the third pass of a cycle θ' and θ₂ = ``st``.
+
+        Where the step length α is 1, θ' is θ₂ (up to the rounding of the extrapolation formula), and
+        θ₂ itself is evaluated: ``same`` (r,) bool marks those problems, whose pass is then never redone
+        (half the cycles of the headline cell, each a second pass at θ₂ before)."""
         if self.phase != 2:
+            self.same = None
             return st, None
         ext, self.alpha = extrapolate(self.v0, self.v1, flatten(st), self.step_max)
-        return unflatten(st, ext, self.var_floor), st
+        self.same = self.alpha <= 1
+        if bool(self.same.all()):
+            return st, st
+        point = unflatten(st, ext, self.var_floor)
+        if bool(self.same.any()):
+            idx = self.same.nonzero().squeeze(-1)
+            point = point.put(idx, st.take(idx))
+        return point, st
 
     def record(self, st: State, ll: torch.Tensor, accepted=None):
         """The checked parameters and log-likelihood of this pass (``accepted`` (R,) bool in the third)."""

@@ -97,7 +97,7 @@ def _run_em(state: State, stepper, opts: FitOptions, history, ll_offset=None, ra
     for it in range(max_iter + 1):
         ext, plain = accel.candidate(st) if accel is not None else (st, None)
         if plain is not None:
-            st, lla, accepted = stepper.evaluate_extrapolated(ext, plain, accel.ll_min)
+            st, lla, accepted = stepper.evaluate_extrapolated(ext, plain, accel.ll_min, same=accel.same)
         else:
             st, lla = stepper.evaluate(st)  # corrects the last proposed gate step where it failed
             accepted = None

@@ -85,14 +85,16 @@ class TextbookStepper:
         self._record_sizes()
         return st, ll
 
-    def evaluate_extrapolated(self, ext: State, plain: State, ll_min):
+    def evaluate_extrapolated(self, ext: State, plain: State, ll_min, same=None):
         """E-step at ``ext``; where its log-likelihood is not finite or below ``ll_min`` (r,), at ``plain``
-        instead. Returns (state, loglik (r,), accepted (r,) bool); see :mod:`moelab.acceleration`."""
+        instead, except where ``same`` (r,) bool says ``ext`` is ``plain``. Returns (state, loglik (r,),
+        accepted (r,) bool); see :mod:`moelab.acceleration`."""
         st, ll = self.evaluate(ext)
         ok = torch.isfinite(ll) & (ll >= ll_min)
-        if bool(ok.all()):
+        redo = ~ok if same is None else ~ok & ~same
+        if not bool(redo.any()):
             return st, ll, ok
-        idx = (~ok).nonzero().squeeze(-1)
+        idx = redo.nonzero().squeeze(-1)
         sub = plain.take(idx)
         data = (self.xa, self.x1a, self._y) if self.shared else (self.xa[idx], self.x1a[idx], self._y[idx])
         resp, llb = e_step(sub.gate, sub.theta, sub.var, *data)

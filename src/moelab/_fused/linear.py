@@ -42,7 +42,7 @@ import torch
 
 from ..mstep import backtrack, cap_step, negligible_gain
 
-__all__ = ["n_sums", "MAX_SUMS", "EXP_FLOOR", "lin", "exp_terms", "monomials", "moment_index", "moment_sums",
+__all__ = ["gate_step_ok", "n_sums", "MAX_SUMS", "EXP_FLOOR", "lin", "exp_terms", "monomials", "moment_index", "moment_sums",
            "expert_columns", "n_expert_columns", "unpack_experts", "em_sums", "unpack_sums", "em_statistics",
            "gate_lse_sum", "logit_range", "expert_update", "gate_proposal", "gate_verify", "m_step"]
 
@@ -332,6 +332,13 @@ def gate_proposal(st, gate_theta, x, run, x_range=None):
     return _full(cand, K, p), dict(free=free, step=step, q0=q0, Sg=Sg, skip=skip, cand=cand)
 
 
+def gate_step_ok(lse_gate, pending):
+    """(R,) bool: where the proposed gate step increased Q_gate (or none was taken), from Σ_n logsumexp
+    ``lse_gate`` (R,) at the proposal and :func:`gate_proposal`'s ``pending``."""
+    q1 = (pending["cand"] * pending["Sg"]).sum(-1) - lse_gate
+    return (q1 > pending["q0"]) | pending["skip"]  # NaN compares False
+
+
 def gate_verify(lse_gate, pending, x, run):
     """Accept the proposed gate where Q_gate increased, else search smaller steps.
 
@@ -339,12 +346,11 @@ def gate_verify(lse_gate, pending, x, run):
     :func:`em_statistics`, or :func:`gate_lse_sum`). Returns θ (R, K, p) and the
     indices (tensor) of problems whose θ differs from the proposal, or None.
     """
-    free, step, q0, Sg, skip, cand = (pending[k] for k in ("free", "step", "q0", "Sg", "skip", "cand"))
+    free, step, q0, Sg, cand = (pending[k] for k in ("free", "step", "q0", "Sg", "cand"))
     R, P = free.shape
     p = x.shape[-1] + 1
     K = P // p + 1
-    q1 = (cand * Sg).sum(-1) - lse_gate
-    ok = (q1 > q0) | skip  # NaN compares False
+    ok = gate_step_ok(lse_gate, pending)
     if bool(ok.all()):
         return _full(cand, K, p), None
     idx = (~ok).nonzero().squeeze(-1)

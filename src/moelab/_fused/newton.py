@@ -45,7 +45,7 @@ from ..activations import closed_form_derivatives
 from ..mstep import GateParameters, best_candidate, damped_line_search, negligible_gain, newton_ascent_steps
 from .linear import EXP_FLOOR, exp_terms, expert_columns, expert_update, lin, n_expert_columns, unpack_experts
 
-__all__ = ["n_params", "n_sums", "newton_sums", "newton_sums_resp", "newton_q", "newton_q_resp", "unpack_sums", "gate_args", "m_step", "propose", "verify"]
+__all__ = ["n_params", "n_sums", "newton_sums", "newton_sums_resp", "newton_q", "newton_q_resp", "unpack_sums", "gate_args", "m_step", "propose", "step_ok", "verify"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: exp(t) is 0 in float64 below this: where the eager E-step's responsibilities underflow to exactly 0
@@ -378,6 +378,12 @@ def propose(st, gate, expert_theta, var, x, var_floor, x_abs_max):
     return gate.replace(**layout.unflatten(full)), new_theta, new_var, pending
 
 
+def step_ok(q_check, pending):
+    """(R,) bool: where the step :func:`propose` made increased Q_gate (``q_check`` (R,), the next pass's
+    column), or none was taken."""
+    return (q_check > pending["q0"]) | pending["skip"]  # NaN compares False: failed
+
+
 def verify(q_check, pending, gate, x, spec, run):
     """Check the gate steps :func:`propose` made, from Q_gate at them (``q_check`` (R,), the next pass's column).
 
@@ -387,7 +393,7 @@ def verify(q_check, pending, gate, x, spec, run):
     Q_gate, else θ0 (the rule of :func:`moelab.mstep.damped_line_search`, Q from ``pending["resp"]``).
     ``gate`` (for its layout and fixed τ) and x (R, n, d) are those of the pass.
     """
-    failed = ~(q_check > pending["q0"]) & ~pending["skip"]  # NaN compares False: failed
+    failed = ~step_ok(q_check, pending)
     if not bool(failed.any()):
         return None
     idx = failed.nonzero().squeeze(-1)

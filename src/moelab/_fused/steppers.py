@@ -52,16 +52,22 @@ class _Stepper:
         self.xa, self.ya = self.xa[mask], self.ya[mask]
         self.stats = {k: v[mask] for k, v in self.stats.items()}
 
-    def evaluate_extrapolated(self, ext: State, plain: State, ll_min):
+    def evaluate_extrapolated(self, ext: State, plain: State, ll_min, same=None):
         """The pass at the extrapolated ``ext`` (:mod:`moelab.acceleration`); where its log-likelihood
         is not finite or below ``ll_min`` (r,), the pass at the plain EM point ``plain`` instead, checked
-        as :meth:`evaluate` checks it. Returns (state, loglik (r,), accepted (r,) bool)."""
+        as :meth:`evaluate` checks it. ``same`` (r,) bool: problems whose ``ext`` *is* ``plain`` (step
+        length 1): this pass is already their plain pass, so it is redone only where the plain
+        point's pending gate step fails its check from this pass (as :meth:`evaluate` would). Returns (state, loglik (r,),
+        accepted (r,) bool: the extrapolation test, also where the plain pass was kept)."""
         pending = self._suspend()
         st, ll = self.evaluate(ext)
         ok = torch.isfinite(ll) & (ll >= ll_min)
-        if bool(ok.all()):
+        redo = ~ok
+        if same is not None:  # the plain pass: kept where its pending gate step passes the check
+            redo = torch.where(same, ~torch.as_tensor(self._step_ok(pending), device=ok.device), redo)
+        if not bool(redo.any()):
             return st, ll, ok
-        idx = (~ok).nonzero().squeeze(-1)
+        idx = redo.nonzero().squeeze(-1)
         sub, stats = self._evaluate_subset(plain.take(idx), idx, pending)
         for k, v in stats.items():
             self.stats[k][idx] = v
@@ -71,6 +77,10 @@ class _Stepper:
 
     def _suspend(self):
         return None
+
+    def _step_ok(self, pending):
+        """(r,) bool, or True: where the last pass, at the plain point, passes the check of its gate step ``pending``."""
+        return True if pending is None else torch.zeros(self.ya.shape[0], dtype=torch.bool, device=self.ya.device)
 
     def _evaluate_subset(self, st: State, idx, pending):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,6 +119,9 @@ class LinearStepper(_Stepper):
         # the gate step proposed by the last M-step belongs to the plain point, not the extrapolated one
         pending, self.pending = self.pending, None
         return pending
+
+    def _step_ok(self, pending):
+        return True if pending is None else linear.gate_step_ok(self.stats["lse_gate"], pending)
 
     def _evaluate_subset(self, st: State, idx, pending):
         gth = gate_theta(st.gate)
@@ -206,9 +219,14 @@ class NewtonStepper(_Stepper):
         if self.pending is not None:
             self.pending = {k: v[mask] for k, v in self.pending.items()}
 
+    def _step_ok(self, pending):
+        return True if pending is None else newton.step_ok(self.stats["q_check"], pending)
+
     def m_step(self, st: State, checked: bool = False) -> State:
         """The M-step from the last pass; ``checked``: the gate step is checked now, not by the next pass
-        (SQUAREM extrapolates from the returned state: an unchecked, failed step would enter θ₂)."""
+        (SQUAREM extrapolates from the returned state: an unchecked, failed step would enter θ₂ — and τ,
+        which is not extrapolated, with it: a sigmoid gate's Newton step to τ ≈ 1e-32 raised the
+        log-likelihood once and then left the fit stuck at a hard gate, 1,000 below the optimum)."""
         if self.keep_resp and not checked:
             gate, theta, var, self.pending = newton.propose(self.stats, st.gate, st.theta, st.var, self.xa,
                                                             self.var_floor, self.x_abs_max)
