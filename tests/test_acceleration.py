@@ -238,7 +238,7 @@ def test_a_cycle_at_step_length_one_evaluates_the_plain_point_once(gate, options
     kw = dict(gate=gate, gate_options=options, n_init=2, init="random", max_iter=300, tol=1e-10, random_state=0,
               compile=False, warn=False)
     same_rows, redone = [], []
-    cand, ev_ext, ev_sub = Squarem.candidate, fsteppers._Stepper.evaluate_extrapolated, None
+    cand, ev_ext = Squarem.candidate, fsteppers._Stepper.evaluate_extrapolated
 
     def spy_cand(self, st):
         out = cand(self, st)

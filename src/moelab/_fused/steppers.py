@@ -56,9 +56,9 @@ class _Stepper:
         """The pass at the extrapolated ``ext`` (:mod:`moelab.acceleration`); where its log-likelihood
         is not finite or below ``ll_min`` (r,), the pass at the plain EM point ``plain`` instead, checked
         as :meth:`evaluate` checks it. ``same`` (r,) bool: problems whose ``ext`` *is* ``plain`` (step
-        length 1): this pass is already their plain pass, so it is redone only where the plain
-        point's pending gate step fails its check from this pass (as :meth:`evaluate` would). Returns (state, loglik (r,),
-        accepted (r,) bool: the extrapolation test, also where the plain pass was kept)."""
+        length 1): this pass is already their plain pass, so it is redone only where the plain point's
+        pending gate step fails its check from this pass (as :meth:`evaluate` would). Returns (state,
+        loglik (r,), accepted (r,) bool: the extrapolation test, also where the plain pass was kept)."""
         pending = self._suspend()
         st, ll = self.evaluate(ext)
         ok = torch.isfinite(ll) & (ll >= ll_min)
