@@ -14,7 +14,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from moelab.studies import load_study, run_study  # noqa: E402
+from moelab.studies import load_study, run_studies, run_study  # noqa: E402
 from moelab.studies import runner as runner_mod  # noqa: E402
 from moelab.studies.cli import EXIT_INTERRUPTED, main  # noqa: E402
 from moelab.studies.runner import RESULT_COLUMNS, read_results  # noqa: E402
@@ -85,6 +85,70 @@ def test_tcp_address_runs_on_a_running_cluster_and_leaves_it_up(study_file, seri
     assert_same_table(read_results(out / "results.csv"), serial)
     assert len(client.scheduler_info()["workers"]) == 2  # the user's cluster is still there
     assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_several_studies_share_one_cluster_and_equal_their_serial_runs(study_file, serial, cluster, tmp_path):
+    """run_studies (moelab reproduce on a cluster): every study's batches in one pool, largest first; each
+    study's table equals its own serial run, each directory gets its report."""
+    from conftest import TINY
+
+    lc, client = cluster
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.replace('name = "tiny"', 'name = "tiny-b"').replace("seed = 1", "seed = 7"))
+    want_b = run_study(load_study(other), tmp_path / "serial-b", progress=False)
+    got_a, got_b = run_studies([(load_study(study_file), tmp_path / "a"), (load_study(other), tmp_path / "b")],
+                               progress=False, client=client)
+    assert_same_table(got_a, serial)
+    assert_same_table(got_b, want_b)
+    assert not got_a["loglik"].equals(got_b["loglik"])  # two different studies, not one twice
+    for d in ("a", "b"):
+        assert (tmp_path / d / "rates.csv").exists()
+
+
+def test_batches_split_for_balance_fit_the_same_problems(cluster, tmp_path, monkeypatch):
+    """With every batch above the split threshold, the 3-replicate batches run as 2 + 1 tasks (then 1 + 1):
+    the same truth-perturbed problems, so the same fits up to rounding: log-likelihoods to 1e-9 relative, the
+    losses and distances (of fits stopped at max_iter = 20, tol = 1e-6, where a rounding-level change in the
+    iterates is not damped out) to 1e-6; measured 3e-8 at most (a Hellinger distance)."""
+    from conftest import TINY
+
+    lc, client = cluster
+    f = tmp_path / "unbatched.toml"
+    f.write_text(TINY)
+    want = run_study(load_study(f), tmp_path / "serial", progress=False)
+    monkeypatch.setattr(runner_mod, "SPLIT_MIN_S", 0.0)
+    plan = runner_mod._Plan(load_study(f), tmp_path / "probe")
+    pieces = runner_mod._balanced([(plan, b) for b in plan.todo], 2)
+    assert len(plan.todo) == 4 and len(pieces) > 4
+    assert sorted((n, fit.name, r) for _p, (n, _fi, fit, reps) in pieces for r in reps) == \
+        sorted((n, fit.name, r) for n, _fi, fit, reps in plan.todo for r in reps)  # every cell once
+    got = run_study(load_study(f), tmp_path / "split", progress=False, client=client)
+    a, b = got.sort_values(KEY).reset_index(drop=True), want.sort_values(KEY).reset_index(drop=True)
+    assert a[KEY].values.tolist() == b[KEY].values.tolist()
+    np.testing.assert_allclose(a["loglik"].to_numpy(float), b["loglik"].to_numpy(float), rtol=1e-9)
+    for col in ("loss_D1", "loss_D2", "hellinger", "err_gate_slope", "err_variance"):
+        np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-6, atol=1e-12, err_msg=col)
+    assert a["n_iter"].tolist() == b["n_iter"].tolist()
+
+
+def test_batches_not_split_below_the_threshold_or_with_random_starts(tmp_path):
+    from conftest import TINY
+
+    f = tmp_path / "t.toml"
+    f.write_text(TINY)
+    plan = runner_mod._Plan(load_study(f), tmp_path / "probe")
+    todo = [(plan, b) for b in plan.todo]
+    assert runner_mod._balanced(todo, 2) == todo  # tiny batches: under SPLIT_MIN_S
+    g = tmp_path / "k.toml"
+    g.write_text(TINY.replace("max_iter = 20", 'max_iter = 20\ninit = "kmeans"'))
+    plan = runner_mod._Plan(load_study(g), tmp_path / "probe-k")
+    todo = [(plan, b) for b in plan.todo]
+    old = runner_mod.SPLIT_MIN_S
+    try:
+        runner_mod.SPLIT_MIN_S = 0.0
+        assert runner_mod._balanced(todo, 2) == todo  # one seed per batch there: a split would change the fits
+    finally:
+        runner_mod.SPLIT_MIN_S = old
 
 
 class KillOnce(distributed.WorkerPlugin):

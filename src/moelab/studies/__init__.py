@@ -13,7 +13,7 @@ from .cluster import dask_client
 from .config import FitSpec, Study, StudyError, load_study, parse_study
 from .presets import PRESETS, load_preset
 from .report import rate_table, write_report
-from .runner import merge_results, run_study
+from .runner import merge_results, run_studies, run_study
 
 __all__ = [
     "Study",
@@ -22,6 +22,7 @@ __all__ = [
     "load_study",
     "parse_study",
     "run_study",
+    "run_studies",
     "merge_results",
     "dask_client",
     "rate_table",

@@ -64,24 +64,42 @@ def _threads(text: str) -> int:
 
 
 def _add_scheduler(p) -> None:
-    p.add_argument("--scheduler", metavar="local:N|tcp://HOST:PORT|FILE.json",
-                   help="run the batches on Dask (pip install \"moelab[dask]\"): local:N starts N worker processes "
-                   "on this machine, tcp://HOST:PORT joins a running `dask scheduler`, FILE.json is its "
-                   "--scheduler-file; default: serial, in this process")
+    p.add_argument("--scheduler", metavar="auto|serial|local:N|tcp://HOST:PORT|FILE.json", default="auto",
+                   help="where the batches run: serial (in this process), or on Dask (pip install \"moelab[dask]\"): "
+                   "local:N starts N single-threaded worker processes on this machine, tcp://HOST:PORT joins a "
+                   "running `dask scheduler`, FILE.json is its --scheduler-file; default auto: local:CORES on a "
+                   "machine with 2 or more cores for a run predicted to take over a minute (with dask installed), "
+                   "else serial")
     p.add_argument("--torch-threads", type=_threads, metavar="T",
-                   help="with --scheduler: torch threads per worker process (default 1)")
+                   help="torch threads per Dask worker process (default 1), or of this process in a serial run "
+                   "(default: torch's, one per core)")
 
 
-def _client(args):
-    """A Dask client for ``--scheduler`` (closed, and a local cluster shut down, on leaving), or None."""
-    if not args.scheduler:
+def _client(args, runs):
+    """A Dask client for ``--scheduler`` (closed, and a local cluster shut down, on leaving), or None (serial).
+
+    ``runs``: the (study, out[, shard]) pairs of the run, whose predicted work decides ``auto``.
+    """
+    from .cluster import AUTO_MIN_S, dask_client, resolve_scheduler
+    from .runner import plan_work
+
+    spec = args.scheduler
+    if spec in (None, "auto"):
+        work = plan_work(runs)
+        spec = resolve_scheduler(spec, work)
+        if spec is not None and not args.no_progress:
+            print(f"moelab: about {work / 60:.1f} min of serial work predicted (over {AUTO_MIN_S:.0f} s): "
+                  f"running on {spec} (a local Dask cluster of single-threaded worker processes); "
+                  "--scheduler serial runs in this process", file=sys.stderr)
+    else:
+        spec = resolve_scheduler(spec, 0.0)
+    if spec is None:
         if args.torch_threads is not None:
-            raise CLIError("--torch-threads sets the threads of Dask worker processes; give --scheduler too "
-                           "(a serial run uses torch's default, or OMP_NUM_THREADS)")
-        return contextlib.nullcontext(None)
-    from .cluster import dask_client
+            import torch
 
-    return dask_client(args.scheduler)
+            torch.set_num_threads(args.torch_threads)
+        return contextlib.nullcontext(None)
+    return dask_client(spec)
 
 
 def _interrupted(out) -> int:
@@ -135,7 +153,7 @@ def _run(args) -> int:
         with user_errors():
             study = load_study(args.study, quick=args.quick)
             t0 = time.perf_counter()
-            with _client(args) as client:
+            with _client(args, [(study, args.out, args.shard)]) as client:
                 run_study(study, args.out, shard=args.shard, progress=not args.no_progress, client=client,
                           torch_threads=args.torch_threads or 1)
     except KeyboardInterrupt:
@@ -160,11 +178,11 @@ def _merge(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from .presets import reproduce
+    from .presets import preset_runs, reproduce
 
     t0 = time.perf_counter()
     try:
-        with user_errors(), _client(args) as client:
+        with user_errors(), _client(args, preset_runs(args.name, args.out, quick=args.quick)) as client:
             _, rates = reproduce(args.name, args.out, quick=args.quick, progress=not args.no_progress, client=client,
                                  torch_threads=args.torch_threads or 1)
     except KeyboardInterrupt:

@@ -19,27 +19,77 @@ ends as :class:`distributed.KilledWorker` and its cells are recorded as
 127.0.0.1, shut down at the end, on an error or on Ctrl-C),
 ``tcp://HOST:PORT`` (a running ``dask scheduler``) or ``PATH.json`` (a
 scheduler file written by ``dask scheduler --scheduler-file PATH.json``).
-dask.distributed is the optional extra ``moelab[dask]``.
+dask.distributed is the optional extra ``moelab[dask]``. The command line's
+default, ``auto`` (:func:`resolve_scheduler`), is ``local:C`` on a machine
+with C ≥ 2 cores for a run predicted to take more than a minute, where
+dask.distributed is installed, and serial otherwise; ``serial`` always runs in
+the calling process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 from .config import StudyError
 
-__all__ = ["dask_client", "parse_scheduler", "run_tasks", "MISSING_EXTRA"]
+__all__ = ["dask_client", "parse_scheduler", "resolve_scheduler", "run_tasks", "MISSING_EXTRA", "AUTO_MIN_S"]
 
 #: the error text when dask.distributed is not installed
 MISSING_EXTRA = ('--scheduler needs dask.distributed, which is not installed; install the extra: '
                  'pip install "moelab[dask]"')
 
-_FORMS = "local:N (N worker processes on this machine), tcp://HOST:PORT (a running `dask scheduler`) or PATH.json (its --scheduler-file)"
+_FORMS = "auto, serial, local:N (N worker processes on this machine), tcp://HOST:PORT (a running `dask scheduler`) or PATH.json (its --scheduler-file)"
+
+
+#: ``--scheduler auto`` starts worker processes only for work predicted to take longer than this (serial seconds)
+AUTO_MIN_S = 60.0
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_scheduler(spec: Optional[str], work_s: float) -> Optional[str]:
+    """The ``--scheduler`` to run with: None (serial, in this process) or a :func:`parse_scheduler` value.
+
+    Parameters
+    ----------
+    spec : str or None
+        ``serial`` → None. ``auto`` (also None, the command line's default) →
+        ``local:C`` with C the usable cores where C ≥ 2, the work is predicted
+        to take more than :data:`AUTO_MIN_S` serial seconds and dask.distributed
+        is installed; None otherwise. Anything else is returned as given (and
+        checked by :func:`dask_client`).
+    work_s : float
+        The run's predicted serial seconds (:func:`moelab.studies.runner.plan_work`).
+
+    Returns
+    -------
+    str or None
+    """
+    spec = "auto" if spec is None else str(spec).strip()
+    if spec == "serial":
+        return None
+    if spec != "auto":
+        return spec
+    cores = usable_cores()
+    if cores < 2 or work_s <= AUTO_MIN_S:
+        return None
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return None
+    return f"local:{cores}"
 
 
 def parse_scheduler(spec: str) -> Tuple[str, object]:

@@ -50,7 +50,7 @@ import pandas as pd
 
 from .config import Study, StudyError, load_study
 
-__all__ = ["PRESETS", "preset_paths", "load_preset", "reproduce"]
+__all__ = ["PRESETS", "preset_paths", "load_preset", "preset_runs", "reproduce"]
 
 PRESETS = {
     "softmax-2023": ("softmax-2023.toml",),
@@ -91,33 +91,45 @@ def load_preset(name: str, *, quick: bool = False) -> List[Study]:
     return [load_study(p, quick=quick) for p in preset_paths(name)]
 
 
+def preset_runs(name: str, out, *, quick: bool = False) -> List[Tuple[Study, Path]]:
+    """(study, output directory) of each study file of preset ``name`` run into ``out``:
+    ``out`` itself for a one-file preset, ``out/<study name>`` for each file otherwise."""
+    out = Path(out)
+    studies = load_preset(name, quick=quick)
+    if len(studies) == 1:
+        return [(studies[0], out)]
+    return [(st, out / st.name) for st in studies]
+
+
 def reproduce(name: str, out, *, quick: bool = False, progress: bool = True, client=None,
               torch_threads: int = 1) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Run preset ``name`` into ``out``: one sub-directory per study file when
     there are several, plus the combined ``rates.csv`` and ``results.csv`` in ``out``.
 
     Resumable like :func:`moelab.studies.run_study`; ``client`` and
-    ``torch_threads`` are passed to it (the studies run one after the other on
-    the one cluster). Returns (results, rates).
+    ``torch_threads`` are passed to :func:`moelab.studies.run_studies`: serial,
+    the studies run one after the other; on a cluster the batches of every
+    study are one pool, largest first. Returns (results, rates).
+
+    Raises
+    ------
+    StudyError
+        Unknown preset, or ``out`` (or a sub-directory) holding another study.
     """
     from .report import plot_overview
-    from .runner import run_study
+    from .runner import run_studies
 
     out = Path(out)
-    studies = load_preset(name, quick=quick)
-    if len(studies) == 1:
-        res = run_study(studies[0], out, progress=progress, client=client, torch_threads=torch_threads)
-        return res, pd.read_csv(out / "rates.csv")
-    frames, rates = [], []
-    for st in studies:
-        sub = out / st.name
-        frames.append(run_study(st, sub, progress=progress, client=client, torch_threads=torch_threads))
-        rates.append(pd.read_csv(sub / "rates.csv"))
+    runs = preset_runs(name, out, quick=quick)
+    frames = run_studies(runs, progress=progress, client=client, torch_threads=torch_threads, desc=name)
+    if len(runs) == 1:
+        return frames[0], pd.read_csv(out / "rates.csv")
+    rates = [pd.read_csv(sub / "rates.csv") for _st, sub in runs]
     res, rt = pd.concat(frames, ignore_index=True), pd.concat(rates, ignore_index=True)
     res.to_csv(out / "results.csv", index=False)
     rt.to_csv(out / "rates.csv", index=False, float_format="%.4g")
     plot_overview(res, rt, out / "overview.png", name)
-    if all(st.truth.regression for st in studies):
+    if all(st.truth.regression for st, _sub in runs):
         from .lse import compare_gates, plot_gate_comparison
 
         compare_gates(res, rt).to_csv(out / "gate-comparison.csv", index=False, float_format="%.4g")

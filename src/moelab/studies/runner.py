@@ -47,7 +47,7 @@ from .config import FitSpec, Study, StudyError, fingerprint_of, study_from_json
 from .lse import fit_batch as lse_fit_batch, truth_perturbed as lse_starts
 from .simulate import cell_seed, loss_x_points, simulate_cells, study_x_points, true_model, truth_perturbed
 
-__all__ = ["run_study", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
+__all__ = ["run_study", "run_studies", "plan_work", "batch_work", "merge_results", "RESULT_COLUMNS", "METRIC_COLUMNS", "gate_label", "read_results", "start_seeds"]
 
 METRIC_COLUMNS = (
     "loss", "loss_D1", "loss_D2", "hellinger", "tv",
@@ -274,26 +274,127 @@ def _fit_task(study: Study, fi: int, n: int, reps: Sequence[int], truth, xpts, c
     return _fit_batch(study, fi, study.fits[fi], truth, n, reps, xpts)
 
 
-def _run_on_client(client, study: Study, todo, truth, xpts, compile_keys, torch_threads: int, write, bar) -> None:
-    """Every batch of ``todo`` as one task on ``client``; ``write(rows)`` in the driver as each finishes."""
+#: a batch predicted to take longer than this (serial seconds, :func:`batch_work`) may be split across workers
+SPLIT_MIN_S = 30.0
+
+
+def batch_work(fit: FitSpec, n: int, n_reps: int) -> float:
+    """Predicted serial seconds of one batch: ``n_reps`` replicates of setting ``fit`` at sample size n.
+
+    The eager per-(sample, expert, iteration) cost of :mod:`moelab.autocompile`
+    (:data:`~moelab.autocompile.EAGER_NS`) times replicates × tries × n × K ×
+    typical iterations (capped at ``max_iter``; fewer with SQUAREM). A rough
+    scale, not a forecast: it orders a cluster's tasks (largest first), decides
+    which batches to split across workers and whether ``--scheduler auto``
+    starts worker processes.
+    """
+    from .. import autocompile
+
+    iters = min(fit.max_iter, autocompile.TYPICAL_ITERS_ACCELERATED if fit.accelerate == "squarem"
+                else autocompile.TYPICAL_ITERS)
+    return autocompile.EAGER_NS * 1e-9 * n_reps * fit.tries * n * fit.n_experts * iters
+
+
+class _Plan:
+    """One study's run in ``out``: the results file, the batches still to fit, the kernels to compile."""
+
+    def __init__(self, study: Study, out, shard: Tuple[int, int] = (0, 1)):
+        i, N = shard
+        if not (isinstance(i, int) and isinstance(N, int) and N >= 1 and 0 <= i < N):
+            raise StudyError(f"--shard: expected I/N with 0 <= I < N, got {i}/{N}")
+        self.study, self.out, self.shard = study, Path(out), shard
+        _check_out(self.out, study)
+        self.path = _results_path(self.out, shard)
+        _repair_tail(self.path)
+        done_df = read_results(self.path)
+        done = set(zip(done_df["setting"], done_df["n"].astype(int), done_df["replicate"].astype(int)))
+        cells = [(n, r) for n in study.all_n() for r in range(study.replicates)][i::N]
+        self.truth = true_model(study.truth)
+        self.xpts = study_x_points(study, self.truth)
+        self.todo = []
+        grids = [set(study.grid(f)) for f in study.fits]
+        for n in study.all_n():
+            for fi, fit in enumerate(study.fits):
+                if n not in grids[fi]:
+                    continue
+                reps = [r for (nn, r) in cells if nn == n and (fit.name, n, r) not in done]
+                bs = study.batch_size or len(reps) or 1
+                for s in range(0, len(reps), bs):
+                    self.todo.append((n, fi, fit, reps[s : s + bs]))
+        self.compile_keys = _compile_keys(self.todo, self.truth.n_features)
+
+    def work(self) -> float:
+        """Predicted serial seconds of the batches still to fit (:func:`batch_work`)."""
+        return sum(batch_work(fit, n, len(reps)) for n, _fi, fit, reps in self.todo)
+
+    def write(self, rows: List[dict]) -> None:
+        _append_rows(self.path, rows)
+
+    def finish(self, report: bool, complete: bool) -> pd.DataFrame:
+        """The results in the serial order; the report written when the whole unsharded study is done."""
+        results = _in_study_order(read_results(self.path), self.study)
+        if report and self.shard[1] == 1 and complete:
+            from .report import write_report
+
+            write_report(results, self.study, self.out)
+        return results
+
+
+def plan_work(runs) -> float:
+    """Predicted serial seconds of what is still to fit in ``runs`` (a sequence of (study, out) pairs).
+
+    Reads (and creates) each ``out`` as a run would; raises :class:`StudyError` like :func:`run_studies`.
+    """
+    return sum(_Plan(*run).work() for run in runs)
+
+
+def _balanced(todo, n_workers: int):
+    """``todo`` with the batches too large for an even spread over ``n_workers`` split in two, recursively.
+
+    A batch is split while its predicted work (:func:`batch_work`) exceeds both
+    :data:`SPLIT_MIN_S` and the run's total over 3·n_workers, and only where its
+    fits start from truth-perturbed starts: each replicate's start has its own
+    seed there, so a split batch fits the same problems (numbers equal to the
+    unsplit batch's up to the order of the blocked sums).
+    """
+    total = sum(batch_work(fit, n, len(reps)) for _p, (n, _fi, fit, reps) in todo)
+    cap = max(SPLIT_MIN_S, total / (3 * max(1, n_workers)))
+    out = []
+    stack = list(reversed(todo))
+    while stack:
+        plan, (n, fi, fit, reps) = stack.pop()
+        if len(reps) > 1 and fit.init == "truth-perturbed" and batch_work(fit, n, len(reps)) > cap:
+            h = (len(reps) + 1) // 2
+            stack.extend([(plan, (n, fi, fit, reps[h:])), (plan, (n, fi, fit, reps[:h]))])
+        else:
+            out.append((plan, (n, fi, fit, reps)))
+    return out
+
+
+def _run_on_client(client, batches, torch_threads: int, bar) -> None:
+    """Every (plan, batch) as one task on ``client``, the largest first; rows written by the driver as each finishes."""
     import uuid
 
     from .cluster import run_tasks
 
     run_id = uuid.uuid4().hex[:8]
-    tasks, keys = [], tuple(sorted(compile_keys))
-    for n, fi, fit, reps in todo:
+    n_workers = len(client.scheduler_info().get("workers", {}))
+    batches = sorted(_balanced(batches, n_workers), key=lambda b: -batch_work(b[1][2], b[1][0], len(b[1][3])))
+    tasks = []
+    for plan, (n, fi, fit, reps) in batches:
+        study = plan.study
         key = f"moelab-{study.name}-{fit.name}-n{n}-r{reps[0]}-{run_id}"
-        tasks.append((key, _fit_task, (study, fi, n, list(reps), truth, xpts, keys, torch_threads), (n, fi, fit, reps)))
-    if bar is not None and not bar.disable and not client.scheduler_info().get("workers"):
+        args = (study, fi, n, list(reps), plan.truth, plan.xpts, tuple(sorted(plan.compile_keys)), torch_threads)
+        tasks.append((key, _fit_task, args, (plan, n, fi, fit, reps)))
+    if bar is not None and not bar.disable and not n_workers:
         bar.write(f"no Dask workers at {client.scheduler.address} yet; the run starts when workers join")
 
     def handle(info, result):
-        n, fi, fit, reps = info
+        plan, n, fi, fit, reps = info
         if isinstance(result, BaseException):  # KilledWorker: the task took down every worker it ran on
-            result = _failed_rows(_base_row(study, fit, truth, n), reps, result, float("nan"))
-        write(result)
-        bar.set_postfix_str(f"{fit.name} n={n}")
+            result = _failed_rows(_base_row(plan.study, fit, plan.truth, n), reps, result, float("nan"))
+        plan.write(result)
+        bar.set_postfix_str(f"{plan.study.name}: {fit.name} n={n}")
         bar.update(len(reps))
 
     run_tasks(client, tasks, handle)
@@ -323,9 +424,12 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
     client : distributed.Client, optional
         Run the batches on this Dask cluster (:func:`moelab.studies.dask_client`
         makes one from ``local:N`` or an address): one task per batch, the
-        rows appended here in the driver as tasks finish (so in completion
-        order), a task lost with its worker resubmitted by Dask. Cells, seeds
-        and therefore every fitted number are those of the serial run. Default:
+        largest first (:func:`batch_work`), a batch too large for an even
+        spread over the workers split in two (truth-perturbed starts only;
+        see :func:`run_studies`), the rows appended here in the driver as tasks
+        finish (so in completion order), a task lost with its worker
+        resubmitted by Dask. Cells and seeds are those of the serial run, and
+        so is every fitted number (a split batch: up to rounding). Default:
         serial, in this process.
     torch_threads : int, default 1
         With ``client``: torch's intra-op threads in each worker process (set
@@ -347,56 +451,71 @@ def run_study(study: Study, out, *, shard: Tuple[int, int] = (0, 1), progress: b
         With ``client``, an error raised inside a task (not a fit's own
         failure, which is a ``failed`` row) after the finished batches are written.
     """
-    i, N = shard
+    return run_studies([(study, out, shard)], progress=progress, report=report, max_batches=max_batches,
+                       client=client, torch_threads=torch_threads)[0]
+
+
+def run_studies(runs, *, progress: bool = True, report: bool = True, max_batches: Optional[int] = None,
+                client=None, torch_threads: int = 1, desc: Optional[str] = None) -> List[pd.DataFrame]:
+    """Run (or resume) several studies, each into its own directory, as one pool of batches.
+
+    Serial (no ``client``): the studies one after the other, as
+    :func:`run_study` each. With a ``client`` every study's batches are
+    submitted together, largest first (:func:`batch_work`: longest-processing-
+    time-first keeps the workers busy to the end, where the batches in study
+    order left one worker on the last large cell), and a batch whose
+    predicted work exceeds the total over 3 × workers is split in two,
+    recursively, where its starts are truth-perturbed (one seed per replicate,
+    so the same problems are fitted). Every task compiles the fused kernels
+    its study compiles serially (see :func:`run_study`).
+
+    Parameters
+    ----------
+    runs : sequence of (Study, path) or (Study, path, (I, N))
+        Each study, its output directory and optionally its shard.
+    progress, report, max_batches, client, torch_threads
+        As in :func:`run_study` (``max_batches`` counts over all the studies).
+    desc : str, optional
+        Progress bar label (default: the study's name, or "N studies").
+
+    Returns
+    -------
+    list of pandas.DataFrame
+        Each study's results table, in the order of ``runs``.
+
+    Raises
+    ------
+    StudyError
+        Bad shard or torch_threads, or an ``out`` holding a different study.
+    Exception
+        With ``client``, an error raised inside a task, after the finished batches are written.
+    """
     if not (isinstance(torch_threads, int) and torch_threads >= 1):
         raise StudyError(f"torch_threads: expected an integer >= 1, got {torch_threads!r}")
-    if not (isinstance(i, int) and isinstance(N, int) and N >= 1 and 0 <= i < N):
-        raise StudyError(f"--shard: expected I/N with 0 <= I < N, got {i}/{N}")
-    out = Path(out)
-    _check_out(out, study)
-    path = _results_path(out, shard)
-    _repair_tail(path)
-    done_df = read_results(path)
-    done = set(zip(done_df["setting"], done_df["n"].astype(int), done_df["replicate"].astype(int)))
-    cells = [(n, r) for n in study.all_n() for r in range(study.replicates)][i::N]
-    truth = true_model(study.truth)
-    d = truth.n_features
-    xpts = study_x_points(study, truth)
-    todo = []
-    grids = [set(study.grid(f)) for f in study.fits]
-    for n in study.all_n():
-        for fi, fit in enumerate(study.fits):
-            if n not in grids[fi]:
-                continue
-            reps = [r for (nn, r) in cells if nn == n and (fit.name, n, r) not in done]
-            bs = study.batch_size or len(reps) or 1
-            for s in range(0, len(reps), bs):
-                todo.append((n, fi, fit, reps[s : s + bs]))
-    compile_keys = _compile_keys(todo, d)
+    plans = [_Plan(*run) for run in runs]
+    todo = [(plan, b) for plan in plans for b in plan.todo]
+    batches = todo if max_batches is None else todo[:max_batches]
     from tqdm.auto import tqdm
 
-    batches = todo if max_batches is None else todo[:max_batches]
-    total = sum(len(t[3]) for t in todo)
-    bar = tqdm(total=total, disable=not progress, unit="fit", desc=study.name)
+    total = sum(len(b[3]) for _p, b in todo)
+    label = desc or (plans[0].study.name if len(plans) == 1 else f"{len(plans)} studies")
+    bar = tqdm(total=total, disable=not progress, unit="fit", desc=label)
     try:
         if client is not None:
-            _run_on_client(client, study, batches, truth, xpts, compile_keys, torch_threads,
-                           lambda rows: _append_rows(path, rows), bar)
+            _run_on_client(client, batches, torch_threads, bar)
         else:
-            _prepare_kernels(compile_keys, d)
-            for n, fi, fit, reps in batches:
+            prepared = set()
+            for plan, (n, fi, fit, reps) in batches:
+                if plan not in prepared:
+                    _prepare_kernels(plan.compile_keys, plan.truth.n_features)
+                    prepared.add(plan)
                 bar.set_postfix_str(f"{fit.name} n={n}")
-                rows = _fit_batch(study, fi, fit, truth, n, reps, xpts)
-                _append_rows(path, rows)
+                plan.write(_fit_batch(plan.study, fi, fit, plan.truth, n, reps, plan.xpts))
                 bar.update(len(reps))
     finally:
         bar.close()
-    results = _in_study_order(read_results(path), study)
-    if report and N == 1 and (max_batches is None or max_batches >= len(todo)):
-        from .report import write_report
-
-        write_report(results, study, out)
-    return results
+    complete = max_batches is None or max_batches >= len(todo)
+    return [plan.finish(report, complete) for plan in plans]
 
 
 def _in_study_order(results: pd.DataFrame, study: Study) -> pd.DataFrame:
