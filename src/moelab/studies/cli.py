@@ -88,9 +88,9 @@ def _client(args, runs):
         work = plan_work(runs)
         spec = resolve_scheduler(spec, work)
         if spec is not None and not args.no_progress:
-            print(f"moelab: about {work / 60:.1f} min of serial work predicted (over {AUTO_MIN_S:.0f} s): "
-                  f"running on {spec} (a local Dask cluster of single-threaded worker processes); "
-                  "--scheduler serial runs in this process", file=sys.stderr)
+            print(f"moelab: a long run (over {AUTO_MIN_S:.0f} s predicted serially): running on {spec}, a local "
+                  "Dask cluster of single-threaded worker processes; --scheduler serial runs in this process",
+                  file=sys.stderr)
     else:
         spec = resolve_scheduler(spec, 0.0)
     if spec is None:
