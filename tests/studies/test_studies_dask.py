@@ -295,3 +295,18 @@ def test_ctrl_c_on_the_command_line_shuts_the_local_cluster_down(study_file, tmp
     while _live_processes_in_group(p.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _live_processes_in_group(p.pid) == []
+
+
+def test_local_cluster_workers_keep_glibc_dynamic_mmap_threshold(monkeypatch):
+    """Dask's default MALLOC_TRIM_THRESHOLD_=65536 doubled the workers' system CPU time (page faults on
+    every large temporary); ``local:N`` workers start without it, and a value the user exported is kept."""
+    from moelab.studies.cluster import dask_client
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_client("local:1") as client:
+        got = list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values())
+    assert got == [None]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "262144")
+    with dask_client("local:1") as client:
+        got = list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values())
+    assert got == ["262144"]
