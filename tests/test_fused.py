@@ -242,3 +242,40 @@ def test_auto_uses_warm_kernels_for_mid_sizes(monkeypatch):
     assert float(warm.loglik.sum()) == pytest.approx(float(cold.loglik.sum()), rel=1e-9)
     tiny = fit_em(x[:, :600], y[:, :600], 2, **dict(kw, n_init=2))  # 2·600·2 = 2,400 < 1e4: eager even when warm
     assert tiny.settings["compiled"] is False
+
+
+@pytest.mark.parametrize("n", [250, 251])
+def test_one_problem_runs_as_two_rows_of_half_its_samples(monkeypatch, n):
+    # the compiled kernels never see one problem: an even n becomes two rows of n/2 (one problem's work,
+    # rows added, or maxed, per-sample values rejoined in order), an odd n is repeated. "Compiled" here is the
+    # kernel itself, recording the shapes it is called with, so the wrapper's bookkeeping is what is tested.
+    from moelab._fused import cache as fcache
+    from moelab._fused import linear, newton
+
+    seen = []
+
+    def fake_compile(fn, **kw):
+        def run(*a):
+            seen.append(next(t.shape for t in a if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[1] > 100))  # x
+            return fn(*a)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    kc = fcache.KernelCache()
+    gth, eth, var, x, y = _problem(1, n, 3, 1, seed=5)
+    half = (2, n // 2, 1) if n % 2 == 0 else (2, n, 1)
+    torch.testing.assert_close(kc.get(linear.em_sums)(gth, eth, var, x, y), linear.em_sums(gth, eth, var, x, y),
+                               rtol=1e-12, atol=1e-12)
+    delta = torch.randn(1, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(kc.get(linear.logit_range)(delta, x), linear.logit_range(delta, x), rtol=0, atol=0)
+    cand = torch.randn(4, 1, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(kc.get(linear.gate_lse_sum)(cand, x), linear.gate_lse_sum(cand, x), rtol=1e-12, atol=0)
+    slope, icpt, tau = gth[..., :1].contiguous(), gth[..., 1].contiguous(), torch.full((1,), 0.7, dtype=torch.float64)
+    check = torch.softmax(torch.randn(1, 3, n, dtype=torch.float64), 1)
+    spec = ("activation", "tanh", True)
+    got, resp = kc.get(newton.newton_sums_resp)(slope, icpt, tau, eth, var, x, y, check, spec)
+    ref, ref_resp = newton.newton_sums_resp(slope, icpt, tau, eth, var, x, y, check, spec)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert resp.shape == (1, 3, n)
+    torch.testing.assert_close(resp, ref_resp, rtol=0, atol=0)
+    assert seen and all(s == half for s in seen)

@@ -270,7 +270,7 @@ def expert_update(st, expert_theta, var, n: int, var_floor):
     S, A, be, ee = st["S"], st["A"], st["be"], st["ee"]
     p = expert_theta.shape[-1]
     nk = S[..., -1]
-    eye = torch.eye(p, dtype=A.dtype, device=A.device)
+    eye = _eye(p, A.dtype, A.device)
     scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
     ridge = 1e-10 * scale + 1e-30  # [R, K]
     Ar = A + ridge[..., None, None] * eye
@@ -292,8 +292,13 @@ def expert_update(st, expert_theta, var, n: int, var_floor):
 
 def _full(free, K, p):
     """Free gate coefficients (..., (K−1)·p) → (..., K, p) with the reference row zero."""
-    zeros = torch.zeros(*free.shape[:-1], 1, p, dtype=free.dtype, device=free.device)
-    return torch.cat([free.reshape(*free.shape[:-1], K - 1, p), zeros], -2)
+    return torch.nn.functional.pad(free.reshape(*free.shape[:-1], K - 1, p), (0, 0, 0, 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _eye(p: int, dtype, device) -> torch.Tensor:
+    """The (p, p) identity (cached: read-only; the M-step adds ridges to it at every iteration)."""
+    return torch.eye(p, dtype=dtype, device=device)
 
 
 def gate_proposal(st, gate_theta, x, run, x_range=None):
@@ -315,7 +320,7 @@ def gate_proposal(st, gate_theta, x, run, x_range=None):
     H = torch.diag_embed(st["Gxx"].permute(0, 2, 3, 1)).permute(0, 3, 4, 1, 2) - st["GG"]  # δ_kl Σg_k xxᵀ − Σg_k g_l xxᵀ
     H = H.permute(0, 1, 3, 2, 4).reshape(R, P, P)  # minus the Hessian (PSD)
     ridge = 1e-9 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12) + 1e-12
-    L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * torch.eye(P, dtype=dtype, device=dev))
+    L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * _eye(P, dtype, dev))
     step = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
     step = torch.where((info > 0)[:, None], grad, step)  # gradient step if Cholesky failed
     if p == 2 and x_range is not None:  # one feature: |δ_k·[x, 1]| is largest at min or max x
