@@ -187,7 +187,7 @@ def test_one_feature_logit_range_shortcut_matches_the_pass():
 
 
 def test_single_problem_compiled_equals_eager():
-    # one problem (R = 1) is padded to two inside the compiled kernels
+    # one problem (R = 1) runs as two rows of half its samples inside the compiled kernels (n = 250 is even)
     x, y = _data(n=250, R=1, seed=4)
     kw = dict(n_init=1, init="kmeans", random_state=0, max_iter=60, tol=0, warn=False)
     comp = fit_em(x[0], y[0], 3, compile=True, **kw)
@@ -215,7 +215,7 @@ def test_failing_compiled_call_runs_eagerly(broken_compile):
     ref = _fused.em_statistics(*args)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k])
-    one = [a[:1] for a in args]  # a single problem: padded to two, first row returned
+    one = [a[:1] for a in args]  # one problem, n = 30 < MIN_SPLIT_SAMPLES: repeated, first row returned
     torch.testing.assert_close(_fused.statistics(*one)["A"], _fused.em_statistics(*one)["A"])
 
 
