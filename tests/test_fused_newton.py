@@ -65,12 +65,20 @@ def test_callable_derivatives_by_forward_mode():
 def _gate(spec, R, K, d, gen):
     slope = 1.5 * torch.randn(R, K, d, generator=gen, dtype=D)
     slope[:, -1] = 0
+    if spec[0] == "activation" and not spec[3]:
+        slope[:, -1] = 0.8 * torch.randn(R, d, generator=gen, dtype=D)
     icpt = torch.randn(R, K, generator=gen, dtype=D)
     icpt[:, -1] = 0
     if spec[0] == "activation":
         tau = torch.rand(R, generator=gen, dtype=D) + 0.3
         return ActivationGate(slope, icpt, temperature=tau, activation=spec[1], learn_temperature=spec[2])
     return TopKGate(slope, icpt, top_k=spec[1])
+
+
+def _keep_reference(gate, ps):
+    """``GateParameters.unflatten`` output with the gate's own (fixed) reference slope row, zero or not."""
+    ref = gate.slope[..., -1:, :].expand(*ps["slope"].shape[:-2], 1, gate.slope.shape[-1])
+    return dict(ps, slope=torch.cat([ps["slope"][..., :-1, :], ref], -2))
 
 
 def _problem(spec, R=3, n=90, K=3, d=2, seed=0):
@@ -93,9 +101,13 @@ def _textbook(gate, eth, var, x, y):
     return (joint - lse[..., None]).exp(), lse.sum(-1)
 
 
-SPECS = [("activation", "tanh", False), ("activation", "tanh", True), ("activation", "sigmoid", True),
-         ("activation", "gelu", True), ("activation", "softplus", False), ("activation", "relu", True),
-         ("activation", "identity", True), ("topk", 2), ("topk", 1), ("topk", 3)]
+# activation specs: (name, learn_temperature, reference slope zero); the last False puts a nonzero
+# fixed reference row in the problem (its activation computed per sample, not the constant σ(0))
+SPECS = [("activation", "tanh", False, True), ("activation", "tanh", True, True), ("activation", "sigmoid", True, True),
+         ("activation", "gelu", True, True), ("activation", "softplus", False, True), ("activation", "relu", True, True),
+         ("activation", "identity", True, True), ("activation", "tanh", True, False), ("activation", "sigmoid", True, False),
+         ("activation", "softplus", False, False), ("activation", "gelu", False, False),
+         ("topk", 2), ("topk", 1), ("topk", 3)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -111,7 +123,7 @@ def test_pass_derivatives_equal_autograd(spec):
     assert layout.P == newton.n_params(spec, K, d)
     theta = layout.flatten().clone().requires_grad_(True)
     with torch.enable_grad():
-        q = gate_q(gate.replace(**layout.unflatten(theta)).log_weights(x), resp)
+        q = gate_q(gate.replace(**_keep_reference(gate, layout.unflatten(theta))).log_weights(x), resp)
         (grad,) = torch.autograd.grad(q.sum(), theta, create_graph=True)
         hess = torch.stack([torch.autograd.grad(grad[:, a].sum(), theta, retain_graph=True)[0] for a in range(layout.P)], 1)
     torch.testing.assert_close(st["q0"], q.detach(), rtol=1e-12, atol=1e-10)
@@ -119,7 +131,7 @@ def test_pass_derivatives_equal_autograd(spec):
     torch.testing.assert_close(st["negH"], -hess, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("spec", [("activation", "tanh", True), ("activation", "sigmoid", False), ("topk", 2)], ids=str)
+@pytest.mark.parametrize("spec", [("activation", "tanh", True, True), ("activation", "sigmoid", False, True), ("activation", "tanh", True, False), ("topk", 2)], ids=str)
 def test_candidate_q_equals_gate_q(spec):
     gate, eth, var, x, y = _problem(spec, seed=3)
     resp, _ = _textbook(gate, eth, var, x, y)
@@ -127,7 +139,7 @@ def test_candidate_q_equals_gate_q(spec):
     th = layout.flatten()
     gen = torch.Generator().manual_seed(1)
     cand = torch.stack([th, th + 0.01 * torch.randn(th.shape, generator=gen, dtype=D), th + torch.randn(th.shape, generator=gen, dtype=D)])
-    ps = layout.unflatten(cand)
+    ps = _keep_reference(gate, layout.unflatten(cand))
     tau = newton.gate_args(gate)[2]
     ctau = ps.get("temperature", tau.expand(3, -1))
     got = newton.newton_q(ps["slope"], ps["intercept"], ctau, *newton.gate_args(gate), eth, var, x, y, spec)
@@ -138,7 +150,7 @@ def test_candidate_q_equals_gate_q(spec):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-10)
 
 
-@pytest.mark.parametrize("spec", [("activation", "tanh", True), ("topk", 2)], ids=str)
+@pytest.mark.parametrize("spec", [("activation", "tanh", True, True), ("topk", 2)], ids=str)
 def test_blocked_over_samples_equals_one_block(spec):
     gate, eth, var, x, y = _problem(spec, R=4, n=2000, seed=5)
     args = newton.gate_args(gate) + (eth, var, x, y, spec)
@@ -278,9 +290,9 @@ def test_compiled_equals_eager(name, eager_fits):
 def test_auto_uses_warm_activation_kernels(monkeypatch):
     """compile="auto" takes the compiled pass once this process has the kernels of the pass spec."""
     monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
-    assert not _fused.kernels.is_ready(_fused.kernel_key(2, 1, D, "cpu", ("activation", "tanh", True)))
+    assert not _fused.kernels.is_ready(_fused.kernel_key(2, 1, D, "cpu", ("activation", "tanh", True, True)))
     assert em_mod.prepare_compiled(2, 1, gate="activation", gate_options={"activation": "tanh", "learn_temperature": True})
-    assert _fused.kernels.is_ready(_fused.kernel_key(2, 1, D, "cpu", ("activation", "tanh", True)))
+    assert _fused.kernels.is_ready(_fused.kernel_key(2, 1, D, "cpu", ("activation", "tanh", True, True)))
     assert _fit("activation-tanh-learned", n_init=10).settings["compiled"]  # 3·10 starts·400·2 = 24,000 >= 10^4
     assert not _fit("activation-tanh-learned", n_init=1).settings["compiled"]  # 2,400 < 10^4: eager
 
@@ -307,7 +319,7 @@ def test_unregistered_pass_family_gets_a_clear_compile_error():
         unregister_gate("plain-test")
 
 
-@pytest.mark.parametrize("spec", [("activation", "tanh", True), ("activation", "sigmoid", False)], ids=str)
+@pytest.mark.parametrize("spec", [("activation", "tanh", True, True), ("activation", "sigmoid", False, True), ("activation", "sigmoid", False, False)], ids=str)
 def test_line_search_from_the_pass_responsibilities_equals_recomputing_them(spec):
     # newton_sums_resp writes r once; newton_q_resp evaluates candidates from it (no second E-step)
     gate, eth, var, x, y = _problem(spec, R=3, n=700, seed=7)

@@ -29,7 +29,8 @@ Q_gate(θ') = Σ_n Σ_k r_nk log g_k(x_n; θ') at candidates θ' by
 So the fitted parameters agree with the autograd step to rounding.
 
 Pass specs (hashable, so torch.compile specialises on them): ``("activation",
-name, learn_temperature)`` and ``("topk", top_k)``.
+name, learn_temperature, reference_at_zero)`` (the last: the reference expert's fixed
+slope is zero, its activation σ(0) a constant) and ``("topk", top_k)``.
 
 Sources: Jordan & Jacobs (1994); Dempster, Laird & Rubin (1977), generalised
 EM; Nguyen, Akbarian & Ho (ICML 2024) for the activation gate.
@@ -88,6 +89,14 @@ def _gate_terms(slope, intercept, tau, xs, spec, derivatives: bool):
         u = (K - 1) * (d + 1)
         logits = []
         for k in range(K):
+            if k == K - 1 and spec[3]:  # the reference row's slope is zero: σ(0), no activation per sample
+                s = derivs(slope.new_zeros(()))[0]
+                logits.append(s * inv_tau + icpt[k])
+                if derivatives and learn:
+                    st = (s * inv_tau).expand_as(icpt[k])
+                    J[k][u] = -st
+                    D[k][(u, u)] = st
+                continue
             s, s1, s2 = derivs(_linear_part(slope, k, xs))
             logits.append(s * inv_tau + icpt[k])
             if not derivatives:

@@ -75,10 +75,15 @@ class ActivationGate(Gate):
         return p
 
     def em_pass_spec(self):
-        """``("activation", name, learn_temperature)`` for a named σ; None for a callable (its
-        derivatives are not in closed form: EM runs the autograd gate step)."""
+        """``("activation", name, learn_temperature, reference_at_zero)`` for a named σ; None for a
+        callable (its derivatives are not in closed form: EM runs the autograd gate step).
+
+        ``reference_at_zero``: the reference expert's slope (fixed in EM) is zero in every problem,
+        so its logit is the constant σ(0)/τ + β_{0K} and the pass skips σ there (one of K
+        activations per sample)."""
         if isinstance(self.activation, str):
-            return ("activation", self.activation, self.learn_temperature)
+            ref_zero = bool((self.slope[..., -1, :] == 0).all()) if self.slope.numel() else True
+            return ("activation", self.activation, self.learn_temperature, ref_zero)
         return None
 
     def hyperparams(self) -> dict:
