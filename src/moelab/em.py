@@ -60,7 +60,7 @@ from .racing import StartRace
 from .acceleration import Squarem, supported as accelerable
 from .textbook import TextbookStepper
 from .diagnostics import warn_few_starts
-from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, finish, loglik_offset, make_starts,
+from .fitcore import (ConvergenceWarning, DegenerateFitWarning, EMResult, State, design, finish, loglik_offset, make_starts,
                       prepare_xy, setup_problem, threads_for, user_starts)
 from .options import CONVERGENCE_RULES, FitOptions
 
@@ -337,10 +337,12 @@ def fit_em_with(x, y, opts: FitOptions, *, init_model: Optional[GaussianMoE] = N
         else:  # one expert: every start gives the same least-squares fit
             n_keep = 1 if prob.n_experts == 1 else opts.n_init
         bar.stage("screening starts", detail=f"{n_keep} start(s) per problem")
-        state, xr, x1r, yr = make_starts(prob, n_keep, init_model)
+        state, xr, x1r, yr = make_starts(prob, n_keep, init_model, design_matrix=False)
         R = xr.shape[0]
         history = torch.full((R, opts.max_iter + 1), math.nan, dtype=prob.dtype, device=xr.device)
         one_pass, fused = pass_mode(opts, state.gate, R, prob.n, xr.device, progress=bar)
+        if not one_pass:  # the textbook loop reads [x, 1]
+            x1r = design(xr)
         if one_pass:
             stepper = _fused.stepper(state.gate, xr, yr, opts.reg_variance, fused)
         elif prob.B == 1 and state.gate.linear_logits:  # the starts of one fit share its data: keep it once

@@ -306,8 +306,7 @@ def setup_problem(x, y, opts: FitOptions, random_state) -> Problem:
     else:
         seed = int(random_state) if random_state is not None else int(torch.randint(2**31 - 1, (1,)))
         gen = torch.Generator(device="cpu").manual_seed(seed)
-    scaling = Scaling.fit(x, y, center_x=gate.family.affine_invariant)
-    xs, ys = scaling.transform(x, y)
+    scaling, xs, ys = Scaling.fit_transform(x, y, center_x=gate.family.affine_invariant)
     return Problem(x, y, xs, ys, tuple(batch), scaling, K, gate, min_size, gen, opts.dtype, opts)
 
 
@@ -323,12 +322,14 @@ def design(xr):
     return torch.cat([xr, torch.ones(*xr.shape[:-1], 1, dtype=xr.dtype, device=xr.device)], -1)
 
 
-def make_starts(prob: Problem, S: int, init_model=None):
+def make_starts(prob: Problem, S: int, init_model=None, design_matrix: bool = True):
     """Starting parameters for S starts per problem (problem-major), in standardised units.
 
     From ``init_model`` if given, else from the strategy ``prob.options.init``.
 
-    Returns state, xr (B·S, n, d), x1r (B·S, n, d+1), yr (B·S, n).
+    Returns state, xr (B·S, n, d), x1r (B·S, n, d+1), yr (B·S, n); x1r is None with
+    ``design_matrix=False`` (the one-pass EM never reads it, and building it costs more than a pass
+    over x at large n: build it with :func:`design` where it is needed).
     """
     B, n, d, K = prob.B, prob.n, prob.d, prob.n_experts
     dtype, dev = prob.dtype, prob.x.device
@@ -356,11 +357,11 @@ def make_starts(prob: Problem, S: int, init_model=None):
         theta = torch.cat([m0.experts.slope, m0.experts.intercept.unsqueeze(-1)], -1)
         state = State(m0.gate, theta, m0.experts.variance.clamp_min(prob.options.reg_variance))
         if S == 1:
-            return state, prob.xs, design(prob.xs), prob.ys
+            return state, prob.xs, design(prob.xs) if design_matrix else None, prob.ys
         xr, yr = prob.xs.repeat_interleave(S, 0), prob.ys.repeat_interleave(S, 0)  # problem-major
-        return state, xr, design(xr), yr
+        return state, xr, design(xr) if design_matrix else None, yr
     plan = start_plan(prob.options.init, S, prob.options.n_candidates, n)
-    states, xrs, x1rs, yrs = [], [], [], []
+    states, xrs, yrs = [], [], []
     for method, n_cand, n_keep in plan:
         resp_parts = [init_responsibilities(method, prob.xs[b], prob.ys[b], K, n_cand, prob.generator) for b in range(B)]
         resp0 = torch.cat(resp_parts, 0).to(dev).transpose(-1, -2).contiguous()  # [B*n_cand, K, n]
@@ -383,10 +384,8 @@ def make_starts(prob: Problem, S: int, init_model=None):
             idx = (top + torch.arange(B, device=dev).unsqueeze(-1) * n_cand).reshape(-1)
             state = state.take(idx)
         xr, yr = prob.xs.repeat_interleave(n_keep, 0), prob.ys.repeat_interleave(n_keep, 0)
-        x1r = design(xr)
         states.append(state)
         xrs.append(xr.reshape(B, n_keep, n, d))
-        x1rs.append(x1r.reshape(B, n_keep, n, d + 1))
         yrs.append(yr.reshape(B, n_keep, n))
     # problem-major order: all starts of problem 0, then problem 1, ...
     counts = [k for _, _, k in plan]
@@ -394,9 +393,8 @@ def make_starts(prob: Problem, S: int, init_model=None):
     order = torch.cat([(torch.arange(B, device=dev).unsqueeze(-1) * c + torch.arange(c, device=dev)) + B * off for c, off in zip(counts, offsets.tolist())], 1).reshape(-1)
     state = cat_states(states).take(order)
     xr = torch.cat(xrs, 1).reshape(-1, n, d)
-    x1r = torch.cat(x1rs, 1).reshape(-1, n, d + 1)
     yr = torch.cat(yrs, 1).reshape(-1, n)
-    return state, xr, x1r, yr
+    return state, xr, design(xr) if design_matrix else None, yr
 
 
 #: share of the "auto" starts by strategy: (method, share, screened)
@@ -450,7 +448,7 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
            final=None) -> "EMResult":
     """Pick the best valid start per problem, map it back to original units, warn.
 
-    ``state``, ``xr``, ``x1r``, ``yr``, ``conv`` (R,), ``iters`` (R,) and
+    ``state``, ``xr``, ``x1r`` (None: built here if needed), ``yr``, ``conv`` (R,), ``iters`` (R,) and
     ``history`` (R, T) hold R = B·n_keep starts, problem-major, in standardised
     units; ``final`` = (sizes (R, K), loglik (R,)) at ``state`` if the EM loop
     already has them. Reads ``min_expert_sd``, ``warn``, ``max_iter``, ``tol`` and ``convergence`` from ``prob.options``.
@@ -464,7 +462,7 @@ def finish(prob: Problem, state: State, xr, x1r, yr, conv, iters, history, n_kee
         sizes, ll = final
     else:
         with torch.no_grad():
-            resp, ll = e_step(state.gate, state.theta, state.var, xr, x1r, yr)
+            resp, ll = e_step(state.gate, state.theta, state.var, xr, design(xr) if x1r is None else x1r, yr)
         sizes = resp.sum(-1)
     bad = collapsed(sizes, state.var, min_size, min_expert_sd) | ~torch.isfinite(ll)
     llB = ll.reshape(B, n_keep)
