@@ -279,3 +279,37 @@ def test_one_problem_runs_as_two_rows_of_half_its_samples(monkeypatch, n):
     assert resp.shape == (1, 3, n)
     torch.testing.assert_close(resp, ref_resp, rtol=0, atol=0)
     assert seen and all(s == half for s in seen)
+
+
+def test_one_feature_m_step_is_the_unpacked_m_step():
+    """m_step_one_feature (one graph when compiled) = unpack_sums + expert_update + gate_proposal, bit for bit."""
+    gth, eth, var, x, y = _problem(5, 80, 3, 1, seed=12)
+    gth = gth * 20  # some steps capped
+    sums = _fused.em_sums(gth, eth, var, x, y)
+    lo, hi = x[..., 0].amin(-1), x[..., 0].amax(-1)
+    theta, v, bad, prop, pending = _fused.linear.m_step_one_feature(sums, gth, eth, var, lo, hi, 80, 1e-8)
+    st = _fused.unpack_sums(sums, 3, 1)
+    ref_theta, ref_v = _fused.expert_update(st, eth, var, 80, 1e-8)
+    ref_prop, ref_pending = _fused.gate_proposal(st, gth, x, _fused.runner(False), x_range=(lo, hi))
+    assert not bad.any()
+    assert torch.equal(theta, ref_theta) and torch.equal(v, ref_v) and torch.equal(prop, ref_prop)
+    assert pending.keys() == ref_pending.keys() and all(torch.equal(pending[k], ref_pending[k]) for k in pending)
+
+
+def test_a_singular_expert_system_is_solved_by_least_squares():
+    """Where Cholesky fails (an indefinite Σ r x1 x1ᵀ), expert_solve flags the expert and expert_update
+    takes the least-squares step for it, leaving the other experts' Cholesky steps as they were."""
+    gth, eth, var, x, y = _problem(2, 60, 2, 1, seed=13)
+    st = _fused.em_statistics(gth, eth, var, x, y)
+    st["A"] = st["A"].clone()
+    st["A"][1, 0] = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # indefinite: no Cholesky factor
+    theta, v, bad = _fused.linear.expert_solve(st, eth, var, 60, 1e-8)
+    assert bad.tolist() == [[False, False], [True, False]]
+    new_theta, new_var = _fused.expert_update(st, eth, var, 60, 1e-8)
+    keep = ~bad
+    assert torch.equal(new_theta[keep], theta[keep]) and torch.equal(new_var[keep], v[keep])
+    A, be = st["A"][1, 0], st["be"][1, 0]
+    ridge = 1e-10 * A.diagonal().mean() + 1e-30
+    delta = torch.linalg.lstsq(A + ridge * torch.eye(2, dtype=A.dtype), (be - ridge * eth[1, 0]).unsqueeze(-1)).solution[:, 0]
+    torch.testing.assert_close(new_theta[1, 0], eth[1, 0] + delta, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(new_var).all()

@@ -49,7 +49,9 @@ class KernelSpec:
 
     ``rows``: per positional argument, its problem-batch dimension (None: not a tensor
     with one); ``out_row``: the result's. ``samples``: per argument, its sample
-    dimension (None: no sample axis). ``reduce``: "sum" or "max" over samples.
+    dimension (None: no sample axis). ``reduce``: "sum" or "max" over samples, or None for a kernel
+    with no sample axis at all (an M-step on the sums: it runs whole, eager or compiled, and its
+    results — tensors, tuples and dicts of them — have the problem batch first).
     ``cands``: per argument, its dimension of candidate parameters (None: none);
     ``out_cand``: the result's (kernels that evaluate several candidates at once).
     ``per_sample``: the sample dimension of a second, per-sample result (kernels that
@@ -89,6 +91,8 @@ KERNELS = MappingProxyType({
     # against 11.6 ms (R = 40, n = 10^4, K = 3, tanh, 2 threads)
     "newton_q_resp": KernelSpec((1, 1, 1, 0, 0, None), 1, (None, None, None, 2, 1, None), cands=(0, 0, 0, None, None, None),
                                 out_cand=0, pad_one_cand=False),
+    # sums (R, M), gate θ, expert θ, var, x min, x max, n, variance floor: the one-feature M-step (no samples)
+    "m_step_one_feature": KernelSpec((0, 0, 0, 0, 0, 0, None, None), 0, (None,) * 8, reduce=None),
 })
 
 
@@ -103,6 +107,8 @@ def run_blocked(fn, args, block_elements=None):
     rounding of the summation order.
     """
     spec = KERNELS[fn.__name__]
+    if spec.reduce is None:  # no samples to block
+        return fn(*args)
     block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     i = next(k for k, s in enumerate(spec.samples) if s is not None)
     n = args[i].shape[spec.samples[i]]
@@ -235,6 +241,8 @@ class KernelCache:
                     out = run_blocked(fn, args)
             else:
                 out = run_blocked(fn, args)
+            if spec.reduce is None:  # an M-step: its results are per problem, the first row is the problem's
+                return _first_row(out) if one else out
             per = None
             if spec.per_sample is not None:
                 out, per = out
@@ -251,6 +259,15 @@ class KernelCache:
             return out if spec.per_sample is None else (out, per)
 
         return c
+
+
+def _first_row(out):
+    """The first row of every tensor in ``out`` (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.narrow(0, 0, 1)
+    if isinstance(out, dict):
+        return {k: _first_row(v) for k, v in out.items()}
+    return type(out)(_first_row(v) for v in out)
 
 
 @contextlib.contextmanager
@@ -287,8 +304,8 @@ def _two_rows(args, spec):
     Otherwise the problem is repeated (twice the work) and ``split`` is False. Measured on a single
     fit (softmax gate, K = 3, n = 10⁴, one thread): the padded pass cost 1.57 ms.
     """
-    i = next(k for k, s in enumerate(spec.samples) if s is not None)
-    n = args[i].shape[spec.samples[i]]
+    i = next((k for k, s in enumerate(spec.samples) if s is not None), None)
+    n = args[i].shape[spec.samples[i]] if i is not None else 1
     if n % 2 or n < MIN_SPLIT_SAMPLES:
         return tuple(a if dim is None else torch.cat([a, a], dim) for a, dim in zip(args, spec.rows)), False
     out = []

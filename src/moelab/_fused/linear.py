@@ -44,7 +44,8 @@ from ..mstep import backtrack, cap_step, negligible_gain
 
 __all__ = ["gate_step_ok", "n_sums", "MAX_SUMS", "EXP_FLOOR", "lin", "exp_terms", "monomials", "moment_index", "moment_sums",
            "expert_columns", "n_expert_columns", "unpack_experts", "em_sums", "unpack_sums", "em_statistics",
-           "gate_lse_sum", "logit_range", "expert_update", "gate_proposal", "gate_verify", "m_step"]
+           "gate_lse_sum", "logit_range", "expert_update", "expert_solve", "expert_lstsq", "gate_proposal", "gate_newton_step",
+           "m_step_one_feature", "gate_verify", "m_step"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: exponents are clamped here: weights below e^-300 ≈ 5e-131 are raised to it instead of
@@ -265,29 +266,49 @@ def expert_update(st, expert_theta, var, n: int, var_floor):
     written around the current fit: θ_new = θ + Δ with
     (A + ridge) Δ = Σ r e x1 − ridge·θ, and Σ r (y − θ_new·x1)² = Σ r e² − 2Δ·Σ r e x1 + ΔᵀAΔ
     (no cancellation as Δ → 0). Variance floored at ``var_floor``; experts with
-    Σ r < 1e-8·n keep their parameters.
+    Σ r < 1e-8·n keep their parameters. Where the Cholesky factorisation fails,
+    Δ is the least-squares solution instead (:func:`expert_solve` and :func:`expert_lstsq`).
     """
-    S, A, be, ee = st["S"], st["A"], st["be"], st["ee"]
+    new_theta, new_var, bad = expert_solve(st, expert_theta, var, n, var_floor)
+    if bool(bad.any()):
+        new_theta, new_var = expert_lstsq(st, expert_theta, var, n, var_floor, bad, new_theta, new_var)
+    return new_theta, new_var
+
+
+def _expert_system(st, expert_theta):
+    S, A, be = st["S"], st["A"], st["be"]
     p = expert_theta.shape[-1]
-    nk = S[..., -1]
     eye = _eye(p, A.dtype, A.device)
     scale = A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
     ridge = 1e-10 * scale + 1e-30  # [R, K]
-    Ar = A + ridge[..., None, None] * eye
-    rhs = be - ridge[..., None] * expert_theta
-    L, info = torch.linalg.cholesky_ex(Ar)
-    delta = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-    bad = info > 0
-    if bool(bad.any()):
-        delta = torch.where(bad[..., None], torch.linalg.lstsq(Ar, rhs.unsqueeze(-1)).solution.squeeze(-1), delta)
+    return A + ridge[..., None, None] * eye, be - ridge[..., None] * expert_theta
+
+
+def _expert_finish(st, expert_theta, var, n, var_floor, delta):
+    A, be, ee, nk = st["A"], st["be"], st["ee"], st["S"][..., -1]
     sse = ee - 2 * (delta * be).sum(-1) + (delta.unsqueeze(-2) @ A @ delta.unsqueeze(-1))[..., 0, 0]
     new_var = (sse.clamp_min(0) / nk.clamp_min(1e-300)).clamp_min(var_floor)
-    new_theta = expert_theta + delta
     dead = nk < 1e-8 * n
-    if bool(dead.any()):
-        new_theta = torch.where(dead[..., None], expert_theta, new_theta)
-        new_var = torch.where(dead, var, new_var)
-    return new_theta, new_var
+    return (torch.where(dead[..., None], expert_theta, expert_theta + delta), torch.where(dead, var, new_var))
+
+
+def expert_solve(st, expert_theta, var, n: int, var_floor):
+    """:func:`expert_update` by Cholesky only, without data-dependent branches (so it compiles as one
+    graph): (θ (R, K, p), variance (R, K), bad (R, K) bool — where the factorisation failed and the
+    returned values are not to be used; :func:`expert_lstsq` redoes those)."""
+    Ar, rhs = _expert_system(st, expert_theta)
+    L, info = torch.linalg.cholesky_ex(Ar)
+    delta = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    new_theta, new_var = _expert_finish(st, expert_theta, var, n, var_floor, delta)
+    return new_theta, new_var, info > 0
+
+
+def expert_lstsq(st, expert_theta, var, n: int, var_floor, bad, new_theta, new_var):
+    """:func:`expert_solve`'s result with the experts ``bad`` (R, K) redone by least squares."""
+    Ar, rhs = _expert_system(st, expert_theta)
+    delta = torch.linalg.lstsq(Ar, rhs.unsqueeze(-1)).solution.squeeze(-1)
+    th, v = _expert_finish(st, expert_theta, var, n, var_floor, delta)
+    return torch.where(bad[..., None], th, new_theta), torch.where(bad, v, new_var)
 
 
 def _full(free, K, p):
@@ -307,9 +328,18 @@ def gate_proposal(st, gate_theta, x, run, x_range=None):
     Same system as :func:`moelab.mstep.softmax_gate_newton_step` (ridge, gradient
     step where Cholesky fails, logit change capped, negligible steps not taken).
     ``x_range`` = (min, max) of x per problem, (R,) each, saves a pass over x
-    for one feature. Returns the full step's θ (R, K, p) and what
+    for one feature (:func:`logit_range` otherwise). Returns the full step's θ (R, K, p) and what
     :func:`gate_verify` needs.
     """
+    R, K, p = gate_theta.shape
+    if p != 2:
+        x_range = None
+    return gate_newton_step(st, gate_theta, x.shape[-2], x_range, lambda step: run(logit_range, _full(step, K, p), x))
+
+
+def gate_newton_step(st, gate_theta, n: int, x_range=None, logit_change=None):
+    """:func:`gate_proposal` for n samples: the largest logit change of a step from ``x_range`` (one
+    feature; no branch on the data, so it compiles as one graph) or ``logit_change(step)`` (R,)."""
     R, K, p = gate_theta.shape
     P = (K - 1) * p
     dtype, dev = gate_theta.dtype, gate_theta.device
@@ -323,18 +353,33 @@ def gate_proposal(st, gate_theta, x, run, x_range=None):
     L, info = torch.linalg.cholesky_ex(H + ridge[:, None, None] * _eye(P, dtype, dev))
     step = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
     step = torch.where((info > 0)[:, None], grad, step)  # gradient step if Cholesky failed
-    if p == 2 and x_range is not None:  # one feature: |δ_k·[x, 1]| is largest at min or max x
+    if x_range is not None:  # one feature: |δ_k·[x, 1]| is largest at min or max x
         lo, hi = x_range
         sk = step.reshape(R, K - 1, p)
         dl = torch.maximum((sk[..., 0] * lo[:, None] + sk[..., 1]).abs(), (sk[..., 0] * hi[:, None] + sk[..., 1]).abs())
         dl = dl.amax(-1)
     else:
-        dl = run(logit_range, _full(step, K, p), x)
+        dl = logit_change(step)
     step = cap_step(dl, step)
-    n = x.shape[-2]
     skip = negligible_gain(grad, step, H, q0, n, info == 0)
     cand = torch.where(skip[:, None], free, free + step)
     return _full(cand, K, p), dict(free=free, step=step, q0=q0, Sg=Sg, skip=skip, cand=cand)
+
+
+def m_step_one_feature(sums, gate_theta, expert_theta, var, x_lo, x_hi, n: int, var_floor: float):
+    """The M-step of the one-pass EM for one feature, straight from :func:`em_sums`'s (R, M) sums.
+
+    :func:`unpack_sums`, :func:`expert_solve` and :func:`gate_newton_step` in one function without
+    branches on the data, so ``torch.compile`` makes it one call per iteration instead of some hundred
+    small operations (the EM loop's cost per iteration once few problems remain). ``x_lo``, ``x_hi``
+    (R,): each problem's range of x. Returns (expert θ (R, K, 2), variance (R, K), bad (R, K) bool:
+    experts :func:`expert_lstsq` must redo, proposed gate θ (R, K, 2), ``pending`` of :func:`gate_verify`).
+    """
+    K = gate_theta.shape[1]
+    st = unpack_sums(sums, K, 1)
+    new_theta, new_var, bad = expert_solve(st, expert_theta, var, n, var_floor)
+    prop, pending = gate_newton_step(st, gate_theta, n, (x_lo, x_hi))
+    return new_theta, new_var, bad, prop, pending
 
 
 def gate_step_ok(lse_gate, pending):
