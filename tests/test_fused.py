@@ -313,3 +313,18 @@ def test_a_singular_expert_system_is_solved_by_least_squares():
     delta = torch.linalg.lstsq(A + ridge * torch.eye(2, dtype=A.dtype), (be - ridge * eth[1, 0]).unsqueeze(-1)).solution[:, 0]
     torch.testing.assert_close(new_theta[1, 0], eth[1, 0] + delta, rtol=1e-12, atol=1e-12)
     assert torch.isfinite(new_var).all()
+
+
+@pytest.mark.parametrize("K", [2, 3, 4, 5])
+def test_exp_terms_without_the_max_exponential_is_the_same_to_the_bit(K):
+    """The compiled form of exp_terms (K − 1 exponentials) against the eager one (K), with ties for the
+    maximum, terms below EXP_FLOOR and huge spreads."""
+    g = torch.Generator().manual_seed(K)
+    terms = [50 * torch.randn(7, 300, generator=g, dtype=torch.float64) for _ in range(K)]
+    terms[1][:, :40] = terms[0][:, :40]  # ties for the largest
+    terms[-1][:, 40:80] = terms[0][:, 40:80] - 400  # below the floor
+    terms[0][:, 80:90] = 1e6
+    ref = _fused.linear.exp_terms(terms)  # eager
+    got = _fused.linear._exp_terms_but_max(terms)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+    assert all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))

@@ -79,11 +79,47 @@ def lin(theta, k, xs):
 
 
 def exp_terms(terms):
-    """Per-expert terms (list of K tensors) → their max m, exp(term − m) (clamped at EXP_FLOOR), Σ exp."""
+    """Per-expert terms (list of K tensors) → their max m, exp(term − m) (clamped at EXP_FLOOR), Σ exp.
+
+    Traced by ``torch.compile`` it takes K − 1 exponentials per sample instead of K
+    (:func:`_exp_terms_but_max`); eagerly it takes K (the extra selections would cost more than the
+    exponential they save on blocks of samples). The two give the same values to the bit.
+    """
+    if torch.compiler.is_compiling():
+        return _exp_terms_but_max(terms)
     m = terms[0]
     for t in terms[1:]:
         m = torch.maximum(m, t)
     e = [torch.exp((t - m).clamp_min(EXP_FLOOR)) for t in terms]
+    total = e[0]
+    for t in e[1:]:
+        total = total + t
+    return m, e, total
+
+
+def _exp_terms_but_max(terms):
+    """:func:`exp_terms` without the exponential of the largest term, which is exp(0) = 1 exactly.
+
+    Per sample, ``a`` is the index of the first largest term (as a float, so selections stay in the
+    vector registers); the K − 1 other differences t_k − m, in order, go through exp and are put back
+    in place around a 1 at ``a``. Measured in the compiled pass (softmax gate, one feature, 40
+    problems, one thread): K = 2 21.5 → 18.7 ns per sample at n = 10⁵, K = 3 30 → 26.5 ns at n = 10⁴ and 10⁵.
+    """
+    K = len(terms)
+    m, a = terms[0], torch.zeros_like(terms[0])
+    for k, t in enumerate(terms[1:], 1):
+        a = torch.where(t > m, float(k), a)
+        m = torch.maximum(m, t)
+    d = [t - m for t in terms]
+    E = [torch.exp(torch.where(a > j, d[j], d[j + 1]).clamp_min(EXP_FLOOR)) for j in range(K - 1)]
+    e = []
+    for k in range(K):
+        if k == 0:
+            e.append(torch.where(a == 0, 1.0, E[0]))
+        elif k == K - 1:
+            e.append(torch.where(a == k, 1.0, E[k - 1]))
+        else:
+            e.append(torch.where(a > k, E[k], torch.where(a == k, 1.0, E[k - 1])))
     total = e[0]
     for t in e[1:]:
         total = total + t
