@@ -12,12 +12,12 @@ import torch
 
 from ._validation import as_tensor, check_xy
 from .experts import GaussianExperts
-from .gates import Gate
+from ._gated import GatedModel
 
 __all__ = ["GaussianMoE"]
 
 
-class GaussianMoE:
+class GaussianMoE(GatedModel):
     """Gaussian mixture of experts with any gate, batched over leading dimensions.
 
     Parameters
@@ -32,46 +32,13 @@ class GaussianMoE:
 
     Raises
     ------
+    TypeError
+        Wrong component types.
     ValueError
         If gate and experts disagree on n_experts, n_features or batch shape.
     """
 
-    def __init__(self, gate: Gate, experts: GaussianExperts):
-        if not isinstance(gate, Gate):
-            raise TypeError(f"gate must be a moelab.gates.Gate, got {type(gate).__name__}")
-        if not isinstance(experts, GaussianExperts):
-            raise TypeError(f"experts must be GaussianExperts, got {type(experts).__name__}")
-        if gate.n_experts != experts.n_experts:
-            raise ValueError(f"gate has {gate.n_experts} experts but experts has {experts.n_experts}")
-        if gate.n_features != experts.n_features:
-            raise ValueError(f"gate has {gate.n_features} features but experts has {experts.n_features}")
-        if gate.batch_shape != experts.batch_shape:
-            raise ValueError(
-                f"gate batch shape {tuple(gate.batch_shape)} differs from experts batch shape "
-                f"{tuple(experts.batch_shape)}"
-            )
-        self.gate = gate
-        self.experts = experts
-
-    @property
-    def n_experts(self) -> int:
-        return self.gate.n_experts
-
-    @property
-    def n_features(self) -> int:
-        return self.gate.n_features
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.gate.batch_shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.experts.slope.dtype
-
-    def n_free_parameters(self) -> int:
-        """Free parameters per problem (gate without the reference expert, plus experts)."""
-        return self.gate.n_free_parameters() + self.experts.n_free_parameters()
+    experts_type = GaussianExperts
 
     def _xy(self, x, y=None):
         x = as_tensor(x, "x", dtype=self.dtype)

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ._validation import as_tensor, check_finite, check_shape
-from .gates import Gate
+from ._gated import GatedModel
 
 __all__ = ["EXPERT_KINDS", "RegressionExperts", "RegressionMoE", "check_expert_kind", "expert_activation", "polynomial_features"]
 
@@ -242,7 +242,7 @@ def _affine_feature_map(a_s, b_s, loc, scale, degree):
     return out.reshape(a_s.shape), b
 
 
-class RegressionMoE:
+class RegressionMoE(GatedModel):
     """The regression function f(x) = Σ_k g_k(x) h(x, η_k), batched over leading dimensions.
 
     Parameters
@@ -260,40 +260,7 @@ class RegressionMoE:
         Gate and experts disagree on n_experts, n_features or batch shape.
     """
 
-    def __init__(self, gate: Gate, experts: RegressionExperts):
-        if not isinstance(gate, Gate):
-            raise TypeError(f"gate must be a moelab.gates.Gate, got {type(gate).__name__}")
-        if not isinstance(experts, RegressionExperts):
-            raise TypeError(f"experts must be RegressionExperts, got {type(experts).__name__}")
-        if gate.n_experts != experts.n_experts:
-            raise ValueError(f"gate has {gate.n_experts} experts but experts has {experts.n_experts}")
-        if gate.n_features != experts.n_features:
-            raise ValueError(f"gate has {gate.n_features} features but experts has {experts.n_features}")
-        if gate.batch_shape != experts.batch_shape:
-            raise ValueError(f"gate batch shape {tuple(gate.batch_shape)} differs from experts batch shape "
-                             f"{tuple(experts.batch_shape)}")
-        self.gate = gate
-        self.experts = experts
-
-    @property
-    def n_experts(self) -> int:
-        return self.gate.n_experts
-
-    @property
-    def n_features(self) -> int:
-        return self.gate.n_features
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.gate.batch_shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.experts.slope.dtype
-
-    def n_free_parameters(self) -> int:
-        """Free parameters of f per problem: the gate's (reference expert excluded for softmax) plus the experts'."""
-        return self.gate.n_free_parameters() + self.experts.n_free_parameters()
+    experts_type = RegressionExperts
 
     def _x(self, x) -> torch.Tensor:
         x = as_tensor(x, "x", dtype=self.dtype, device=self.experts.slope.device)
