@@ -119,3 +119,37 @@ def test_caller_arrays_are_not_modified():
     model.log_prob(x, y)
     np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(y, y0)
+
+
+@pytest.mark.parametrize("model_cls", ["GaussianMoE", "RegressionMoE"])
+def test_gate_and_experts_are_checked_the_same_way_by_both_models(model_cls):
+    """Both models take their pair through one check (moelab._gated.GatedModel): types, n_experts,
+    n_features and batch shape, each with a message naming the mismatch."""
+    import moelab
+
+    cls = getattr(moelab, model_cls)
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+
+    def experts(K, d, batch=()):
+        if model_cls == "GaussianMoE":
+            return GaussianExperts(z(*batch, K, d), z(*batch, K), torch.ones(*batch, K, dtype=torch.float64))
+        return moelab.RegressionExperts(z(*batch, K, d), z(*batch, K))
+
+    gate = SoftmaxGate(z(3, 2), z(3))
+    m = cls(gate, experts(3, 2))
+    assert (m.n_experts, m.n_features, m.batch_shape, m.dtype) == (3, 2, torch.Size([]), torch.float64)
+    assert m.n_free_parameters() == gate.n_free_parameters() + m.experts.n_free_parameters()
+    with pytest.raises(TypeError, match="gate must be a moelab.gates.Gate, got str"):
+        cls("softmax", experts(3, 2))
+    if model_cls == "GaussianMoE":
+        wrong, want = moelab.RegressionExperts(z(3, 2), z(3)), "GaussianExperts"
+    else:
+        wrong, want = GaussianExperts(z(3, 2), z(3), torch.ones(3, dtype=torch.float64)), "RegressionExperts"
+    with pytest.raises(TypeError, match=f"experts must be {want}, got {type(wrong).__name__}"):
+        cls(gate, wrong)
+    with pytest.raises(ValueError, match="gate has 3 experts but experts has 2"):
+        cls(gate, experts(2, 2))
+    with pytest.raises(ValueError, match="gate has 2 features but experts has 1"):
+        cls(gate, experts(3, 1))
+    with pytest.raises(ValueError, match=r"gate batch shape \(\) differs from experts batch shape \(4,\)"):
+        cls(gate, experts(3, 2, (4,)))
