@@ -148,6 +148,30 @@ def test_compile_cost_cold_without_marker_and_warm_with_it(monkeypatch, tmp_path
     assert autocompile.compile_cost(3, 3) == autocompile.COLD_COMPILE_S
 
 
+def test_a_compile_is_recorded_cold_or_warm_by_what_the_fx_graph_cache_did(monkeypatch, tmp_path):
+    """Predicted warm (a marker and an Inductor cache present) but the FX-graph cache missed: the seconds
+    go to cold_seconds, the warm figure stays; with no miss they go to warm_seconds. The warm figure read
+    back never exceeds the cold one."""
+    monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
+    monkeypatch.setattr(autocompile, "_inductor_cache_present", lambda: True)
+    path = autocompile.marker_path(3, 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"warm_seconds": 6.5}))
+    misses = iter([10, 13, 13, 13])  # first compile: 3 misses; second: none
+    monkeypatch.setattr(autocompile, "_fx_graph_cache_misses", lambda: next(misses))
+    monkeypatch.setattr(_fused, "available", lambda *a, **k: True)
+    assert autocompile._compile(3, 1, torch.float64, "cpu")
+    rec = json.loads(path.read_text())
+    assert rec["warm_seconds"] == 6.5 and "cold_seconds" in rec
+    assert autocompile.compile_cost(3, 1) == min(6.5, rec["cold_seconds"])
+    assert autocompile._compile(3, 1, torch.float64, "cpu")
+    rec = json.loads(path.read_text())
+    assert rec["warm_seconds"] < 6.5  # the fake compile took no time, recorded as warm
+    path.write_text(json.dumps({"warm_seconds": 52.0, "cold_seconds": 20.4}))  # a cold compile once recorded as warm
+    assert autocompile.compile_cost(3, 1) == 20.4
+
+
 def test_predicted_saving_and_the_auto_decision(monkeypatch, tmp_path):
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
@@ -189,6 +213,8 @@ def test_successful_compile_writes_the_marker(monkeypatch, tmp_path):
     monkeypatch.setenv("MOELAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_fused, "kernels", _fused.KernelCache())
     monkeypatch.setattr(_fused, "available", lambda *a, **k: True)
+    misses = iter([0, 4])  # the (fake) compile missed Inductor's FX-graph cache: a cold compile
+    monkeypatch.setattr(autocompile, "_fx_graph_cache_misses", lambda: next(misses))
     assert autocompile.prepare_compiled(2, 1)
     rec = json.loads(autocompile.marker_path(2, 1).read_text())
     assert rec["K"] == 2 and rec["d"] == 1 and "cold_seconds" in rec

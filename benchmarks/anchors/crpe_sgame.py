@@ -186,21 +186,21 @@ def run_r(jobs, workdir: Path, args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--r-lib", default=os.environ.get("MOELAB_R_LIB", "/opt/rlib"),
-                    help="R library directory holding meteoritsSim (default $MOELAB_R_LIB or /opt/rlib)")
+                    help="R library directory holding meteoritsSim ($MOELAB_R_LIB if set)")
     ap.add_argument("--design", choices=sorted(PRESET), default="uniform",
-                    help="x ~ U(0,1) (preset softmax-2023) or the authors' x = linspace(0,1,n) (softmax-2023-paper)")
+                    help="linspace: the authors' x = linspace(0,1,n) (preset softmax-2023-paper); uniform: x ~ U(0,1) (softmax-2023)")
     ap.add_argument("--grid", default="2:1000,2:10000,2:100000,3:10000,3:100000", help="K:n cells, comma-separated")
     ap.add_argument("--replicates", type=int, default=5, help="fits (samples, each with its own start) per cell")
-    ap.add_argument("--max-iter", type=int, default=2000)
+    ap.add_argument("--max-iter", type=int, default=2000, help="M-steps at most, both codes")
     ap.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood change to stop at")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="fit_em's compile (on = True)")
     ap.add_argument("--prepare", action="store_true",
-                    help="compile the fused kernels for each K up front (moelab.prepare_compiled), as the study runner "
+                    help="compile the fused kernels for each K up front (moelab.autocompile.prepare_compiled), as the study runner "
                          "does for a study whose total EM work pays for it; their CPU seconds are reported, not timed")
     ap.add_argument("--repeats", type=int, default=3, help="moelab timing rounds (median); R runs each fit once")
-    ap.add_argument("--overhead-repeats", type=int, default=20)
+    ap.add_argument("--overhead-repeats", type=int, default=20, help="calls timed for each code's per-call floor (median)")
     ap.add_argument("--csv", type=Path, help="write the per-fit rows here")
     args = ap.parse_args(argv)
     args.compile = {"auto": "auto", "on": True, "off": False}[args.compile]
@@ -305,8 +305,9 @@ def report(cells, jobs, overhead, m_overhead, args, load0, load1):
     fmt = lambda v: f"{v:.3g}" if v >= 0.01 else f"{v:.2g}"  # noqa: E731
     print()
     print("| K | n | fits | R CPU-s/fit | R iters | moelab single CPU-s/fit | iters | R / single | "
-          "moelab batched CPU-s/fit | R / batched | ℓ_moelab − ℓ_R (mean; max abs) | compiled single/batched |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "moelab batched CPU-s/fit | R / batched | ℓ_moelab − ℓ_R (mean; max abs) | compiled single/batched | "
+          "first call CPU-s single/batched (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cells:
         js = c["js"]
         rc = statistics.mean(j["r_cpu"] for j in js)

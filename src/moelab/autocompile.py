@@ -33,6 +33,13 @@ The compile cost depends on what is cached:
   (7.8 s measured for K = 3, d = 3 with Inductor's FX-graph cache warm);
 * otherwise a cold compile, :data:`COLD_COMPILE_S` (20–60 s measured).
 
+A compile's seconds are recorded as cold or warm by what Inductor's FX-graph cache did
+(a miss during the compile makes it cold, whatever was predicted: a marker from another
+checkout of the code, or an Inductor cache holding other graphs, predicts warm). The
+warm figure read back is never above the recorded cold one (found on a fresh machine: a
+compile predicted warm but cold, 52 s, recorded as warm, then kept ``"auto"`` from compiling
+5 problems of 10⁵ samples that it would have paid for).
+
 The marker directory is ``$MOELAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/moelab``
 (default ``~/.cache/moelab``); a marker that cannot be written is ignored.
 """
@@ -111,10 +118,22 @@ def compile_cost(K: int, d: int, dtype=torch.float64, device="cpu", spec=_fused.
     path = marker_path(K, d, dtype, device, spec)
     if path.is_file() and _inductor_cache_present():
         try:
-            return float(json.loads(path.read_text()).get("warm_seconds", WARM_COMPILE_S))
-        except (OSError, ValueError, AttributeError):
+            rec = json.loads(path.read_text())
+            warm = float(rec.get("warm_seconds", WARM_COMPILE_S))
+            return min(warm, float(rec["cold_seconds"])) if "cold_seconds" in rec else warm
+        except (OSError, ValueError, AttributeError, TypeError):
             return WARM_COMPILE_S
     return COLD_COMPILE_S
+
+
+def _fx_graph_cache_misses() -> Optional[int]:
+    """Inductor's FX-graph cache misses so far in this process (None where torch no longer counts them)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["fxgraph_cache_miss"])
+    except Exception:  # private torch API moved: fall back to the prediction
+        return None
 
 
 def predicted_saving(R: int, n: int, K: int, max_iter: int, accelerated: bool = False, textbook: bool = False) -> float:
@@ -134,10 +153,14 @@ def _compile(K: int, d: int, dtype, device, strict: bool = False, spec=_fused.LI
     if _fused.kernels.is_ready(key):
         return True
     cold = compile_cost(K, d, dtype, device, spec) >= COLD_COMPILE_S
+    misses = _fx_graph_cache_misses()
     t0 = time.perf_counter()
     ok = _fused.available(K, d, dtype, device, strict=strict, spec=spec)
     if ok:
         seconds = time.perf_counter() - t0
+        after = _fx_graph_cache_misses()
+        if misses is not None and after is not None:  # what the cache did, not what was predicted
+            cold = after > misses
         path = marker_path(K, d, dtype, device, spec)
         try:
             old = json.loads(path.read_text()) if path.is_file() else {}

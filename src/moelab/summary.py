@@ -328,7 +328,8 @@ def _format_coefficients(report: dict) -> list:
         lines.append(f"hard switch: expert {s['versus']} -> {s['expert']} at {where} (between samples "
                      f"{lo:.6g} and {hi:.6g}: {pct} likelihood interval of an infinitely sharp switch); the gate slope "
                      f"and intercept of expert {s['expert']} are unbounded. The switch's delta-method se is taken at the "
-                     "sharpness where the fit stopped and grows without bound as the switch sharpens: use the interval")
+                     f"sharpness where the fit stopped and grows without bound as the switch sharpens: report the switch as "
+                     f"the likelihood interval [{lo:.6g}, {hi:.6g}] instead")
     return lines
 
 

@@ -192,7 +192,7 @@ class KernelCache:
           n is odd), one candidate is repeated;
         * takes contiguous copies of strided arguments (dynamo guards on strides);
         * keeps its own recompile limit (a graph per pass spec, K, d, dtype and device);
-        * mutes torch's own compile-time DeprecationWarnings;
+        * mutes torch's own compile-time DeprecationWarnings and dynamo's warning about the kernels' lru_cache helpers;
         * runs the eager ``fn`` (blocked, same result) with a RuntimeWarning if the
           compiled call fails after the start-up check (``moelab._fused.available``,
           which calls it with ``fallback=False`` so that failures surface there).
@@ -231,6 +231,9 @@ class KernelCache:
                     with warnings.catch_warnings(), self._compile_scope():
                         # torch.compile imports torch.jit helpers that warn (not actionable by a user)
                         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                        # the kernels' lru_cache helpers (moment_index, _pair_index, _eye) map sizes to constant
+                        # index tensors: tracing through their cache, as dynamo does, gives the same graph
+                        warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`")
                         out = compiled(*args)
                 except Exception as exc:  # e.g. a recompilation that fails mid-run
                     if not fallback:
