@@ -328,3 +328,26 @@ def test_exp_terms_without_the_max_exponential_is_the_same_to_the_bit(K):
     got = _fused.linear._exp_terms_but_max(terms)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
     assert all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+
+
+def test_the_compiled_m_step_is_not_compiled_again_for_another_variance_floor():
+    """The stepper passes the variance floor as a 0-dim tensor: dynamo specialises compiled functions on
+    float arguments, and a new floor (the first fit after prepare_compiled, whose check used 1e-8) compiled
+    the M-step again (2.6 CPU-s). Two floors, one graph; the tensor floor gives the float floor's result."""
+    from torch._dynamo.utils import counters
+
+    if not _fused.available(3, 1, torch.float64, "cpu"):
+        pytest.skip("torch.compile is not available here")
+    gth, eth, var, x, y = _problem(4, 50, 3, 1, seed=14)
+    sums = _fused.em_sums(gth, eth, var, x, y)
+    lo, hi = x[..., 0].amin(-1), x[..., 0].amax(-1)
+    kernel = _fused.kernels.get(_fused.linear.m_step_one_feature)
+    var = var * torch.tensor([1.0, 1e-7, 1.0], dtype=torch.float64)  # one tiny variance: the floor binds
+    kernel(sums, gth, eth, var, lo, hi, 50, torch.tensor(1e-8, dtype=torch.float64))
+    before = counters["stats"]["unique_graphs"]
+    out = kernel(sums, gth, eth, var, lo, hi, 50, torch.tensor(0.05, dtype=torch.float64))
+    assert counters["stats"]["unique_graphs"] == before  # no new graph (a float 0.05 here makes one)
+    ref = _fused.linear.m_step_one_feature(sums, gth, eth, var, lo, hi, 50, 0.05)
+    assert (out[1] >= 0.05).all()
+    for a, b in zip(out[:4], ref[:4]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

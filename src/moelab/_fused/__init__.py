@@ -99,8 +99,9 @@ def _check_problem(K, d, spec, dtype, device):
         if d == 1:  # the one-feature M-step, on the sums of a pass (and of one problem: a graph of its own)
             sums = em_sums(th, eth, var, x, y)
             lo, hi = x[..., 0].amin(-1), x[..., 0].amax(-1)
-            calls += [(linear.m_step_one_feature, (sums, th, eth, var, lo, hi, n, 1e-8)),
-                      (linear.m_step_one_feature, (sums[:1], th[:1], eth[:1], var[:1], lo[:1], hi[:1], n, 1e-8))]
+            floor = torch.tensor(1e-8, dtype=dtype, device=device)  # a tensor, as the stepper passes it
+            calls += [(linear.m_step_one_feature, (sums, th, eth, var, lo, hi, n, floor)),
+                      (linear.m_step_one_feature, (sums[:1], th[:1], eth[:1], var[:1], lo[:1], hi[:1], n, floor))]
     else:
         slope, icpt = th[..., :-1].contiguous(), th[..., -1].contiguous()
         tau = (torch.rand(R, generator=gen, **kw) + 0.5).to(device)

@@ -408,7 +408,8 @@ def m_step_one_feature(sums, gate_theta, expert_theta, var, x_lo, x_hi, n: int, 
     :func:`unpack_sums`, :func:`expert_solve` and :func:`gate_newton_step` in one function without
     branches on the data, so ``torch.compile`` makes it one call per iteration instead of some hundred
     small operations (the EM loop's cost per iteration once few problems remain). ``x_lo``, ``x_hi``
-    (R,): each problem's range of x. Returns (expert θ (R, K, 2), variance (R, K), bad (R, K) bool:
+    (R,): each problem's range of x; ``var_floor``: a float, or a 0-dim tensor so that a compiled call is not
+    specialised on its value. Returns (expert θ (R, K, 2), variance (R, K), bad (R, K) bool:
     experts :func:`expert_lstsq` must redo, proposed gate θ (R, K, 2), ``pending`` of :func:`gate_verify`).
     """
     K = gate_theta.shape[1]
